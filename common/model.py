@@ -1,0 +1,117 @@
+"""The network's math as pure numpy functions: no I/O, shared by the local and the distributed trainer.
+
+Notation: B rows in a batch, I inputs (784), H hidden units (128), O outputs (10). A worker holds k of
+the I input columns and j of the H hidden units; the same functions serve it and the one-process run.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+LOSSES = ("mse", "bce")
+INITIALISATIONS = ("scaled", "legacy")
+BCE_CLIP = 1e-12  # keeps log() finite when a sigmoid output rounds to 0 or 1
+
+
+@dataclass
+class Params:
+    """The weights and biases of the I-H-O sigmoid network."""
+
+    w1: np.ndarray  # (I, H)
+    b1: np.ndarray  # (H,)
+    w2: np.ndarray  # (H, O)
+    b2: np.ndarray  # (O,)
+
+    def arrays(self) -> dict:
+        return {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2}
+
+
+def initial_params(sizes: tuple, init: str, seed: int, dtype: str) -> Params:
+    """Fresh parameters: "legacy" is the seed notebook's randn * 0.01, "scaled" divides by sqrt(fan-in)."""
+    inputs, hidden, outputs = sizes
+    if init == "legacy":
+        np.random.seed(seed)  # the seed notebook drew from numpy's global generator, in this order
+        w1 = np.random.randn(inputs, hidden) * 0.01
+        w2 = np.random.randn(hidden, outputs) * 0.01
+    else:
+        rng = np.random.default_rng(seed)
+        w1 = rng.standard_normal((inputs, hidden)) / np.sqrt(inputs)
+        w2 = rng.standard_normal((hidden, outputs)) / np.sqrt(hidden)
+    return Params(w1.astype(dtype), np.zeros(hidden, dtype), w2.astype(dtype), np.zeros(outputs, dtype))
+
+
+def inputs(images: np.ndarray, dtype: str, divisor: float) -> np.ndarray:
+    """Network inputs from uint8 pixels: (n, k) uint8 -> (n, k) floats."""
+    return images.astype(dtype) / np.asarray(divisor, dtype)
+
+
+def targets(labels: np.ndarray, outputs: int, dtype: str) -> np.ndarray:
+    """One-hot rows for several outputs, the label itself for a single output: (B,) -> (B, O)."""
+    if outputs == 1:
+        return labels.astype(dtype)[:, None]
+    return np.eye(outputs, dtype=dtype)[labels]
+
+
+def correct(outputs: np.ndarray, labels: np.ndarray) -> int:
+    """How many rows the network gets right: the largest output, or one output's side of 0.5."""
+    if outputs.shape[1] == 1:
+        return int(np.count_nonzero((outputs[:, 0] > 0.5) == labels))
+    return int(np.count_nonzero(outputs.argmax(axis=1) == labels))
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-z))
+
+
+def activate(partial_sum: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """A layer's output from its summed matrix product: (B, n) + (n,) -> (B, n)."""
+    return sigmoid(partial_sum + bias)
+
+
+def output_error(outputs: np.ndarray, target: np.ndarray, loss: str, batch_size: int) -> tuple:
+    """The chunk's summed cost and dLoss/dz2 of a batch of `batch_size` rows: (B, O) -> (float, (B, O))."""
+    if loss == "mse":  # cost = sum((a2 - y)^2) / (2m)
+        difference = outputs - target
+        cost = float(np.sum(difference * difference)) / 2
+        return cost, difference * outputs * (1 - outputs) / batch_size
+    clipped = np.clip(outputs, BCE_CLIP, 1 - BCE_CLIP)  # cost = -sum(y log a2 + (1 - y) log(1 - a2)) / m
+    cost = -float(np.sum(target * np.log(clipped) + (1 - target) * np.log(1 - clipped)))
+    return cost, (outputs - target) / batch_size
+
+
+def hidden_error(backpropagated: np.ndarray, activations: np.ndarray) -> np.ndarray:
+    """dLoss/dz1 from the error carried back through the second layer: (B, H) * (B, H) -> (B, H)."""
+    return backpropagated * activations * (1 - activations)
+
+
+def weight_gradient(layer_inputs: np.ndarray, error: np.ndarray) -> np.ndarray:
+    """dLoss/dW for the rows of W that multiply these inputs."""
+    return layer_inputs.T @ error  # (B, k)^T @ (B, H) -> (k, H)
+
+
+def descend(weights: np.ndarray, gradient: np.ndarray, learning_rate: float) -> np.ndarray:
+    """One step of plain gradient descent."""
+    return weights - np.asarray(learning_rate, weights.dtype) * gradient
+
+
+def first_layer(weights, forward_inputs, gradient_inputs, error, learning_rate) -> tuple:
+    """A weight gradient (if error is given), then a forward product with the descended weights (if inputs are).
+
+    Returns (gradient (k, H) or None, partial (B, k) @ (k, H) -> (B, H) or None).
+    """
+    gradient = None if error is None else weight_gradient(gradient_inputs, error)
+    if forward_inputs is None:
+        return gradient, None
+    if gradient is not None:
+        weights = descend(weights, gradient, learning_rate)
+    return gradient, forward_inputs @ weights  # (B, k) @ (k, H) -> (B, H)
+
+
+def second_forward(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The second layer's product: (B, j) @ (j, O) -> (B, O)."""
+    return activations @ weights
+
+
+def second_backward(activations: np.ndarray, weights: np.ndarray, error: np.ndarray) -> tuple:
+    """The second layer's weight gradient (j, O) and the error carried back to its inputs (B, j)."""
+    return weight_gradient(activations, error), error @ weights.T  # (B, O) @ (O, j) -> (B, j)

@@ -1,0 +1,226 @@
+"""The wire protocol: every message kind, its fields, one encoder and one decoder.
+
+Frames. The coordinator binds a ROUTER, each worker connects a DEALER. Every message is one ZeroMQ
+frame holding one msgpack map, {"kind": <kind>, <field>: <value>, ...}; on the coordinator's side the
+ROUTER puts the worker's identity frame in front of it. NumPy arrays inside a message are
+msgpack-numpy maps: {b"nd": True, b"type": "<f4", b"kind": b"", b"shape": [rows, cols], b"data": raw}.
+
+    worker -> coordinator   register, result, failure
+    coordinator -> worker   welcome, reject, shard, first_layer, second_forward, second_backward, stop
+
+A session: the worker sends `register`; the coordinator answers `welcome` (or `reject`), sends the
+worker's `shard` of each split once, then compute requests, each answered by a `result` (or a
+`failure`) carrying the request's number, and finally `stop`.
+
+`decode` is the gate: bytes from a socket become a message only through it. It refuses anything
+that is not a map of a known kind with exactly that kind's fields of the right types, and any array
+whose dtype is not on the numeric allow-list or whose byte length does not match its shape. Only
+then does msgpack-numpy's decoder (which would unpickle an object array) see the array.
+"""
+
+import dataclasses
+import math
+import types
+from dataclasses import dataclass
+
+import msgpack
+import msgpack_numpy
+import numpy as np
+
+ALLOWED_DTYPES = frozenset({"|u1", "<i4", "<i8", "<f4", "<f8"})
+MAX_ARRAY_DIMS = 2
+MAX_TEXT_LENGTH = 256  # characters of a name or a reason
+ARRAY_MAP_KEYS = frozenset({b"nd", b"type", b"kind", b"shape", b"data"})
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid message; the text says why in one line."""
+
+
+@dataclass(frozen=True)
+class Register:
+    """A worker introduces itself."""
+
+    name: str
+    version: int
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """The coordinator admits a worker and says how to turn its pixels into inputs."""
+
+    slot: int
+    dtype: str  # "float32" or "float64"
+    input_divisor: float  # pixels are divided by this (255 scales them to [0, 1])
+
+
+@dataclass(frozen=True)
+class Reject:
+    """The coordinator refuses a worker."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The worker's own columns of one split's images; replaces what it held for that split."""
+
+    split: str  # "train" or "test"
+    images: np.ndarray  # (n, k) uint8
+
+
+@dataclass(frozen=True)
+class FirstLayer:
+    """Partial products of the first layer: a chunk's weight gradient, a forward product, or both.
+
+    With both parts, the gradient is applied to `weights` (plain gradient descent with
+    `learning_rate`) before the forward product, so one round ends a step and starts the next.
+    """
+
+    request: int
+    weights: np.ndarray | None  # (k, H) first-layer rows of the worker's columns, columns permuted
+    split: str  # the split `rows` index
+    rows: np.ndarray | None  # (B,) int32 images to multiply by the weights
+    error_rows: np.ndarray | None  # (B', ) int32 training images of the gradient
+    error: np.ndarray | None  # (B', H) hidden error, columns permuted like `weights`
+    learning_rate: float
+
+
+@dataclass(frozen=True)
+class SecondForward:
+    """The worker's partial product of the second layer; it keeps both arrays for the backward pass."""
+
+    request: int
+    activations: np.ndarray  # (B, j) hidden activations of the worker's hidden units
+    weights: np.ndarray  # (j, O) second-layer rows of those units, columns permuted
+
+
+@dataclass(frozen=True)
+class SecondBackward:
+    """The worker's share of the second layer's weight gradient and back-propagated error."""
+
+    request: int
+    error: np.ndarray  # (B, O) output error, columns permuted like the last SecondForward's weights
+
+
+@dataclass(frozen=True)
+class Result:
+    """A worker's answer to one compute request: named partial products."""
+
+    request: int
+    products: dict
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A worker could not carry out a request."""
+
+    request: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The coordinator is done with the worker."""
+
+    reason: str
+
+
+MESSAGE_KINDS = {
+    "register": Register,
+    "welcome": Welcome,
+    "reject": Reject,
+    "shard": Shard,
+    "first_layer": FirstLayer,
+    "second_forward": SecondForward,
+    "second_backward": SecondBackward,
+    "result": Result,
+    "failure": Failure,
+    "stop": Stop,
+}
+KIND_OF = {cls: kind for kind, cls in MESSAGE_KINDS.items()}
+
+
+def encode(message) -> bytes:
+    """One message as one frame."""
+    fields = {field.name: getattr(message, field.name) for field in dataclasses.fields(message)}
+    return msgpack.packb({"kind": KIND_OF[type(message)], **fields}, default=msgpack_numpy.encode)
+
+
+def decode(frame) -> object:
+    """The message in a frame, or ProtocolError: the only way bytes from a socket become a message."""
+    try:
+        raw = msgpack.unpackb(frame, object_hook=_checked_map, raw=False)
+    except ProtocolError:
+        raise
+    except Exception as error:  # msgpack raises many kinds; any of them means garbage
+        raise ProtocolError(f"not a msgpack frame ({type(error).__name__})") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"frame holds a {type(raw).__name__}, not a message map")
+    kind = raw.pop("kind", None)
+    if kind not in MESSAGE_KINDS:
+        raise ProtocolError(f"unknown message kind {_shown(kind)}")
+    return _checked_message(MESSAGE_KINDS[kind], raw)
+
+
+def _checked_map(mapping: dict):
+    """Every msgpack map passes here: arrays are checked and built, message maps pass through."""
+    if all(isinstance(key, str) for key in mapping):
+        return mapping
+    if set(mapping) != ARRAY_MAP_KEYS or mapping[b"nd"] is not True:
+        raise ProtocolError("map is neither a message nor an array")
+    dtype, shape, data = mapping[b"type"], mapping[b"shape"], mapping[b"data"]
+    if dtype not in ALLOWED_DTYPES or mapping[b"kind"] != b"":
+        raise ProtocolError(f"array dtype {_shown(dtype)} is not allowed")
+    if not _is_shape(shape):
+        raise ProtocolError(f"array shape {_shown(shape)} is not a shape of at most {MAX_ARRAY_DIMS} dims")
+    if not isinstance(data, bytes) or len(data) != math.prod(shape) * np.dtype(dtype).itemsize:
+        raise ProtocolError(f"array data does not match dtype {dtype} and shape {list(shape)}")
+    return msgpack_numpy.decode(mapping)
+
+
+def _is_shape(shape) -> bool:
+    return (
+        isinstance(shape, (list, tuple))
+        and len(shape) <= MAX_ARRAY_DIMS
+        and all(type(size) is int and size >= 0 for size in shape)
+    )
+
+
+def _checked_message(cls, fields: dict):
+    expected = {field.name: field.type for field in dataclasses.fields(cls)}
+    if set(fields) != set(expected):
+        missing, extra = sorted(set(expected) - set(fields)), sorted(set(fields) - set(expected))
+        raise ProtocolError(f"{KIND_OF[cls]} message fields wrong (missing {missing}, unexpected {extra})")
+    for name, value in fields.items():
+        if not _has_type(value, expected[name]):
+            raise ProtocolError(f"{KIND_OF[cls]}.{name} is not a valid {_type_name(expected[name])}")
+    return cls(**fields)
+
+
+def _has_type(value, expected) -> bool:
+    if isinstance(expected, types.UnionType):  # `X | None`
+        return any(_has_type(value, option) for option in expected.__args__)
+    if expected is type(None):
+        return value is None
+    if expected is int:
+        return type(value) is int
+    if expected is float:
+        return type(value) in (int, float) and math.isfinite(value)
+    if expected is str:
+        return isinstance(value, str) and len(value) <= MAX_TEXT_LENGTH
+    if expected is dict:  # Result.products: names to arrays
+        return isinstance(value, dict) and all(
+            isinstance(key, str) and isinstance(array, np.ndarray) for key, array in value.items()
+        )
+    return isinstance(value, expected)
+
+
+def _type_name(expected) -> str:
+    return " or ".join(t.__name__ for t in getattr(expected, "__args__", (expected,)))
+
+
+def _shown(value) -> str:
+    """A peer's value, cut short, for an error line."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -1,0 +1,47 @@
+"""Local worker processes for `coordinator train --spawn N`: started here, never outliving the coordinator."""
+
+import ctypes
+import signal
+import string
+import subprocess
+import sys
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies
+STOP_GRACE = 5.0  # seconds a spawned worker gets to exit after SIGTERM before SIGKILL
+
+
+def worker_names(count: int) -> list:
+    """A, B, C, ... (the nodes of the default cluster), then W27, W28, ..."""
+    letters = string.ascii_uppercase
+    return [letters[i] if i < len(letters) else f"W{i + 1}" for i in range(count)]
+
+
+def local_address(endpoint: str) -> str:
+    """The address a local worker connects to for a bound endpoint such as tcp://0.0.0.0:5555."""
+    return endpoint.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn_workers(count: int, address: str) -> list:
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "worker", "--connect", address, "--name", name],
+            preexec_fn=_die_with_parent,
+            stdin=subprocess.DEVNULL,
+        )
+        for name in worker_names(count)
+    ]
+
+
+def stop_workers(processes: list) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,0 +1,131 @@
+"""Mini-batch gradient descent over a products backend: the same loop drives the local and the distributed run.
+
+A backend computes the three groups of matrix products of a step (first layer, second layer forward,
+second layer backward); `LocalProducts` does it in this process, `ClusterProducts` on the workers.
+The first layer's weight gradient of a step is sent together with the next forward product, so one
+round of messages both ends a step and starts the next (see FirstLayer in the protocol).
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from common import model
+from common.model import Params
+from coordinator.config import TrainingConfig
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    epoch: int  # 1-based
+    cost: float  # mean cost over the epoch's forward passes, before each batch's update
+    train_accuracy: float
+    test_accuracy: float | None  # after the epoch's last update; None with no test images
+    seconds: float
+
+
+class LocalProducts:
+    """The products computed here in full: the one-process run that the distributed run must match."""
+
+    def __init__(self, inputs: dict):
+        self.inputs = inputs  # split -> (n, I) floats
+        self.second_operands = None
+
+    def first_layer(self, weights, split, rows, error_rows, error, learning_rate) -> tuple:
+        forward_inputs = None if rows is None else self.inputs[split][rows]
+        gradient_inputs = None if error is None else self.inputs["train"][error_rows]
+        return model.first_layer(weights, forward_inputs, gradient_inputs, error, learning_rate)
+
+    def second_forward(self, activations, weights) -> np.ndarray:
+        self.second_operands = (activations, weights)
+        return model.second_forward(activations, weights)
+
+    def second_backward(self, error) -> tuple:
+        return model.second_backward(*self.second_operands, error)
+
+
+class Trainer:
+    """Trains `params` in place; labels are per split, the inputs live with the products backend."""
+
+    def __init__(self, config: TrainingConfig, params: Params, products, labels: dict):
+        self.config = config
+        self.params = params
+        self.products = products
+        self.labels = labels  # split -> (n,) ints
+        self.outputs = params.w2.shape[1]
+        self.pending = None  # (rows, hidden error) whose first-layer gradient is not yet applied
+
+    def train(self, on_epoch: Callable[[EpochReport], None], on_batch: Callable[[int], None] = None) -> None:
+        for epoch in range(1, self.config.epochs + 1):
+            on_epoch(self.run_epoch(epoch, on_batch))
+        self.settle()
+
+    def run_epoch(self, epoch: int, on_batch: Callable[[int], None] = None) -> EpochReport:
+        started = time.perf_counter()
+        size = len(self.labels["train"])
+        order = np.random.default_rng([self.config.seed, epoch]).permutation(size).astype(np.int32)
+        cost = correct = 0
+        for start in range(0, size, self.config.batch_size):
+            batch_cost, batch_correct = self.train_batch(order[start : start + self.config.batch_size])
+            cost, correct = cost + batch_cost, correct + batch_correct
+            if on_batch:
+                on_batch(min(start + self.config.batch_size, size))
+        test_accuracy = self.accuracy("test") if len(self.labels["test"]) else None
+        return EpochReport(epoch, cost / size, correct / size, test_accuracy, time.perf_counter() - started)
+
+    def train_batch(self, rows: np.ndarray) -> tuple:
+        """One step of gradient descent on a batch, in chunks; returns its summed cost and correct count."""
+        chunks = [rows[i : i + self.config.chunk_rows] for i in range(0, len(rows), self.config.chunk_rows)]
+        p, lr = self.params, self.config.learning_rate
+        w1_gradient, w2_gradient = np.zeros_like(p.w1), np.zeros_like(p.w2)
+        b1_gradient, b2_gradient = np.zeros_like(p.b1), np.zeros_like(p.b2)
+        cost = correct = 0
+        for chunk in chunks:
+            hidden = model.activate(self._first_layer("train", chunk), p.b1)
+            outputs = model.activate(self.products.second_forward(hidden, p.w2), p.b2)
+            target = model.targets(self.labels["train"][chunk], self.outputs, p.w2.dtype)
+            chunk_cost, output_error = model.output_error(outputs, target, self.config.loss, len(rows))
+            chunk_w2_gradient, backpropagated = self.products.second_backward(output_error)
+            hidden_error = model.hidden_error(backpropagated, hidden)
+            w2_gradient += chunk_w2_gradient
+            b2_gradient += output_error.sum(axis=0)
+            b1_gradient += hidden_error.sum(axis=0)
+            cost += chunk_cost
+            correct += model.correct(outputs, self.labels["train"][chunk])
+            if len(chunks) == 1:
+                self.pending = (chunk, hidden_error)  # applied with the next forward product
+            else:
+                w1_gradient += self.products.first_layer(p.w1, "train", None, chunk, hidden_error, lr)[0]
+        if len(chunks) > 1:
+            p.w1 = model.descend(p.w1, w1_gradient, lr)
+        p.w2 = model.descend(p.w2, w2_gradient, lr)
+        p.b1 = model.descend(p.b1, b1_gradient, lr)
+        p.b2 = model.descend(p.b2, b2_gradient, lr)
+        return cost, correct
+
+    def accuracy(self, split: str) -> float:
+        """The fraction of a split the current parameters classify correctly."""
+        labels, correct = self.labels[split], 0
+        for start in range(0, len(labels), self.config.chunk_rows):
+            rows = np.arange(start, min(start + self.config.chunk_rows, len(labels)), dtype=np.int32)
+            hidden = model.activate(self._first_layer(split, rows), self.params.b1)
+            outputs = model.activate(self.products.second_forward(hidden, self.params.w2), self.params.b2)
+            correct += model.correct(outputs, labels[rows])
+        return correct / len(labels)
+
+    def settle(self) -> None:
+        """Apply a pending first-layer gradient on its own, so the parameters are final."""
+        if self.pending is not None:
+            self._first_layer("train", None)
+
+    def _first_layer(self, split: str, rows) -> np.ndarray | None:
+        """The first layer's product for some rows, applying the pending gradient first in the same round."""
+        error_rows, error = self.pending or (None, None)
+        lr = self.config.learning_rate
+        gradient, product = self.products.first_layer(self.params.w1, split, rows, error_rows, error, lr)
+        if gradient is not None:
+            self.params.w1 = model.descend(self.params.w1, gradient, lr)
+        self.pending = None
+        return product

@@ -1,0 +1,87 @@
+"""What a worker holds and computes; no sockets, so it can be tested and reused directly."""
+
+import numpy as np
+
+from common import model
+from common.protocol import FirstLayer, Result, SecondBackward, SecondForward, Shard
+
+
+class RequestError(ValueError):
+    """A request this worker cannot carry out; the text says why in one line."""
+
+
+class WorkerState:
+    """A worker's input columns of each split and the operands of its last second-layer forward."""
+
+    def __init__(self, dtype: str, input_divisor: float):
+        self.dtype = np.dtype(dtype)
+        self.input_divisor = input_divisor
+        self.inputs: dict[str, np.ndarray] = {}  # split -> (n, k) floats
+        self.second_operands: tuple | None = None  # (activations (B, j), weights (j, O))
+        self.handlers = {
+            FirstLayer: self.first_layer,
+            SecondForward: self.second_forward,
+            SecondBackward: self.second_backward,
+        }
+
+    def load_shard(self, shard: Shard) -> None:
+        if shard.images.dtype != np.uint8 or shard.images.ndim != 2:
+            raise RequestError("a shard must be a 2-d uint8 array")
+        self.inputs[shard.split] = model.inputs(shard.images, self.dtype, self.input_divisor)
+
+    def compute(self, request) -> Result:
+        """The result of one compute request, or RequestError."""
+        return Result(request.request, self.handlers[type(request)](request))
+
+    def first_layer(self, request: FirstLayer) -> dict:
+        columns = self._columns()
+        forward_inputs = gradient_inputs = None
+        if request.rows is not None:
+            self._check(request.weights, (columns, None), "weights")
+            forward_inputs = self._rows_of(request.split, request.rows)
+        if request.error is not None:
+            gradient_inputs = self._rows_of("train", request.error_rows)
+            self._check(request.error, (len(request.error_rows), None), "error")
+            if request.weights is not None and request.weights.shape[1] != request.error.shape[1]:
+                raise RequestError("weights and error have different widths")
+        gradient, partial = model.first_layer(
+            request.weights, forward_inputs, gradient_inputs, request.error, request.learning_rate
+        )
+        products = {"gradient": gradient, "partial": partial}
+        return {name: array for name, array in products.items() if array is not None}
+
+    def second_forward(self, request: SecondForward) -> dict:
+        self._check(request.activations, (None, None), "activations")
+        self._check(request.weights, (request.activations.shape[1], None), "weights")
+        self.second_operands = (request.activations, request.weights)
+        return {"partial": model.second_forward(request.activations, request.weights)}
+
+    def second_backward(self, request: SecondBackward) -> dict:
+        if self.second_operands is None:
+            raise RequestError("second_backward before any second_forward")
+        activations, weights = self.second_operands
+        self._check(request.error, (activations.shape[0], weights.shape[1]), "error")
+        gradient, error = model.second_backward(activations, weights, request.error)
+        return {"gradient": gradient, "error": error}
+
+    def _columns(self) -> int:
+        if "train" not in self.inputs:
+            raise RequestError("compute request before the training shard")
+        return self.inputs["train"].shape[1]
+
+    def _rows_of(self, split: str, rows) -> np.ndarray:
+        """The inputs of some rows of a split: (B,) -> (B, k)."""
+        if split not in self.inputs:
+            raise RequestError(f"no shard for split {split!r}")
+        if rows is None or rows.ndim != 1 or rows.dtype.kind != "i":
+            raise RequestError("rows must be a 1-d integer array")
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self.inputs[split])):
+            raise RequestError(f"rows out of range for split {split!r}")
+        return self.inputs[split][rows]
+
+    def _check(self, array, shape: tuple, name: str) -> None:
+        """Refuse an operand of the wrong dtype or shape (None in `shape` accepts any size)."""
+        if array is None or array.dtype != self.dtype or array.ndim != len(shape):
+            raise RequestError(f"{name} must be a {len(shape)}-d {self.dtype} array")
+        if any(want is not None and have != want for have, want in zip(array.shape, shape)):
+            raise RequestError(f"{name} has shape {array.shape}, expected {shape}")
