@@ -170,7 +170,7 @@ def _checked_map(mapping: dict):
     if set(mapping) != ARRAY_MAP_KEYS or mapping[b"nd"] is not True:
         raise ProtocolError("map is neither a message nor an array")
     dtype, shape, data = mapping[b"type"], mapping[b"shape"], mapping[b"data"]
-    if dtype not in ALLOWED_DTYPES or mapping[b"kind"] != b"":
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES or mapping[b"kind"] != b"":
         raise ProtocolError(f"array dtype {_shown(dtype)} is not allowed")
     if not _is_shape(shape):
         raise ProtocolError(f"array shape {_shown(shape)} is not a shape of at most {MAX_ARRAY_DIMS} dims")

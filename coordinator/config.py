@@ -14,7 +14,7 @@ class TrainingConfig:
     data: str | None = None  # folder of IDX files; None is the embedded MNIST
     epochs: int = 20
     batch_size: int = 32
-    learning_rate: float = 1.0
+    learning_rate: float = 3.0
     seed: int = 0
     hidden: int = 128
     loss: str = "mse"

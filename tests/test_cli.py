@@ -1,0 +1,128 @@
+"""The command lines as a user meets them: real processes, real sockets, and one-line errors."""
+
+import json
+import socket
+
+import numpy as np
+import pytest
+
+from common import model
+from coordinator.run import XOR_LABELS, XOR_ROWS
+from tests.conftest import LOOPBACK_ANY_PORT, load_model, run_cli
+
+
+def _one_line_error(done, code: int, *words: str) -> None:
+    assert done.returncode == code, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    for word in words:
+        assert word in last, last
+
+
+def test_train_on_two_spawned_workers_then_evaluate(train_run):
+    done, run_dir = train_run("--spawn", 2, "--bind", LOOPBACK_ANY_PORT, "--train-limit", "1000", "--epochs", "2",
+                              "--dtype", "float64")
+    assert [line.split()[:2] for line in done.stdout.splitlines()] == [["epoch", "1/2"], ["epoch", "2/2"]]
+    assert "sees 392 input columns" in done.stderr
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert {"epoch", "cost", "train_accuracy", "test_accuracy", "seconds"} <= set(history[0])
+    assert history[1]["cost"] < history[0]["cost"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["train_limit"] == 1000 and config["mode"] == "distributed"
+    saved = load_model(run_dir)
+    assert {k: v.shape for k, v in saved.items()} == {"w1": (784, 128), "b1": (128,), "w2": (128, 10), "b2": (10,)}
+    with np.load(run_dir / "exposure.npz") as exposure:
+        assert np.bincount(exposure["column_owners"]).tolist() == [392, 392]
+    evaluated = run_cli("coordinator", "evaluate", "--model", run_dir / "model.npz")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert evaluated.stdout.strip() == f"test accuracy {history[-1]['test_accuracy']:.2%}"
+
+
+def test_xor_preset_learns_xor_on_two_workers(train_run):
+    done, run_dir = train_run("--preset", "xor", "--spawn", 2, "--bind", LOOPBACK_ANY_PORT)
+    assert done.stdout.count("epoch ") == 10  # every 500th of 5000 epochs
+    p = model.Params(**load_model(run_dir))
+    outputs = model.activate(model.activate(XOR_ROWS @ p.w1, p.b1) @ p.w2, p.b2)[:, 0]
+    assert ((outputs > 0.5) == XOR_LABELS).all(), outputs
+
+
+def test_seed_preset_settings(train_run):
+    _, run_dir = train_run("--preset", "seed", "--local", "--epochs", "1", "--train-limit", "5000",
+                           "--test-limit", "100")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["input_divisor"], config["batch_size"], config["learning_rate"]) == (1.0, 60000, 0.05)
+    assert (config["dtype"], config["loss"], config["init"], config["seed"]) == ("float64", "mse", "legacy", 402)
+
+
+def test_options_override_a_preset(train_run):
+    _, run_dir = train_run("--preset", "seed", "--local", "--epochs", "1", "--train-limit", "100",
+                           "--test-limit", "10", "--lr", "0.01", "--dtype", "float32")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["learning_rate"], config["dtype"], config["batch_size"]) == (0.01, "float32", 60000)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("--preset", "nope"), ("unknown preset",)),
+        (("--dtype", "float16"), ("dtype must be",)),
+        (("--loss", "hinge"), ("loss must be",)),
+        (("--epochs", "0", "--lr", "-1"), ("epochs must be", "learning rate must be")),
+    ],
+)
+def test_bad_settings_fail_in_one_line(train_run, args, words):
+    done, _ = train_run("--local", *args, expect_ok=False)
+    _one_line_error(done, 2, *words)
+
+
+def test_missing_data_folder(train_run, tmp_path):
+    done, _ = train_run("--local", "--data", tmp_path / "absent", expect_ok=False)
+    _one_line_error(done, 2, "does not exist")
+
+
+def test_corrupt_data_folder(train_run, tmp_path):
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (tmp_path / name).write_bytes(b"\x00\x00\x08\x03garbage")
+    done, _ = train_run("--local", "--data", tmp_path, expect_ok=False)
+    _one_line_error(done, 2, "train-images-idx3-ubyte")
+
+
+def test_no_workers_arrive(train_run):
+    done, _ = train_run("--workers", "2", "--bind", LOOPBACK_ANY_PORT, "--wait-timeout", "0.5", expect_ok=False)
+    _one_line_error(done, 1, "only 0 of 2 workers registered")
+
+
+def test_port_in_use(train_run):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done, _ = train_run("--workers", "1", "--bind", f"tcp://127.0.0.1:{port}", expect_ok=False)
+    _one_line_error(done, 1, "cannot bind", str(port))
+
+
+def test_evaluate_a_missing_or_bogus_model(tmp_path):
+    _one_line_error(run_cli("coordinator", "evaluate", "--model", tmp_path / "none.npz"), 2, "cannot read model")
+    np.savez(tmp_path / "bogus.npz", w1=np.zeros((784, 5)), b1=np.zeros(6), w2=np.zeros((5, 10)), b2=np.zeros(10),
+             input_divisor=np.array(255.0))
+    _one_line_error(run_cli("coordinator", "evaluate", "--model", tmp_path / "bogus.npz"), 2, "inconsistent")
+    np.savez(tmp_path / "pickled.npz", w1=np.array([object()]), b1=np.zeros(6), w2=np.zeros((5, 10)),
+             b2=np.zeros(10), input_divisor=np.array(255.0))
+    _one_line_error(run_cli("coordinator", "evaluate", "--model", tmp_path / "pickled.npz"), 2, "cannot read")
+
+
+def test_worker_that_finds_no_coordinator_keeps_trying():
+    import subprocess
+    import sys
+
+    worker = subprocess.Popen([sys.executable, "-m", "worker", "--connect", "tcp://127.0.0.1:9"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            worker.wait(2)
+    finally:
+        worker.kill()
+        worker.wait()

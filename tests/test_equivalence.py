@@ -1,0 +1,54 @@
+"""The distributed run gives the one-process run's numbers: same seed, float64, weights to 1e-9."""
+
+import json
+
+import pytest
+
+from tests.conftest import LOOPBACK_ANY_PORT, load_model, max_difference
+
+TOLERANCE = 1e-9
+# 2,000 images in batches of 20 for 2 epochs: 200 gradient steps.
+SMALL_RUN = ("--dtype", "float64", "--train-limit", "2000", "--test-limit", "500", "--batch-size", "20",
+             "--epochs", "2", "--seed", "7")
+# One batch of 5,000 rows is sent in two chunks whose gradients are summed.
+CHUNKED_RUN = ("--dtype", "float64", "--train-limit", "5000", "--test-limit", "100", "--batch-size", "5000",
+               "--epochs", "3", "--lr", "2")
+
+
+@pytest.fixture(scope="module")
+def local_models(tmp_path_factory):
+    return {}
+
+
+def _local(train_run, cache: dict, settings: tuple) -> dict:
+    if settings not in cache:
+        _, run_dir = train_run("--local", *settings)
+        cache[settings] = (load_model(run_dir), (run_dir / "history.jsonl").read_text())
+    return cache[settings]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 7])
+def test_distributed_matches_local(train_run, local_models, workers):
+    local_model, local_history = _local(train_run, local_models, SMALL_RUN)
+    done, run_dir = train_run("--spawn", workers, "--bind", LOOPBACK_ANY_PORT, *SMALL_RUN)
+    assert max_difference(load_model(run_dir), local_model) < TOLERANCE
+    for ours, theirs in zip((run_dir / "history.jsonl").read_text().splitlines(), local_history.splitlines()):
+        ours, theirs = json.loads(ours), json.loads(theirs)
+        assert ours["test_accuracy"] == theirs["test_accuracy"]
+        assert ours["cost"] == pytest.approx(theirs["cost"], rel=1e-9)
+    assert done.stdout.count("epoch ") == 2
+
+
+def test_chunked_full_batch_matches_local(train_run, local_models):
+    local_model, _ = _local(train_run, local_models, CHUNKED_RUN)
+    _, run_dir = train_run("--spawn", 2, "--bind", LOOPBACK_ANY_PORT, *CHUNKED_RUN)
+    assert max_difference(load_model(run_dir), local_model) < TOLERANCE
+
+
+def test_training_actually_moves_the_weights(train_run, local_models):
+    """Guards the comparisons above against two runs that agree because nothing happened."""
+    from common.model import initial_params
+
+    local_model, _ = _local(train_run, local_models, SMALL_RUN)
+    initial = initial_params((784, 128, 10), "scaled", 7, "float64").arrays()
+    assert max_difference(local_model, initial) > 1e-2

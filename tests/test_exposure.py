@@ -1,0 +1,138 @@
+"""What a worker is sent: only its own columns, never a label, weights only ever in shuffled column order.
+
+A real coordinator and two real workers talk over loopback TCP in this process (in threads), so both
+what the coordinator meant to send and what each worker received can be recorded and compared.
+"""
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from common.protocol import FirstLayer, SecondBackward, SecondForward, Shard, Stop, Welcome
+from coordinator import run
+from coordinator.config import TrainingConfig
+from coordinator.distributed import ClusterProducts
+from worker.connection import CoordinatorLink
+from worker.serve import serve
+
+CONFIG = TrainingConfig(epochs=2, batch_size=50, train_limit=300, test_limit=100, seed=3)
+WORKERS = 2
+
+
+class RecordingLink(CoordinatorLink):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.received = []
+
+    def receive(self):
+        message = super().receive()
+        self.received.append(message)
+        return message
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """(what each worker received by slot, the natural-order operands the coordinator split up, run dir)."""
+    run_dir = tmp_path_factory.mktemp("exposure")
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    sent = {"first_layer": [], "second_forward": []}
+    original_first, original_second = ClusterProducts.first_layer, ClusterProducts.second_forward
+
+    def recording_first_layer(self, weights, split, rows, error_rows, error, lr):
+        sent["first_layer"].append((None if rows is None else weights.copy(), error))
+        return original_first(self, weights, split, rows, error_rows, error, lr)
+
+    def recording_second_forward(self, activations, weights):
+        sent["second_forward"].append((activations, weights.copy()))
+        return original_second(self, activations, weights)
+
+    ClusterProducts.first_layer = recording_first_layer
+    ClusterProducts.second_forward = recording_second_forward
+    links = [RecordingLink(address, name) for name in "AB"]
+    threads = [threading.Thread(target=serve, args=(link,), daemon=True) for link in links]
+    try:
+        for thread in threads:
+            thread.start()
+        options = run.ClusterOptions(address, WORKERS, spawn=False, wait_timeout=30)
+        run.train(CONFIG, run_dir, options, on_epoch=lambda report: None)
+        for thread in threads:
+            thread.join(30)
+    finally:
+        ClusterProducts.first_layer, ClusterProducts.second_forward = original_first, original_second
+        for link in links:
+            link.close()
+    by_slot = {link.received[0].slot: link.received for link in links}
+    return by_slot, sent, run_dir
+
+
+def _recovered_permutation(shuffled: np.ndarray, natural: np.ndarray) -> np.ndarray:
+    """p such that shuffled == natural[:, p], found by matching whole columns."""
+    return np.array([np.flatnonzero((natural == column[:, None]).all(axis=0))[0] for column in shuffled.T])
+
+
+def test_workers_receive_only_their_own_columns(recorded):
+    by_slot, _, run_dir = recorded
+    data = run.load_data(CONFIG)
+    owners = np.load(run_dir / "exposure.npz")["column_owners"]
+    for slot, messages in by_slot.items():
+        shards = {m.split: m.images for m in messages if isinstance(m, Shard)}
+        columns = np.flatnonzero(owners == slot)
+        assert len(columns) == 392
+        assert np.array_equal(shards["train"], data.train_images[:, columns])
+        assert np.array_equal(shards["test"], data.test_images[:, columns])
+
+
+def test_workers_never_receive_labels_or_anything_else(recorded):
+    by_slot, _, _ = recorded
+    allowed = (Welcome, Shard, FirstLayer, SecondForward, SecondBackward, Stop)
+    for messages in by_slot.values():
+        assert all(isinstance(m, allowed) for m in messages)
+        assert isinstance(messages[-1], Stop)
+        for message in messages:
+            arrays = [v for v in vars(message).values() if isinstance(v, np.ndarray)]
+            uint8 = [a for a in arrays if a.dtype == np.uint8]
+            assert not uint8 or isinstance(message, Shard)  # labels are uint8: only pixels ever are
+
+
+def test_weight_rows_always_arrive_freshly_shuffled(recorded):
+    by_slot, sent, run_dir = recorded
+    owners = np.load(run_dir / "exposure.npz")["column_owners"]
+    for slot, messages in by_slot.items():
+        columns = np.flatnonzero(owners == slot)
+        received = [m for m in messages if isinstance(m, FirstLayer)]
+        assert len(received) == len(sent["first_layer"]) > 10
+        seen = set()
+        for message, (weights, error) in zip(received, sent["first_layer"]):
+            if message.weights is None:
+                continue
+            shuffle = _recovered_permutation(message.weights, weights[columns])
+            assert sorted(shuffle) == list(range(CONFIG.hidden))
+            assert not np.array_equal(shuffle, np.arange(CONFIG.hidden))
+            if error is not None:  # the hidden error travels in the same shuffled order
+                assert np.array_equal(message.error, error[:, shuffle])
+            seen.add(shuffle.tobytes())
+        assert len(seen) == sum(m.weights is not None for m in received)  # a fresh shuffle every time
+
+
+def test_second_layer_rows_are_shuffled_too(recorded):
+    by_slot, sent, run_dir = recorded
+    owners = np.load(run_dir / "exposure.npz")["unit_owners"]
+    for slot, messages in by_slot.items():
+        units = np.flatnonzero(owners == slot)
+        received = [m for m in messages if isinstance(m, SecondForward)]
+        assert len(received) == len(sent["second_forward"]) > 10
+        seen = set()
+        for message, (activations, weights) in zip(received, sent["second_forward"]):
+            assert np.array_equal(message.activations, activations[:, units])  # only its own hidden units
+            shuffle = _recovered_permutation(message.weights, weights[units])
+            assert sorted(shuffle) == list(range(10)) and not np.array_equal(shuffle, np.arange(10))
+            seen.add(shuffle.tobytes())
+        assert len(seen) > len(received) // 2  # fresh each time (10! orders, so repeats are rare)

@@ -1,0 +1,130 @@
+"""Message round trips, and the gate refusing what must never reach msgpack-numpy's decoder."""
+
+import os
+import pickle
+
+import msgpack
+import numpy as np
+import pytest
+
+from common import protocol
+from common.protocol import (
+    Failure, FirstLayer, ProtocolError, Register, Reject, Result, SecondBackward, SecondForward, Shard, Stop,
+    Welcome,
+)
+
+ARRAY = np.arange(12, dtype=np.float32).reshape(3, 4)
+EVERY_KIND = [
+    Register("A", 1),
+    Welcome(3, "float32", 255.0),
+    Reject("no"),
+    Shard("train", np.zeros((5, 2), np.uint8)),
+    FirstLayer(1, ARRAY, "test", np.arange(3, dtype=np.int32), None, None, 0.5),
+    FirstLayer(2, None, "train", None, np.arange(3, dtype=np.int32), ARRAY, 1.0),
+    SecondForward(4, ARRAY, ARRAY.T.copy()),
+    SecondBackward(5, ARRAY),
+    Result(6, {"partial": ARRAY, "gradient": ARRAY.astype(np.float64)}),
+    Failure(7, "bad rows"),
+    Stop("done"),
+]
+
+
+def _same(first, second) -> bool:
+    if isinstance(first, np.ndarray):
+        return first.dtype == second.dtype and np.array_equal(first, second)
+    if isinstance(first, dict):
+        return first.keys() == second.keys() and all(_same(first[k], second[k]) for k in first)
+    return first == second
+
+
+@pytest.mark.parametrize("message", EVERY_KIND, ids=lambda m: type(m).__name__)
+def test_every_kind_round_trips(message):
+    decoded = protocol.decode(protocol.encode(message))
+    assert type(decoded) is type(message)
+    for name in message.__dataclass_fields__:
+        assert _same(getattr(message, name), getattr(decoded, name))
+
+
+def test_every_kind_is_covered():
+    assert {type(m) for m in EVERY_KIND} == set(protocol.MESSAGE_KINDS.values())
+
+
+def _array_map(array_bytes: bytes, dtype: str, shape, kind: bytes = b"") -> dict:
+    return {b"nd": True, b"type": dtype, b"kind": kind, b"shape": shape, b"data": array_bytes}
+
+
+def _frame(**fields) -> bytes:
+    return msgpack.packb(fields)
+
+
+class Exploit:
+    """Unpickling this would create a file: the proof that nothing from a socket is unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_object_array_is_refused_without_unpickling(tmp_path):
+    marker = str(tmp_path / "pwned")
+    payload = pickle.dumps(Exploit(marker))
+    frame = _frame(kind="stop", reason=_array_map(payload, "|O", [1], kind=b"O"))
+    with pytest.raises(ProtocolError, match="dtype"):
+        protocol.decode(frame)
+    frame = _frame(kind="shard", split="train", images=_array_map(payload, "|O", [1], kind=b"O"))
+    with pytest.raises(ProtocolError, match="dtype"):
+        protocol.decode(frame)
+    assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize(
+    "array_map, reason",
+    [
+        (_array_map(b"\0" * 8, [["a", "<f4"], ["b", "<f4"]], [1], kind=b"V"), "dtype"),  # structured
+        (_array_map(b"\0" * 8, "<c16", [1]), "dtype"),  # complex is not on the list
+        (_array_map(b"\0" * 7, "|u1", [2, 4]), "does not match"),  # too few bytes for the shape
+        (_array_map(b"\0" * 9, "|u1", [2, 4]), "does not match"),  # too many
+        (_array_map(b"\0" * 8, "|u1", [2, 2, 2]), "shape"),  # too many dims
+        (_array_map(b"\0" * 8, "|u1", [-8]), "shape"),
+        (_array_map(b"\0" * 8, "|u1", "8"), "shape"),
+        ({b"nd": False, b"type": "|O", b"data": b"x"}, "neither"),  # a numpy scalar
+        ({b"complex": True, b"data": "1+2j"}, "neither"),
+    ],
+)
+def test_bad_arrays_are_refused(array_map, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        protocol.decode(_frame(kind="shard", split="train", images=array_map))
+
+
+@pytest.mark.parametrize(
+    "frame, reason",
+    [
+        (b"", "not a msgpack frame"),
+        (b"\xc1garbage", "not a msgpack frame"),
+        (msgpack.packb({"kind": "stop", "reason": "x"})[:-1], "not a msgpack frame"),  # truncated
+        (msgpack.packb([1, 2, 3]), "not a message map"),
+        (_frame(kind="execute", code="rm -rf /"), "unknown message kind"),
+        (_frame(reason="no kind"), "unknown message kind"),
+        (_frame(kind="stop"), "fields wrong"),
+        (_frame(kind="stop", reason="x", extra=1), "fields wrong"),
+        (_frame(kind="register", name="A", version="1"), "register.version"),
+        (_frame(kind="register", name="A" * 1000, version=1), "register.name"),
+        (_frame(kind="first_layer", request=1, weights=None, split="train", rows=None, error_rows=None,
+                error=None, learning_rate=float("nan")), "learning_rate"),
+        (_frame(kind="result", request=1, products={"partial": 3}), "result.products"),
+        (_frame(kind="shard", split="train", images=b"raw bytes"), "shard.images"),
+        (msgpack.packb({"kind": "stop", "reason": "x"}) + b"\x00", "not a msgpack frame"),  # trailing data
+        (b"\x91" * 5000, "not a msgpack frame"),  # nesting deeper than the decoder's stack
+    ],
+)
+def test_bad_frames_are_refused(frame, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        protocol.decode(frame)
+
+
+def test_a_refusal_is_one_line():
+    with pytest.raises(ProtocolError) as refused:
+        protocol.decode(_frame(kind="x" * 500))
+    assert "\n" not in str(refused.value) and len(str(refused.value)) < 120
