@@ -4,6 +4,7 @@ the scheduler's actions."""
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import zmq
 
@@ -18,6 +19,24 @@ STOP_LINGER_MS = 500  # time for the last stop messages to leave before the sock
 
 class ClusterError(RuntimeError):
     """The cluster cannot go on (a worker lost, none arriving); the text is one line for the user."""
+
+
+@dataclass
+class Traffic:
+    """What crossed the socket: payload bytes each way (identity frames aside), per peer and in all."""
+
+    rounds: int = 0
+    sent: int = 0
+    received: int = 0
+    by_peer: dict = field(default_factory=dict)  # peer -> [sent, received]
+
+    def count(self, peer: bytes | None, sent: int = 0, received: int = 0) -> None:
+        """Add to the totals, and to a peer's own (None for strangers, so they cannot grow this table)."""
+        self.sent, self.received = self.sent + sent, self.received + received
+        if peer is None:
+            return
+        totals = self.by_peer.setdefault(peer, [0, 0])
+        totals[0], totals[1] = totals[0] + sent, totals[1] + received
 
 
 class Cluster:
@@ -37,6 +56,7 @@ class Cluster:
             self.socket.close()
             raise ClusterError(f"cannot bind {bind}: {error}") from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.traffic = Traffic()
 
     def admit_workers(self, timeout: float) -> None:
         """Wait until every slot has a worker."""
@@ -48,7 +68,8 @@ class Cluster:
 
     def run_round(self, requests: dict, timeout: float) -> dict:
         """Send each slot its request and return slot -> products once every slot has answered."""
-        self._carry_out(self.scheduler.start_round(requests))
+        self.traffic.rounds += 1
+        self._carry_out(self.scheduler.start_round(requests, time.monotonic()))
         deadline = time.monotonic() + timeout
         while not self.scheduler.round_done:
             if not self._pump(deadline):
@@ -72,11 +93,12 @@ class Cluster:
             return False
         frames = self.socket.recv_multipart(copy=False)
         peer = frames[0].bytes
+        self.traffic.count(self._known(peer), received=sum(len(frame) for frame in frames[1:]))
         if len(frames) != 2:
             event = Garbled(peer, f"{len(frames) - 1} frames instead of 1")
         else:
             try:
-                event = Arrived(peer, protocol.decode(frames[1].buffer))
+                event = Arrived(peer, protocol.decode(frames[1].buffer), time.monotonic())
             except protocol.ProtocolError as error:
                 event = Garbled(peer, str(error))
         self._carry_out(self.scheduler.handle(event))
@@ -93,8 +115,13 @@ class Cluster:
             elif isinstance(action, Disconnect):
                 log.warning("dropped peer %s: %s", action.peer.hex(), action.reason)
 
+    def _known(self, peer: bytes) -> bytes | None:
+        return peer if peer in self.scheduler.workers else None
+
     def _send(self, peer: bytes, message) -> None:
+        frame = protocol.encode(message)
         try:
-            self.socket.send_multipart([peer, protocol.encode(message)], copy=False)
+            self.socket.send_multipart([peer, frame], copy=False)
+            self.traffic.count(self._known(peer), sent=len(frame))
         except zmq.ZMQError as error:  # the peer went away; its silence is handled by the round
             log.warning("could not send to %s: %s", peer.hex(), error)

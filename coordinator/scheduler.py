@@ -17,6 +17,7 @@ class Arrived:
 
     peer: bytes
     message: object
+    at: float = 0.0  # seconds on the transport's monotonic clock
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Worker:
     name: str
     slot: int
     answered: int = 0
+    last_round_trip: float | None = None  # seconds from sending its last request to its answer
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Outstanding:
     peer: bytes
     slot: int
     expected: Expected
+    sent_at: float
 
 
 @dataclass
@@ -95,12 +98,12 @@ class Scheduler:
     def peer_of(self, slot: int) -> bytes:
         return next(peer for peer, worker in self.workers.items() if worker.slot == slot)
 
-    def start_round(self, requests: dict) -> list:
+    def start_round(self, requests: dict, now: float = 0.0) -> list:
         """Number each slot's request and send it; `requests` maps slot -> (message, Expected)."""
         self.results, actions = {}, []
         for slot, (message, expected) in requests.items():
             peer = self.peer_of(slot)
-            self.outstanding[self.next_request] = Outstanding(peer, slot, expected)
+            self.outstanding[self.next_request] = Outstanding(peer, slot, expected, now)
             actions.append(Send(peer, dataclasses.replace(message, request=self.next_request)))
             self.next_request += 1
         return actions
@@ -114,7 +117,7 @@ class Scheduler:
         if event.peer not in self.workers:
             return [Disconnect(event.peer, f"sent {type(message).__name__} without registering")]
         if isinstance(message, Result):
-            return self._result(event.peer, message)
+            return self._result(event.peer, message, event.at)
         if isinstance(message, Failure):
             return self._drop(event.peer, f"failed request {message.request}: {message.reason}")
         return self._drop(event.peer, f"sent a {type(message).__name__}, which workers do not send")
@@ -131,7 +134,7 @@ class Scheduler:
         self.workers[peer] = Worker(message.name, slot)
         return [Admit(peer, slot, message.name)]
 
-    def _result(self, peer: bytes, message: Result) -> list:
+    def _result(self, peer: bytes, message: Result, at: float) -> list:
         pending = self.outstanding.get(message.request)
         if pending is None or pending.peer != peer:
             return self._drop(peer, f"answered request {message.request}, which it was not given")
@@ -140,7 +143,9 @@ class Scheduler:
             return self._drop(peer, f"request {message.request}: {problem}")
         del self.outstanding[message.request]
         self.results[pending.slot] = message.products
-        self.workers[peer].answered += 1
+        worker = self.workers[peer]
+        worker.answered += 1
+        worker.last_round_trip = at - pending.sent_at
         return []
 
     def _invalid(self, products: dict, expected: Expected) -> str:
