@@ -12,7 +12,7 @@ import numpy as np
 from common import model, settings
 from common.data import Dataset, load_dataset
 from common.exposure import ExposurePlan
-from common.protocol import Shard, Welcome
+from common.protocol import Welcome
 from coordinator.cluster import Cluster
 from coordinator.config import TrainingConfig
 from coordinator.distributed import ClusterProducts
@@ -34,6 +34,8 @@ class ClusterOptions:
     workers: int
     spawn: bool  # start the workers as local processes
     wait_timeout: float  # seconds to wait for them to register
+    heartbeat_timeout: float = settings.HEARTBEAT_TIMEOUT
+    rebalance: bool = True  # late workers get columns at the next epoch, or wait as standbys
 
 
 def load_data(config: TrainingConfig) -> Dataset:
@@ -71,51 +73,50 @@ def train(
     params = model.initial_params(sizes, config.init, config.seed, config.dtype)
     records = RunDirectory(run_dir)
     records.save_config(config, mode="local" if cluster is None else "distributed")
+    trainer = None
 
     def on_epoch_recorded(report):
         records.append_history(report)
         on_epoch(report)
 
-    with _products(config, data, sizes, cluster, records) as products:
-        Trainer(config, params, products, labels_of(data)).train(on_epoch_recorded, on_batch)
+    def on_exposure(slot, worker, plan, reason):
+        records.append_exposure(trainer.epoch if trainer else 1, trainer.step if trainer else 0, slot, worker, plan, reason)
+
+    with _products(config, data, sizes, cluster, records, on_exposure) as products:
+        trainer = Trainer(config, params, products, labels_of(data))
+        trainer.train(on_epoch_recorded, on_batch)
     records.save_model(params, config.input_divisor)
     return params
 
 
 @contextmanager
-def _products(config, data, sizes, cluster_options, records):
+def _products(config, data, sizes, cluster_options, records, on_exposure):
     if cluster_options is None:
         yield LocalProducts({s: model.inputs(images_of(data, s), config.dtype, config.input_divisor) for s in SPLITS})
         return
-    with _cluster_products(config, data, sizes, cluster_options, records) as products:
+    with _cluster_products(config, data, sizes, cluster_options, records, on_exposure) as products:
         yield products
 
 
 @contextmanager
-def _cluster_products(config, data, sizes, options: ClusterOptions, records: RunDirectory):
+def _cluster_products(config, data, sizes, options: ClusterOptions, records: RunDirectory, on_exposure):
     inputs, hidden, _ = sizes
     plan = ExposurePlan.random(inputs, hidden, options.workers, config.seed)
     permutation_seed = secrets.randbits(128)
     records.save_exposure(plan, permutation_seed)
-
-    def setup(slot: int) -> list:
-        """A new worker's welcome and its columns of each split, sent once for the run."""
-        columns = plan.columns(slot)
-        shards = [Shard(s, np.ascontiguousarray(images_of(data, s)[:, columns])) for s in SPLITS]
-        return [Welcome(slot, config.dtype, config.input_divisor), *shards]
-
-    scheduler = Scheduler(options.workers, settings.PROTOCOL_VERSION, np.dtype(config.dtype))
-    cluster = Cluster(options.bind, scheduler, _largest_reply_bytes(config, inputs), setup)
+    scheduler = Scheduler(
+        options.workers, settings.PROTOCOL_VERSION, np.dtype(config.dtype), options.heartbeat_timeout
+    )
+    cluster = Cluster(
+        options.bind, scheduler, _largest_reply_bytes(config, inputs),
+        welcome=lambda slot: Welcome(slot, config.dtype, config.input_divisor),
+    )
     processes = spawn_workers(options.workers, local_address(cluster.endpoint)) if options.spawn else []
     try:
         log.info("waiting for %d workers on %s", options.workers, cluster.endpoint)
         cluster.admit_workers(options.wait_timeout)
-        for peer, worker in sorted(scheduler.workers.items(), key=lambda item: item[1].slot):
-            log.info(
-                "worker %s sees %d input columns and %d hidden units",
-                worker.name, len(plan.columns(worker.slot)), len(plan.units(worker.slot)),
-            )
-        yield ClusterProducts(cluster, plan, permutation_seed)
+        images = {split: images_of(data, split) for split in SPLITS}
+        yield ClusterProducts(cluster, plan, images, permutation_seed, on_exposure, options.rebalance)
         cluster.stop("training finished")
     finally:
         cluster.close()

@@ -45,6 +45,9 @@ class LocalProducts:
     def second_backward(self, error) -> tuple:
         return model.second_backward(*self.second_operands, error)
 
+    def epoch_ended(self) -> None:
+        """Nothing changes between epochs in one process."""
+
 
 class Trainer:
     """Trains `params` in place; labels are per split, the inputs live with the products backend."""
@@ -56,20 +59,24 @@ class Trainer:
         self.labels = labels  # split -> (n,) ints
         self.outputs = params.w2.shape[1]
         self.pending = None  # (rows, hidden error) whose first-layer gradient is not yet applied
+        self.epoch, self.step = 1, 0  # where training is: the epoch under way and the batches it has done
 
     def train(self, on_epoch: Callable[[EpochReport], None], on_batch: Callable[[int], None] = None) -> None:
         for epoch in range(1, self.config.epochs + 1):
             on_epoch(self.run_epoch(epoch, on_batch))
+            self.products.epoch_ended()
         self.settle()
 
     def run_epoch(self, epoch: int, on_batch: Callable[[int], None] = None) -> EpochReport:
         started = time.perf_counter()
+        self.epoch, self.step = epoch, 0
         size = len(self.labels["train"])
         order = np.random.default_rng([self.config.seed, epoch]).permutation(size).astype(np.int32)
         cost = correct = 0
         for start in range(0, size, self.config.batch_size):
             batch_cost, batch_correct = self.train_batch(order[start : start + self.config.batch_size])
             cost, correct = cost + batch_cost, correct + batch_correct
+            self.step += 1
             if on_batch:
                 on_batch(min(start + self.config.batch_size, size))
         test_accuracy = self.accuracy("test") if len(self.labels["test"]) else None

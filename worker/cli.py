@@ -35,10 +35,11 @@ def main(
     try:
         reason = serve(link)
     except Rejected as error:
+        link.close()
         typer.echo(f"error: the coordinator refused this worker: {error}", err=True)
         raise typer.Exit(1)
     except KeyboardInterrupt:
+        link.close("interrupted")  # deregister, so the coordinator reassigns our columns at once
         raise typer.Exit(130)
-    finally:
-        link.close()
+    link.close()
     logging.getLogger("worker").info("stopped: %s", reason)
