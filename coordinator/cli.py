@@ -1,11 +1,13 @@
 """`coordinator`: train the network on workers (or locally) and evaluate saved models."""
 
+import enum
 import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from common import settings
 from common.data import DataError
 from coordinator.cluster import ClusterError
 from coordinator.config import PRESETS
@@ -16,6 +18,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 USER_ERRORS = (DataError, ModelError, ClusterError)
 EXIT_USAGE = 2  # what typer itself returns for a bad option
 EXIT_FAILED = 1
+
+
+class Rebalance(str, enum.Enum):
+    epoch = "epoch"
+    never = "never"
 
 
 def _option(envvar: str, help: str, **kwargs):
@@ -55,6 +62,12 @@ def train(
     spawn: Annotated[int | None, _option("SPAWN", "Start N local worker processes (sets --workers N).")] = None,
     bind: Annotated[str, _option("BIND", "ZeroMQ address the coordinator binds.")] = "tcp://*:5555",
     wait_timeout: Annotated[float, _option("WAIT_TIMEOUT", "Seconds to wait for the workers.")] = 60.0,
+    heartbeat_timeout: Annotated[
+        float, _option("HEARTBEAT_TIMEOUT", "Seconds of silence after which a worker is lost.", min=0.5)
+    ] = settings.HEARTBEAT_TIMEOUT,
+    rebalance: Annotated[
+        Rebalance, _option("REBALANCE", "Give late workers columns at the next epoch, or keep them as standbys.")
+    ] = Rebalance.epoch,
     report_every: Annotated[int | None, _option("REPORT_EVERY", "Print every N epochs.")] = None,
 ):
     """Train the 784-128-10 sigmoid network on MNIST, the matrix products done by workers."""
@@ -70,7 +83,9 @@ def train(
     problems = config.problems() + ([] if (spawn or workers) >= 1 else ["workers must be at least 1"])
     if problems:
         _fail("; ".join(problems))
-    cluster = None if local else ClusterOptions(bind, spawn or workers, spawn is not None, wait_timeout)
+    cluster = None if local else ClusterOptions(
+        bind, spawn or workers, spawn is not None, wait_timeout, heartbeat_timeout, rebalance is Rebalance.epoch
+    )
     _configure_logging()
 
     def on_epoch(report):

@@ -59,11 +59,12 @@ class Trainer:
         self.labels = labels  # split -> (n,) ints
         self.outputs = params.w2.shape[1]
         self.pending = None  # (rows, hidden error) whose first-layer gradient is not yet applied
-        self.epoch, self.step = 1, 0  # where training is: the epoch under way and the batches it has done
+        self.epoch, self.step = 1, 0  # where training is: the epoch and the number of its batches done
 
     def train(self, on_epoch: Callable[[EpochReport], None], on_batch: Callable[[int], None] = None) -> None:
         for epoch in range(1, self.config.epochs + 1):
             on_epoch(self.run_epoch(epoch, on_batch))
+            self.epoch, self.step = epoch + 1, 0
             self.products.epoch_ended()
         self.settle()
 
