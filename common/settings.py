@@ -34,3 +34,7 @@ RECONNECT_BACKOFF = (0.5, 8.0)
 
 MAX_STANDBY_WORKERS = 16
 """Workers admitted beyond the slots (late joiners, spares): bounds what strangers can make us hold."""
+
+VERIFY_RATE = 0.05
+"""Fraction of results the coordinator Freivalds-checks with `--verify sample`: a persistent liar is
+caught after 1 / 0.05 = 20 answers on average, for two matrix-vector products per checked result."""

@@ -25,6 +25,12 @@ class Rebalance(str, enum.Enum):
     never = "never"
 
 
+class Verify(str, enum.Enum):
+    off = "off"
+    sample = "sample"
+    all = "all"
+
+
 def _option(envvar: str, help: str, **kwargs):
     return typer.Option(envvar=f"SCATTERPROP_{envvar}", help=help, **kwargs)
 
@@ -68,6 +74,12 @@ def train(
     rebalance: Annotated[
         Rebalance, _option("REBALANCE", "Give late workers columns at the next epoch, or keep them as standbys.")
     ] = Rebalance.epoch,
+    verify: Annotated[
+        Verify, _option("VERIFY", "Freivalds-check every result, a secret random sample, or none.")
+    ] = Verify.sample,
+    verify_rate: Annotated[
+        float, _option("VERIFY_RATE", "Fraction of results checked with --verify sample.", min=0.0, max=1.0)
+    ] = settings.VERIFY_RATE,
     report_every: Annotated[int | None, _option("REPORT_EVERY", "Print every N epochs.")] = None,
 ):
     """Train the 784-128-10 sigmoid network on MNIST, the matrix products done by workers."""
@@ -84,7 +96,8 @@ def train(
     if problems:
         _fail("; ".join(problems))
     cluster = None if local else ClusterOptions(
-        bind, spawn or workers, spawn is not None, wait_timeout, heartbeat_timeout, rebalance is Rebalance.epoch
+        bind, spawn or workers, spawn is not None, wait_timeout, heartbeat_timeout, rebalance is Rebalance.epoch,
+        verify.value, verify_rate,
     )
     _configure_logging()
 

@@ -104,6 +104,15 @@ class Cluster:
         self.scheduler.assign(peer, slot)
         log.info("standby %s now serves slot %d", self.scheduler.workers[peer].name, slot)
 
+    def quarantine(self, slot: int, reason: str):
+        """Drop a slot's worker for the rest of the run, refusing its name from now on; returns the Worker."""
+        peer = self.scheduler.peer_of(slot)
+        worker = self.scheduler.workers[peer]
+        self._carry_out(self.scheduler.quarantine(peer, reason))
+        self._send(peer, Stop(f"quarantined: {reason}"))
+        self.scheduler.take_lost()  # the caller reassigns this slot itself
+        return worker
+
     def stop(self, reason: str) -> None:
         for peer in list(self.scheduler.workers):
             self._send(peer, Stop(reason))

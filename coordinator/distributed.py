@@ -15,6 +15,7 @@ from common.exposure import ExposurePlan, add_unpermuted, permuted, place_unperm
 from common.protocol import FirstLayer, SecondBackward, SecondForward, Shard
 from coordinator.cluster import ClusterError, WorkerLost
 from coordinator.scheduler import Expected
+from coordinator.verify import Verifier
 
 log = logging.getLogger("coordinator")
 
@@ -23,9 +24,13 @@ class ClusterProducts:
     """The same three product groups as LocalProducts, computed by the workers of a Cluster."""
 
     def __init__(
-        self, cluster, plan: ExposurePlan, images: dict, permutation_seed: int, on_exposure: Callable, rebalance: bool
+        self, cluster, plan: ExposurePlan, images: dict, permutation_seed: int, on_exposure: Callable, rebalance: bool,
+        verifier: Verifier, on_quarantine: Callable,
     ):
         self.cluster = cluster
+        self.verifier = verifier
+        self.on_quarantine = on_quarantine  # (Worker, slot, request kind, Evidence)
+        self.last_second_forward = {}  # slot -> its last SecondForward request, the operands it keeps
         self.rebalance = rebalance  # admit standbys at epoch boundaries, or keep them for losses only
         self.plan = plan
         self.images = images  # split -> (n, I) uint8: the source of every shard
@@ -125,14 +130,33 @@ class ClusterProducts:
         self._round(self._second_forward_requests)
 
     def _round(self, requests: Callable, after_recovery: Callable | None = None) -> dict:
-        """Run a round, recovering from lost workers and sending it again until every slot answers."""
+        """Run a round, recovering from lost or lying workers and sending it again until every slot answers."""
         while True:
+            built = requests()
             try:
-                return self.cluster.run_round(requests())
+                results = self.cluster.run_round(built)
+                self._quarantine_liars(built, results)
+                return results
             except WorkerLost as lost:
                 self._recover(lost.lost)
                 if after_recovery:
                     after_recovery()
+
+    def _quarantine_liars(self, built: dict, results: dict) -> None:
+        """Check the chosen results; a worker caught once is dropped for the run (raises WorkerLost)."""
+        caught = {}
+        for slot, (request, _) in built.items():
+            if isinstance(request, SecondForward):
+                self.last_second_forward[slot] = request
+            if not self.verifier.chosen():
+                continue
+            evidence = self.verifier.check(request, results[slot], self.plan.columns(slot), self.last_second_forward.get(slot))
+            if evidence is not None:
+                worker = self.cluster.quarantine(slot, str(evidence))
+                self.on_quarantine(worker, slot, type(request).__name__, evidence)
+                caught[slot] = f"worker {worker.name} failed a Freivalds check: {evidence}"
+        if caught:
+            raise WorkerLost(caught)
 
     def _recover(self, lost: dict) -> None:
         for slot, reason in lost.items():

@@ -20,6 +20,7 @@ from coordinator.rundir import ModelError, RunDirectory, load_model
 from coordinator.scheduler import Scheduler
 from coordinator.spawn import local_address, spawn_workers, stop_workers
 from coordinator.training import LocalProducts, Trainer
+from coordinator.verify import Verifier, inputs_for
 
 log = logging.getLogger("coordinator")
 
@@ -36,6 +37,8 @@ class ClusterOptions:
     wait_timeout: float  # seconds to wait for them to register
     heartbeat_timeout: float = settings.HEARTBEAT_TIMEOUT
     rebalance: bool = True  # late workers get columns at the next epoch, or wait as standbys
+    verify: str = "sample"  # Freivalds-check "all", a secret "sample", or "off"
+    verify_rate: float = settings.VERIFY_RATE
 
 
 def load_data(config: TrainingConfig) -> Dataset:
@@ -79,10 +82,16 @@ def train(
         records.append_history(report)
         on_epoch(report)
 
-    def on_exposure(slot, worker, plan, reason):
-        records.append_exposure(trainer.epoch if trainer else 1, trainer.step if trainer else 0, slot, worker, plan, reason)
+    def position() -> tuple:
+        return (trainer.epoch, trainer.step) if trainer else (1, 0)
 
-    with _products(config, data, sizes, cluster, records, on_exposure) as products:
+    def on_exposure(slot, worker, plan, reason):
+        records.append_exposure(*position(), slot, worker, plan, reason)
+
+    def on_quarantine(worker, slot, request_kind, evidence):
+        records.append_quarantine(*position(), worker, slot, request_kind, evidence)
+
+    with _products(config, data, sizes, cluster, records, on_exposure, on_quarantine) as products:
         trainer = Trainer(config, params, products, labels_of(data))
         trainer.train(on_epoch_recorded, on_batch)
     records.save_model(params, config.input_divisor)
@@ -90,16 +99,16 @@ def train(
 
 
 @contextmanager
-def _products(config, data, sizes, cluster_options, records, on_exposure):
+def _products(config, data, sizes, cluster_options, records, on_exposure, on_quarantine):
     if cluster_options is None:
         yield LocalProducts({s: model.inputs(images_of(data, s), config.dtype, config.input_divisor) for s in SPLITS})
         return
-    with _cluster_products(config, data, sizes, cluster_options, records, on_exposure) as products:
+    with _cluster_products(config, data, sizes, cluster_options, records, on_exposure, on_quarantine) as products:
         yield products
 
 
 @contextmanager
-def _cluster_products(config, data, sizes, options: ClusterOptions, records: RunDirectory, on_exposure):
+def _cluster_products(config, data, sizes, options: ClusterOptions, records, on_exposure, on_quarantine):
     inputs, hidden, _ = sizes
     plan = ExposurePlan.random(inputs, hidden, options.workers, config.seed)
     permutation_seed = secrets.randbits(128)
@@ -116,7 +125,13 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records: Run
         log.info("waiting for %d workers on %s", options.workers, cluster.endpoint)
         cluster.admit_workers(options.wait_timeout)
         images = {split: images_of(data, split) for split in SPLITS}
-        yield ClusterProducts(cluster, plan, images, permutation_seed, on_exposure, options.rebalance)
+        verifier = Verifier(
+            options.verify, options.verify_rate, np.random.default_rng(secrets.randbits(128)),
+            inputs_for(images, config.dtype, config.input_divisor),
+        )
+        yield ClusterProducts(
+            cluster, plan, images, permutation_seed, on_exposure, options.rebalance, verifier, on_quarantine
+        )
         cluster.stop("training finished")
     finally:
         cluster.close()

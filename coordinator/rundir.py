@@ -56,6 +56,13 @@ class RunDirectory:
             exposure.write(json.dumps(record) + "\n")
         log.info("worker %s sees %d input columns and %d hidden units (%s)", worker, len(record["columns"]), len(record["units"]), reason)
 
+    def append_quarantine(self, epoch: int, step: int, worker, slot: int, request_kind: str, evidence) -> None:
+        """Record a worker caught returning a wrong product, with the evidence."""
+        record = {"epoch": epoch, "step": step, "worker": worker.name, "answers": worker.answered, "slot": slot,
+                  "request": request_kind, **dataclasses.asdict(evidence)}
+        with open(self.path / "quarantine.jsonl", "a") as quarantine:
+            quarantine.write(json.dumps(record) + "\n")
+
     def save_model(self, params: Params, input_divisor: float) -> None:
         np.savez(self.path / "model.npz", **params.arrays(), input_divisor=np.array(input_divisor))
 

@@ -113,6 +113,7 @@ class Scheduler:
 
     def __post_init__(self):
         self.open_slots = set(range(self.capacity))
+        self.banned = set()  # names of quarantined workers
 
     @property
     def ready(self) -> bool:
@@ -131,6 +132,11 @@ class Scheduler:
 
     def assign(self, peer: bytes, slot: int) -> None:
         self.workers[peer].slot = slot
+
+    def quarantine(self, peer: bytes, reason: str) -> list:
+        """Drop a worker caught computing wrongly and refuse its name for the rest of the run."""
+        self.banned.add(self.workers[peer].name)
+        return self._drop(peer, f"is quarantined: {reason}")
 
     def take_lost(self) -> dict:
         lost, self.lost = self.lost, {}
@@ -176,6 +182,8 @@ class Scheduler:
         if message.version != self.version:
             reason = f"protocol version {message.version} is not the coordinator's {self.version}"
             return [Send(peer, Reject(reason)), Disconnect(peer, reason)]
+        if message.name in self.banned:
+            return [Send(peer, Reject("quarantined")), Disconnect(peer, f"{message.name} is quarantined")]
         if len(self.standbys) >= settings.MAX_STANDBY_WORKERS:
             return [Send(peer, Reject("no room for more workers")), Disconnect(peer, "arrived when full")]
         slot = min(self.open_slots) if self.open_slots else None

@@ -23,17 +23,25 @@ def main(
     threads: Annotated[
         int, typer.Option(envvar="SCATTERPROP_THREADS", min=1, help="BLAS threads for the matrix products.")
     ] = 1,
+    fault: Annotated[str | None, typer.Option(hidden=True, help="Answer wrongly on purpose (tests only).")] = None,
 ):
     """Connect to a coordinator and compute partial matrix products for it until it says stop."""
     for variable in BLAS_THREAD_VARIABLES:  # read by the BLAS library when numpy is first imported
         os.environ[variable] = str(threads)
+    from worker.compute import WorkerState
     from worker.connection import CoordinatorLink, Rejected
+    from worker.faults import FAULTS, FaultyWorkerState
     from worker.serve import serve
+
+    if fault is not None and fault not in FAULTS:
+        typer.echo(f"error: unknown fault {fault!r}; choose one of {', '.join(FAULTS)}", err=True)
+        raise typer.Exit(2)
+    make_state = (lambda dtype, divisor: FaultyWorkerState(dtype, divisor, fault)) if fault else WorkerState
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s", datefmt="%H:%M:%S")
     link = CoordinatorLink(connect, name or f"{socket.gethostname()}-{os.getpid()}")
     try:
-        reason = serve(link)
+        reason = serve(link, make_state=make_state)
     except Rejected as error:
         link.close()
         typer.echo(f"error: the coordinator refused this worker: {error}", err=True)

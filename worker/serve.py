@@ -9,7 +9,7 @@ from worker.connection import CoordinatorLink
 log = logging.getLogger("worker")
 
 
-def serve(link: CoordinatorLink, max_requests: int | None = None) -> str:
+def serve(link: CoordinatorLink, max_requests: int | None = None, make_state=WorkerState) -> str:
     """Work for the coordinator until it says stop (or after `max_requests`); returns its reason."""
     state, answered = None, 0
     while max_requests is None or answered < max_requests:
@@ -18,7 +18,7 @@ def serve(link: CoordinatorLink, max_requests: int | None = None) -> str:
             return message.reason
         if isinstance(message, Welcome):  # a new session: nothing held before is valid now
             log.info("%s registered as %s", link.name, "a standby" if message.slot < 0 else f"slot {message.slot}")
-            state = WorkerState(message.dtype, message.input_divisor)
+            state = make_state(message.dtype, message.input_divisor)
         elif state is None:
             log.warning("ignored a %s that came before the welcome", type(message).__name__)
         elif isinstance(message, Shard):
