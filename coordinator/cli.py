@@ -80,6 +80,9 @@ def train(
     verify_rate: Annotated[
         float, _option("VERIFY_RATE", "Fraction of results checked with --verify sample.", min=0.0, max=1.0)
     ] = settings.VERIFY_RATE,
+    replicas: Annotated[
+        int, _option("REPLICAS", "Workers that compute each share of the work, compared with each other.", min=1)
+    ] = 1,
     report_every: Annotated[int | None, _option("REPORT_EVERY", "Print every N epochs.")] = None,
 ):
     """Train the 784-128-10 sigmoid network on MNIST, the matrix products done by workers."""
@@ -92,12 +95,15 @@ def train(
         dtype=dtype, data=None if data is None else str(data), train_limit=train_limit, test_limit=test_limit,
         input_divisor=None if scale is None else (255.0 if scale else 1.0), report_every=report_every,
     )
-    problems = config.problems() + ([] if (spawn or workers) >= 1 else ["workers must be at least 1"])
+    worker_count = spawn or workers
+    problems = config.problems() + ([] if worker_count >= 1 else ["workers must be at least 1"])
+    if worker_count % replicas:
+        problems.append(f"{worker_count} workers cannot form replicas of {replicas}")
     if problems:
         _fail("; ".join(problems))
     cluster = None if local else ClusterOptions(
-        bind, spawn or workers, spawn is not None, wait_timeout, heartbeat_timeout, rebalance is Rebalance.epoch,
-        verify.value, verify_rate,
+        bind, worker_count, spawn is not None, wait_timeout, heartbeat_timeout, rebalance is Rebalance.epoch,
+        verify.value, verify_rate, replicas,
     )
     _configure_logging()
 

@@ -93,24 +93,19 @@ class Cluster:
             raise WorkerLost(self.scheduler.take_lost())
         return self.scheduler.results
 
-    def send_to_slot(self, slot: int, message) -> None:
-        """Send to a slot's worker; one already lost is skipped, as the next round reports it."""
-        peer = self.scheduler.peer_of(slot)
-        if peer is not None:
-            self._send(peer, message)
+    def send(self, peer: bytes, message) -> None:
+        self._send(peer, message)
 
     def assign(self, peer: bytes, slot: int) -> None:
         """Give a standby a slot (its shards are the caller's to send)."""
         self.scheduler.assign(peer, slot)
         log.info("standby %s now serves slot %d", self.scheduler.workers[peer].name, slot)
 
-    def quarantine(self, slot: int, reason: str):
-        """Drop a slot's worker for the rest of the run, refusing its name from now on; returns the Worker."""
-        peer = self.scheduler.peer_of(slot)
+    def quarantine(self, peer: bytes, reason: str):
+        """Drop a worker for the rest of the run, refusing its name from now on; returns the Worker."""
         worker = self.scheduler.workers[peer]
         self._carry_out(self.scheduler.quarantine(peer, reason))
         self._send(peer, Stop(f"quarantined: {reason}"))
-        self.scheduler.take_lost()  # the caller reassigns this slot itself
         return worker
 
     def stop(self, reason: str) -> None:

@@ -107,14 +107,25 @@ class ClusterProducts:
         return gradient, backpropagated
 
     def epoch_ended(self) -> None:
-        """Between epochs, give each waiting worker a fair share of the columns and units, taken from
-        those holding most (unless standbys are kept for losses only)."""
+        """Between epochs, let standbys stand in for lost replicas, then give each one still waiting a fair
+        share of the columns and units, taken from those holding most (unless standbys are kept for losses)."""
+        self._restore_replicas()
         if not self.rebalance:
             return
         for peer in self.cluster.scheduler.standbys:
             new_slot, self.next_slot = self.next_slot, self.next_slot + 1
             self.cluster.assign(peer, new_slot)
             self._change_plan(self.plan.with_slot(new_slot, self.permutations), "rebalanced for a new worker")
+
+    def _restore_replicas(self) -> None:
+        scheduler = self.cluster.scheduler
+        for slot in self.plan.slots:
+            for _ in range(scheduler.replicas - len(scheduler.peers_of(slot))):
+                if not scheduler.standbys:
+                    return
+                standby = scheduler.standbys[0]
+                self.cluster.assign(standby, slot)
+                self._provision(slot, "replaces a lost replica", [standby])
 
     def _second_forward_requests(self) -> dict:
         activations, weights = self.second_operands
@@ -130,33 +141,54 @@ class ClusterProducts:
         self._round(self._second_forward_requests)
 
     def _round(self, requests: Callable, after_recovery: Callable | None = None) -> dict:
-        """Run a round, recovering from lost or lying workers and sending it again until every slot answers."""
+        """Run a round until every slot has a trusted answer, recovering from lost or lying workers."""
         while True:
             built = requests()
             try:
-                results = self.cluster.run_round(built)
-                self._quarantine_liars(built, results)
-                return results
+                return self._settled(built, self.cluster.run_round(built))
             except WorkerLost as lost:
                 self._recover(lost.lost)
                 if after_recovery:
                     after_recovery()
 
-    def _quarantine_liars(self, built: dict, results: dict) -> None:
-        """Check the chosen results; a worker caught once is dropped for the run (raises WorkerLost)."""
-        caught = {}
+    def _settled(self, built: dict, results: dict) -> dict:
+        """slot -> one trusted answer; raises WorkerLost when quarantines leave a slot with no worker."""
+        settled = {}
         for slot, (request, _) in built.items():
             if isinstance(request, SecondForward):
                 self.last_second_forward[slot] = request
-            if not self.verifier.chosen():
-                continue
-            evidence = self.verifier.check(request, results[slot], self.plan.columns(slot), self.last_second_forward.get(slot))
+            trusted = self._trusted_answer(slot, request, results[slot])
+            if trusted is not None:
+                settled[slot] = trusted
+        lost = self.cluster.scheduler.take_lost()
+        if lost:
+            raise WorkerLost(lost)
+        return settled
+
+    def _trusted_answer(self, slot: int, request, answers: list) -> dict | None:
+        """The answer to keep from a slot's replicas, quarantining each one caught wrong (None if all were).
+
+        Replicas that agree stand or fall together, checked when the secret sample picks them; replicas
+        that disagree are each checked, whatever the sample says.
+        """
+        first = answers[0][1]
+        if all(_identical(first, products) for _, products in answers[1:]):
+            evidence = self._caught(slot, request, first) if self.verifier.chosen() else None
+            verdicts = [(peer, products, evidence) for peer, products in answers]
+        else:
+            verdicts = [(peer, products, self._caught(slot, request, products)) for peer, products in answers]
+        for peer, _, evidence in verdicts:
             if evidence is not None:
-                worker = self.cluster.quarantine(slot, str(evidence))
-                self.on_quarantine(worker, slot, type(request).__name__, evidence)
-                caught[slot] = f"worker {worker.name} failed a Freivalds check: {evidence}"
-        if caught:
-            raise WorkerLost(caught)
+                self._quarantine(peer, slot, request, evidence)
+        return next((products for _, products, evidence in verdicts if evidence is None), None)
+
+    def _caught(self, slot: int, request, products: dict):
+        """The Freivalds evidence against one answer, or None."""
+        return self.verifier.check(request, products, self.plan.columns(slot), self.last_second_forward.get(slot))
+
+    def _quarantine(self, peer: bytes, slot: int, request, evidence) -> None:
+        worker = self.cluster.quarantine(peer, str(evidence))
+        self.on_quarantine(worker, slot, type(request).__name__, evidence)
 
     def _recover(self, lost: dict) -> None:
         for slot, reason in lost.items():
@@ -177,11 +209,18 @@ class ClusterProducts:
         for slot in changed:
             self._provision(slot, reason)
 
-    def _provision(self, slot: int, reason: str) -> None:
-        """Send a slot's worker its columns of every split (replacing what it held), and record it."""
+    def _provision(self, slot: int, reason: str, peers: list | None = None) -> None:
+        """Send a slot's workers (or some of them) its columns of every split, replacing what they held,
+        and record who now sees them."""
         columns = self.plan.columns(slot)
+        peers = self.cluster.scheduler.peers_of(slot) if peers is None else peers
         for split, images in self.images.items():
-            self.cluster.send_to_slot(slot, Shard(split, np.ascontiguousarray(images[:, columns])))
-        peer = self.cluster.scheduler.peer_of(slot)
-        if peer is not None:
+            shard = Shard(split, np.ascontiguousarray(images[:, columns]))
+            for peer in peers:
+                self.cluster.send(peer, shard)
+        for peer in peers:
             self.on_exposure(slot, self.cluster.scheduler.workers[peer].name, self.plan, reason)
+
+
+def _identical(first: dict, second: dict) -> bool:
+    return first.keys() == second.keys() and all(np.array_equal(first[name], second[name]) for name in first)

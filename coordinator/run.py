@@ -39,6 +39,7 @@ class ClusterOptions:
     rebalance: bool = True  # late workers get columns at the next epoch, or wait as standbys
     verify: str = "sample"  # Freivalds-check "all", a secret "sample", or "off"
     verify_rate: float = settings.VERIFY_RATE
+    replicas: int = 1  # workers computing each slot's products, compared with each other
 
 
 def load_data(config: TrainingConfig) -> Dataset:
@@ -110,11 +111,11 @@ def _products(config, data, sizes, cluster_options, records, on_exposure, on_qua
 @contextmanager
 def _cluster_products(config, data, sizes, options: ClusterOptions, records, on_exposure, on_quarantine):
     inputs, hidden, _ = sizes
-    plan = ExposurePlan.random(inputs, hidden, options.workers, config.seed)
+    plan = ExposurePlan.random(inputs, hidden, options.workers // options.replicas, config.seed)
     permutation_seed = secrets.randbits(128)
     records.save_exposure(plan, permutation_seed)
     scheduler = Scheduler(
-        options.workers, settings.PROTOCOL_VERSION, np.dtype(config.dtype), options.heartbeat_timeout
+        options.workers, settings.PROTOCOL_VERSION, np.dtype(config.dtype), options.heartbeat_timeout, options.replicas
     )
     cluster = Cluster(
         options.bind, scheduler, _largest_reply_bytes(config, inputs),

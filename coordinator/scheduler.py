@@ -96,15 +96,17 @@ class Outstanding:
 
 @dataclass
 class Scheduler:
-    """Admits workers into `capacity` slots (later ones wait as standbys) and tracks one round at a time."""
+    """Admits `capacity` workers into slots, `replicas` to a slot (later ones wait as standbys), and tracks
+    one round at a time."""
 
     capacity: int
     version: int
     dtype: np.dtype
     heartbeat_timeout: float = settings.HEARTBEAT_TIMEOUT
+    replicas: int = 1
     workers: dict = field(default_factory=dict)  # peer -> Worker
     outstanding: dict = field(default_factory=dict)  # request number -> Outstanding
-    results: dict = field(default_factory=dict)  # slot -> products of the current round
+    results: dict = field(default_factory=dict)  # slot -> [(peer, products)] of the current round
     lost: dict = field(default_factory=dict)  # slot -> why its worker was dropped, until taken
     next_request: int = 1
     round_first_request: int = 1  # answers to requests before this one belong to abandoned rounds
@@ -112,7 +114,8 @@ class Scheduler:
     started: bool = False  # once all slots were filled, a lost slot is reassigned, not reopened
 
     def __post_init__(self):
-        self.open_slots = set(range(self.capacity))
+        slots = self.capacity // self.replicas
+        self.open_slots = [slot for _ in range(self.replicas) for slot in range(slots)]  # one of each first
         self.banned = set()  # names of quarantined workers
 
     @property
@@ -127,8 +130,8 @@ class Scheduler:
     def standbys(self) -> list:
         return [peer for peer, worker in self.workers.items() if worker.slot is None]
 
-    def peer_of(self, slot: int) -> bytes | None:
-        return next((peer for peer, worker in self.workers.items() if worker.slot == slot), None)
+    def peers_of(self, slot: int) -> list:
+        return [peer for peer, worker in self.workers.items() if worker.slot == slot]
 
     def assign(self, peer: bytes, slot: int) -> None:
         self.workers[peer].slot = slot
@@ -143,14 +146,15 @@ class Scheduler:
         return lost
 
     def start_round(self, requests: dict, now: float) -> list:
-        """Number each slot's request and send it; `requests` maps slot -> (message, Expected)."""
+        """Number each slot's request and send it to each of the slot's workers; `requests` maps
+        slot -> (message, Expected)."""
         self.results, self.outstanding, actions = {}, {}, []
         self.round_first_request = self.next_request
         for slot, (message, expected) in requests.items():
-            peer = self.peer_of(slot)
-            self.outstanding[self.next_request] = Outstanding(peer, slot, expected, now)
-            actions.append(Send(peer, dataclasses.replace(message, request=self.next_request)))
-            self.next_request += 1
+            for peer in self.peers_of(slot):
+                self.outstanding[self.next_request] = Outstanding(peer, slot, expected, now)
+                actions.append(Send(peer, dataclasses.replace(message, request=self.next_request)))
+                self.next_request += 1
         return actions
 
     def handle(self, event) -> list:
@@ -186,8 +190,7 @@ class Scheduler:
             return [Send(peer, Reject("quarantined")), Disconnect(peer, f"{message.name} is quarantined")]
         if len(self.standbys) >= settings.MAX_STANDBY_WORKERS:
             return [Send(peer, Reject("no room for more workers")), Disconnect(peer, "arrived when full")]
-        slot = min(self.open_slots) if self.open_slots else None
-        self.open_slots.discard(slot)
+        slot = self.open_slots.pop(0) if self.open_slots else None
         self.workers[peer] = Worker(message.name, slot, last_seen=now)
         return [Admit(peer, slot, message.name)]
 
@@ -214,7 +217,7 @@ class Scheduler:
         if problem:
             return self._drop(peer, f"request {message.request}: {problem}")
         del self.outstanding[message.request]
-        self.results[pending.slot] = message.products
+        self.results.setdefault(pending.slot, []).append((peer, message.products))
         worker = self.workers[peer]
         worker.answered += 1
         worker.last_round_trip = at - pending.sent_at
@@ -236,9 +239,9 @@ class Scheduler:
         if worker is None:
             return [Disconnect(peer, reason)]
         reason = f"worker {worker.name} {reason}"
-        if worker.slot is not None and self.started:
+        self.outstanding = {n: o for n, o in self.outstanding.items() if o.peer != peer}
+        if worker.slot is not None and not self.started:
+            self.open_slots.insert(0, worker.slot)
+        elif worker.slot is not None and not self.peers_of(worker.slot):  # its replicas carry on otherwise
             self.lost[worker.slot] = reason
-            self.outstanding = {n: o for n, o in self.outstanding.items() if o.peer != peer}
-        elif worker.slot is not None:
-            self.open_slots.add(worker.slot)
         return [Disconnect(peer, reason)]
