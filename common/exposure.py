@@ -40,6 +40,11 @@ class ExposurePlan:
         """The hidden units of a slot, ascending."""
         return np.flatnonzero(self.unit_owners == slot)
 
+    @classmethod
+    def load(cls, path: Path) -> "ExposurePlan":
+        with np.load(path, allow_pickle=False) as saved:
+            return cls(saved["column_owners"], saved["unit_owners"])
+
     def save(self, path: Path, permutation_seed: int) -> None:
         np.savez(
             path,

@@ -7,15 +7,17 @@ from typing import Annotated
 import typer
 
 from common.data import DataError
+from coordinator.checkpoint import CheckpointError, Interrupted
 from coordinator.cluster import ClusterError
 from coordinator.config import PRESETS
 from coordinator.rundir import ModelError, default_run_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
-USER_ERRORS = (DataError, ModelError, ClusterError)
+USER_ERRORS = (DataError, ModelError, ClusterError, CheckpointError)
 EXIT_USAGE = 2  # what typer itself returns for a bad option
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def _option(envvar: str, help: str, **kwargs):
@@ -56,17 +58,33 @@ def train(
     bind: Annotated[str, _option("BIND", "ZeroMQ address the coordinator binds.")] = "tcp://*:5555",
     wait_timeout: Annotated[float, _option("WAIT_TIMEOUT", "Seconds to wait for the workers.")] = 60.0,
     report_every: Annotated[int | None, _option("REPORT_EVERY", "Print every N epochs.")] = None,
+    checkpoint_every: Annotated[
+        int | None, _option("CHECKPOINT_EVERY", "Checkpoint every N steps too, not only after each epoch.")
+    ] = None,
+    resume: Annotated[
+        Path | None, _option("RESUME", "Continue this run directory from its last checkpoint, with its settings.")
+    ] = None,
 ):
     """Train the 784-128-10 sigmoid network on MNIST, the matrix products done by workers."""
-    from coordinator.run import ClusterOptions, train as run_training
+    from coordinator.run import ClusterOptions, resume_point, train as run_training
 
     if preset not in PRESETS:
         _fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    config = PRESETS[preset].with_overrides(
+    overrides = dict(
         epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, hidden=hidden, loss=loss,
         dtype=dtype, data=None if data is None else str(data), train_limit=train_limit, test_limit=test_limit,
         input_divisor=None if scale is None else (255.0 if scale else 1.0), report_every=report_every,
+        checkpoint_every=checkpoint_every,
     )
+    config, start = PRESETS[preset].with_overrides(**overrides), None
+    if resume is not None:
+        if any(value is not None for value in overrides.values()) or preset != "default" or run_dir:
+            _fail("--resume continues the run with its own settings and directory; give neither with it")
+        try:
+            config, start = resume_point(resume)
+        except CheckpointError as error:
+            _fail(str(error), EXIT_FAILED)
+        run_dir = resume
     problems = config.problems() + ([] if (spawn or workers) >= 1 else ["workers must be at least 1"])
     if problems:
         _fail("; ".join(problems))
@@ -77,10 +95,31 @@ def train(
         if report.epoch % config.report_every == 0 or report.epoch == config.epochs:
             typer.echo(_epoch_line(report, config.epochs))
 
+    run_dir = run_dir or default_run_dir()
     try:
-        run_training(config, run_dir or default_run_dir(), cluster, on_epoch)
+        run_training(config, run_dir, cluster, on_epoch, start=start)
     except USER_ERRORS as error:
         _fail(str(error), EXIT_USAGE if isinstance(error, DataError) else EXIT_FAILED)
+    except Interrupted as stop:
+        typer.echo(f"interrupted: {stop}; continue with `coordinator train --resume {run_dir}`", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+@app.command("verify-chain")
+def verify_chain(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `coordinator train`.")],
+):
+    """Check the run's checkpoint hash chain; name the first broken link."""
+    from coordinator.checkpoint import FOLDER, read_chain
+
+    links, broken = read_chain(run_dir / FOLDER)
+    if broken:
+        _fail(f"{broken} (after {len(links)} intact)", EXIT_FAILED)
+    if not links:
+        _fail(f"no checkpoints in {run_dir / FOLDER}", EXIT_FAILED)
+    typer.echo(f"chain intact: {len(links)} checkpoints, the last after step {links[-1]['steps']}")
 
 
 @app.command()

@@ -25,6 +25,7 @@ class TrainingConfig:
     test_limit: int | None = None
     chunk_rows: int = settings.MAX_CHUNK_ROWS
     report_every: int = 1  # print every this many epochs
+    checkpoint_every: int = 0  # also checkpoint every this many steps within an epoch; 0: only after each epoch
 
     def with_overrides(self, **overrides) -> "TrainingConfig":
         """This config with the given fields replaced; None means "keep"."""
@@ -46,6 +47,7 @@ class TrainingConfig:
             (self.test_limit is None or self.test_limit >= 0, "test limit must be at least 0"),
             (1 <= self.chunk_rows <= settings.MAX_CHUNK_ROWS, f"chunk rows must be 1..{settings.MAX_CHUNK_ROWS}"),
             (self.report_every >= 1, "report every must be at least 1"),
+            (self.checkpoint_every >= 0, "checkpoint every must be at least 0"),
         ]
         return [message for ok, message in checks if not ok]
 

@@ -1,7 +1,9 @@
 """One training run, in this process or on workers: the library under `coordinator train`."""
 
+import dataclasses
 import logging
 import secrets
+import signal
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,13 +15,16 @@ from common import model, settings
 from common.data import Dataset, load_dataset
 from common.exposure import ExposurePlan
 from common.protocol import Shard, Welcome
-from coordinator.cluster import Cluster
+from coordinator.checkpoint import Checkpoint, CheckpointError, Checkpointer, Interrupted
+from coordinator.checkpoint import FOLDER as CHECKPOINT_FOLDER
+from coordinator.checkpoint import latest as latest_checkpoint
+from coordinator.cluster import Cluster, ClusterError
 from coordinator.config import TrainingConfig
 from coordinator.distributed import ClusterProducts
 from coordinator.rundir import ModelError, RunDirectory, load_model
 from coordinator.scheduler import Scheduler
 from coordinator.spawn import local_address, spawn_workers, stop_workers
-from coordinator.training import LocalProducts, Trainer
+from coordinator.training import LocalProducts, Progress, Trainer
 
 log = logging.getLogger("coordinator")
 
@@ -58,45 +63,89 @@ def layer_sizes(config: TrainingConfig, data: Dataset) -> tuple:
     return data.train_images.shape[1], config.hidden, 1 if config.dataset == "xor" else 10
 
 
+def resume_point(run_dir: Path) -> tuple:
+    """(config, last checkpoint) of a run to continue, or CheckpointError."""
+    start = latest_checkpoint(Path(run_dir) / CHECKPOINT_FOLDER)
+    try:
+        config = TrainingConfig(**start.config)
+    except TypeError as error:
+        raise CheckpointError(f"the last checkpoint's config does not fit this version: {error}") from None
+    return config, start
+
+
 def train(
     config: TrainingConfig,
     run_dir: Path,
     cluster: ClusterOptions | None,
     on_epoch: Callable,
     on_batch: Callable | None = None,
+    start: Checkpoint | None = None,
 ) -> model.Params:
-    """Train as configured, locally when `cluster` is None, writing the run directory as it goes."""
+    """Train as configured (from a checkpoint if given), locally when `cluster` is None, writing the run directory."""
     data = load_data(config)
     sizes = layer_sizes(config, data)
-    params = model.initial_params(sizes, config.init, config.seed, config.dtype)
-    records = RunDirectory(run_dir)
+    if start is None:
+        if any((Path(run_dir) / CHECKPOINT_FOLDER).glob("*.json")):
+            raise CheckpointError(f"{run_dir} already holds a run's checkpoints; continue it with --resume")
+        params = model.initial_params(sizes, config.init, config.seed, config.dtype)
+        start = Checkpoint(params, Progress(), [], dataclasses.asdict(config), permutations=None)
+    records = RunDirectory(run_dir, start.history)
     records.save_config(config, mode="local" if cluster is None else "distributed")
 
-    def on_epoch_recorded(report):
-        records.append_history(report)
-        on_epoch(report)
+    with _products(config, data, sizes, cluster, records, start.permutations) as products:
+        trainer = Trainer(config, start.params, products, labels_of(data), dataclasses.replace(start.progress))
+        folder = records.path / CHECKPOINT_FOLDER
+        checkpoints = Checkpointer(folder, trainer, config.checkpoint_every, products.permutations, start)
 
-    with _products(config, data, sizes, cluster, records) as products:
-        Trainer(config, params, products, labels_of(data)).train(on_epoch_recorded, on_batch)
-    records.save_model(params, config.input_divisor)
-    return params
+        def on_epoch_recorded(report):
+            records.append_history(report)
+            on_epoch(report)
+            checkpoints.after_epoch(report)
+
+        with _stop_between_steps(checkpoints):
+            trainer.train(on_epoch_recorded, on_batch, checkpoints.after_step)
+    records.save_model(trainer.params, config.input_divisor)
+    return trainer.params
 
 
 @contextmanager
-def _products(config, data, sizes, cluster_options, records):
+def _stop_between_steps(checkpoints: Checkpointer):
+    """Make the first Ctrl-C a checkpoint and a stop after the current step; a second one stops at once."""
+
+    def request_stop(signal_number, frame):
+        if checkpoints.stop_requested:
+            raise KeyboardInterrupt
+        checkpoints.stop_requested = True
+        log.warning("interrupted: checkpointing after this step (Ctrl-C again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def _products(config, data, sizes, cluster_options, records, permutations):
     if cluster_options is None:
         yield LocalProducts({s: model.inputs(images_of(data, s), config.dtype, config.input_divisor) for s in SPLITS})
         return
-    with _cluster_products(config, data, sizes, cluster_options, records) as products:
+    with _cluster_products(config, data, sizes, cluster_options, records, permutations) as products:
         yield products
 
 
 @contextmanager
-def _cluster_products(config, data, sizes, options: ClusterOptions, records: RunDirectory):
+def _cluster_products(config, data, sizes, options: ClusterOptions, records: RunDirectory, permutations: dict | None):
+    """Workers computing the products; `permutations` continues a checkpointed run's plan and secret shuffles."""
     inputs, hidden, _ = sizes
-    plan = ExposurePlan.random(inputs, hidden, options.workers, config.seed)
     permutation_seed = secrets.randbits(128)
-    records.save_exposure(plan, permutation_seed)
+    if permutations is None:
+        plan = ExposurePlan.random(inputs, hidden, options.workers, config.seed)
+        records.save_exposure(plan, permutation_seed)
+    else:
+        plan = records.load_exposure()
+        if plan.slots != options.workers:
+            raise ClusterError(f"the run's exposure plan has {plan.slots} worker slots; resume with {plan.slots} workers")
 
     def setup(slot: int) -> list:
         """A new worker's welcome and its columns of each split, sent once for the run."""
@@ -115,8 +164,14 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records: Run
                 "worker %s sees %d input columns and %d hidden units",
                 worker.name, len(plan.columns(worker.slot)), len(plan.units(worker.slot)),
             )
-        yield ClusterProducts(cluster, plan, permutation_seed)
+        products = ClusterProducts(cluster, plan, permutation_seed)
+        if permutations is not None:  # the resumed run sends exactly the shuffles the interrupted one would have
+            products.permutations.bit_generator.state = permutations
+        yield products
         cluster.stop("training finished")
+    except (Interrupted, KeyboardInterrupt):
+        cluster.stop("the coordinator was interrupted")
+        raise
     finally:
         cluster.close()
         stop_workers(processes)

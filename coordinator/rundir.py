@@ -24,11 +24,12 @@ def default_run_dir() -> Path:
 class RunDirectory:
     """Writes one run's records as the run goes."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, history: list = ()):
+        """Open the run directory, its history starting with `history` (a resumed run's finished epochs)."""
         self.path = Path(path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / "history.jsonl").write_text("")
+            (self.path / "history.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in history))
         except OSError as error:
             raise ModelError(f"cannot write run directory {self.path}: {error.strerror}") from None
 
@@ -42,6 +43,13 @@ class RunDirectory:
 
     def save_exposure(self, plan: ExposurePlan, permutation_seed: int) -> None:
         plan.save(self.path / "exposure.npz", permutation_seed)
+
+    def load_exposure(self) -> ExposurePlan:
+        path = self.path / "exposure.npz"
+        try:
+            return ExposurePlan.load(path)
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelError(f"cannot read exposure plan {path}: {error}") from None
 
     def save_model(self, params: Params, input_divisor: float) -> None:
         np.savez(self.path / "model.npz", **params.arrays(), input_divisor=np.array(input_divisor))
