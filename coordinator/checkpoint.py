@@ -144,12 +144,11 @@ def latest(folder: Path) -> Checkpoint:
 
 
 class Checkpointer:
-    """Saves a trainer's state: every `every` steps (0: never mid-epoch), after each epoch, and on a stop request."""
+    """Saves a trainer's state as its config says (every so many epochs and steps), and on a stop request."""
 
-    def __init__(self, folder: Path, trainer: Trainer, every: int, permutations, start: Checkpoint):
+    def __init__(self, folder: Path, trainer: Trainer, permutations, start: Checkpoint):
         self.folder = folder
         self.trainer = trainer
-        self.every = every
         self.permutations = permutations  # the secret permutations' generator, or None
         self.last = start  # the checkpoint the chain ends with (a blank one before the first)
         self.history = list(start.history)
@@ -157,13 +156,17 @@ class Checkpointer:
 
     def after_step(self) -> None:
         """Checkpoint if one is due mid-epoch or a stop was requested; then stop if asked to."""
-        if self.stop_requested or (self.every and self.trainer.progress.step % self.every == 0):
+        every, step = self.trainer.config.checkpoint_every, self.trainer.progress.step
+        due = every and step % every == 0 and step < self.trainer.steps_per_epoch  # the epoch's end has its own
+        if self.stop_requested or due:
             self.save()
         self._stop_if_requested()
 
     def after_epoch(self, report) -> None:
         self.history.append(dataclasses.asdict(report))
-        self.save()
+        config = self.trainer.config
+        if report.epoch % config.checkpoint_epochs == 0 or report.epoch == config.epochs or self.stop_requested:
+            self.save()
         self._stop_if_requested()
 
     def save(self) -> None:

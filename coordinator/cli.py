@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from common.data import DataError
+from common.keys import KeyFileError
 from coordinator.checkpoint import CheckpointError, Interrupted
 from coordinator.cluster import ClusterError
 from coordinator.config import PRESETS
@@ -14,7 +15,7 @@ from coordinator.rundir import ModelError, default_run_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
-USER_ERRORS = (DataError, ModelError, ClusterError, CheckpointError)
+USER_ERRORS = (DataError, ModelError, ClusterError, CheckpointError, KeyFileError)
 EXIT_USAGE = 2  # what typer itself returns for a bad option
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
@@ -57,9 +58,13 @@ def train(
     spawn: Annotated[int | None, _option("SPAWN", "Start N local worker processes (sets --workers N).")] = None,
     bind: Annotated[str, _option("BIND", "ZeroMQ address the coordinator binds.")] = "tcp://*:5555",
     wait_timeout: Annotated[float, _option("WAIT_TIMEOUT", "Seconds to wait for the workers.")] = 60.0,
+    curve_keys: Annotated[
+        Path | None, _option("CURVE_KEYS", "A `coordinator keygen` folder: encrypt, and admit only its workers.")
+    ] = None,
     report_every: Annotated[int | None, _option("REPORT_EVERY", "Print every N epochs.")] = None,
+    checkpoint_epochs: Annotated[int | None, _option("CHECKPOINT_EPOCHS", "Checkpoint after every N epochs.")] = None,
     checkpoint_every: Annotated[
-        int | None, _option("CHECKPOINT_EVERY", "Checkpoint every N steps too, not only after each epoch.")
+        int | None, _option("CHECKPOINT_EVERY", "Checkpoint every N steps within an epoch too (0: never).")
     ] = None,
     resume: Annotated[
         Path | None, _option("RESUME", "Continue this run directory from its last checkpoint, with its settings.")
@@ -74,7 +79,7 @@ def train(
         epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, hidden=hidden, loss=loss,
         dtype=dtype, data=None if data is None else str(data), train_limit=train_limit, test_limit=test_limit,
         input_divisor=None if scale is None else (255.0 if scale else 1.0), report_every=report_every,
-        checkpoint_every=checkpoint_every,
+        checkpoint_epochs=checkpoint_epochs, checkpoint_every=checkpoint_every,
     )
     config, start = PRESETS[preset].with_overrides(**overrides), None
     if resume is not None:
@@ -88,7 +93,7 @@ def train(
     problems = config.problems() + ([] if (spawn or workers) >= 1 else ["workers must be at least 1"])
     if problems:
         _fail("; ".join(problems))
-    cluster = None if local else ClusterOptions(bind, spawn or workers, spawn is not None, wait_timeout)
+    cluster = None if local else ClusterOptions(bind, spawn or workers, spawn is not None, wait_timeout, curve_keys)
     _configure_logging()
 
     def on_epoch(report):
@@ -105,6 +110,25 @@ def train(
         raise typer.Exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+@app.command()
+def keygen(
+    folder: Annotated[Path, typer.Argument(help="Where to write the keys.")],
+    workers: Annotated[int, _option("WORKERS", "Worker key pairs to make.", min=1)] = 7,
+):
+    """Write CurveZMQ key pairs: the coordinator's, and one per worker with its public key on the allow-list."""
+    from common.keys import ALLOWED, WORKERS, generate
+    from coordinator.spawn import worker_names
+
+    names = worker_names(workers)
+    try:
+        generate(folder, names)
+    except KeyFileError as error:
+        _fail(str(error), EXIT_FAILED)
+    typer.echo(f"wrote keys for the coordinator and workers {', '.join(names)} into {folder}")
+    typer.echo(f"give each worker {folder / WORKERS}/<name>.key_secret and {folder}/coordinator.key;")
+    typer.echo(f"the coordinator admits the public keys in {folder / ALLOWED}")
 
 
 @app.command("verify-chain")

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import zmq
 
-from common import model, settings
+from common import keys, model, settings
 from common.data import Dataset, load_dataset
 from common.exposure import ExposurePlan
 from common.protocol import Shard, Welcome
@@ -39,6 +40,7 @@ class ClusterOptions:
     workers: int
     spawn: bool  # start the workers as local processes
     wait_timeout: float  # seconds to wait for them to register
+    curve_keys: Path | None = None  # a `coordinator keygen` folder: encrypt, and admit only its workers
 
 
 def load_data(config: TrainingConfig) -> Dataset:
@@ -95,7 +97,7 @@ def train(
     with _products(config, data, sizes, cluster, records, start.permutations) as products:
         trainer = Trainer(config, start.params, products, labels_of(data), dataclasses.replace(start.progress))
         folder = records.path / CHECKPOINT_FOLDER
-        checkpoints = Checkpointer(folder, trainer, config.checkpoint_every, products.permutations, start)
+        checkpoints = Checkpointer(folder, trainer, products.permutations, start)
 
         def on_epoch_recorded(report):
             records.append_history(report)
@@ -130,8 +132,20 @@ def _products(config, data, sizes, cluster_options, records, permutations):
     if cluster_options is None:
         yield LocalProducts({s: model.inputs(images_of(data, s), config.dtype, config.input_divisor) for s in SPLITS})
         return
-    with _cluster_products(config, data, sizes, cluster_options, records, permutations) as products:
+    with _allow_list(cluster_options.curve_keys), _cluster_products(
+        config, data, sizes, cluster_options, records, permutations
+    ) as products:
         yield products
+
+
+@contextmanager
+def _allow_list(curve_keys: Path | None):
+    if curve_keys is None:
+        log.warning("no --curve-keys: anyone who can reach the port can join as a worker, and traffic is not encrypted")
+        yield
+        return
+    with keys.allow_list(curve_keys, zmq.Context.instance()):
+        yield
 
 
 @contextmanager
@@ -154,8 +168,9 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records: Run
         return [Welcome(slot, config.dtype, config.input_divisor), *shards]
 
     scheduler = Scheduler(options.workers, settings.PROTOCOL_VERSION, np.dtype(config.dtype))
-    cluster = Cluster(options.bind, scheduler, _largest_reply_bytes(config, inputs), setup)
-    processes = spawn_workers(options.workers, local_address(cluster.endpoint)) if options.spawn else []
+    cluster = Cluster(options.bind, scheduler, _largest_reply_bytes(config, inputs), setup, curve_keys=options.curve_keys)
+    address = local_address(cluster.endpoint)
+    processes = spawn_workers(options.workers, address, options.curve_keys) if options.spawn else []
     try:
         log.info("waiting for %d workers on %s", options.workers, cluster.endpoint)
         cluster.admit_workers(options.wait_timeout)

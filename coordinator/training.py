@@ -75,10 +75,13 @@ class Trainer:
         self.progress = progress or Progress()
 
     @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.labels["train"]) // self.config.batch_size)
+
+    @property
     def steps_done(self) -> int:
         """Gradient steps of the whole run so far."""
-        steps_per_epoch = -(-len(self.labels["train"]) // self.config.batch_size)
-        return (self.progress.epoch - 1) * steps_per_epoch + self.progress.step
+        return (self.progress.epoch - 1) * self.steps_per_epoch + self.progress.step
 
     def train(
         self,

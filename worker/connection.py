@@ -1,10 +1,11 @@
 """A worker's connection to the coordinator: one DEALER socket, registration and framing."""
 
 import logging
+from pathlib import Path
 
 import zmq
 
-from common import protocol, settings
+from common import keys, protocol, settings
 from common.protocol import Register, Reject, Welcome
 
 log = logging.getLogger("worker")
@@ -17,12 +18,15 @@ class Rejected(RuntimeError):
 class CoordinatorLink:
     """Sends and receives whole messages; the worker's loop never sees a socket or a frame."""
 
-    def __init__(self, address: str, name: str, context: zmq.Context | None = None):
+    def __init__(self, address: str, name: str, context: zmq.Context | None = None, curve: tuple | None = None):
+        """`curve`: (this worker's key pair file, the coordinator's public key file) to encrypt and authenticate."""
         self.address = address
         self.name = name
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            keys.make_client(self.socket, *curve)
         self.socket.connect(address)
 
     def register(self) -> Welcome:
