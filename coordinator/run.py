@@ -159,7 +159,8 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records: Run
     else:
         plan = records.load_exposure()
         if plan.slots != options.workers:
-            raise ClusterError(f"the run's exposure plan has {plan.slots} worker slots; resume with {plan.slots} workers")
+            slots = plan.slots
+            raise ClusterError(f"the run's exposure plan has {slots} worker slots; resume with {slots} workers")
 
     def setup(slot: int) -> list:
         """A new worker's welcome and its columns of each split, sent once for the run."""
@@ -168,7 +169,8 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records: Run
         return [Welcome(slot, config.dtype, config.input_divisor), *shards]
 
     scheduler = Scheduler(options.workers, settings.PROTOCOL_VERSION, np.dtype(config.dtype))
-    cluster = Cluster(options.bind, scheduler, _largest_reply_bytes(config, inputs), setup, curve_keys=options.curve_keys)
+    largest = _largest_reply_bytes(config, inputs)
+    cluster = Cluster(options.bind, scheduler, largest, setup, curve_keys=options.curve_keys)
     address = local_address(cluster.endpoint)
     processes = spawn_workers(options.workers, address, options.curve_keys) if options.spawn else []
     try:

@@ -102,10 +102,11 @@ def test_local_run_resumed_after_a_crash_is_bit_for_bit_the_same(tmp_path):
 
 
 def _start_training(run_dir: Path, *args) -> subprocess.Popen:
+    """A coordinator leading its own process group, which its spawned workers join, as in a terminal."""
     return subprocess.Popen(
         [sys.executable, "-m", "coordinator", "train", "--run-dir", str(run_dir), *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
     )
 
 
@@ -156,7 +157,7 @@ def test_ctrl_c_checkpoints_stops_the_workers_and_exits_130(tmp_path, uninterrup
     coordinator = _start_training(run_dir, *SPAWNED, *RUN)
     _when_first_checkpoint_appears(coordinator, run_dir)
     workers = _children(coordinator.pid)
-    coordinator.send_signal(signal.SIGINT)
+    os.killpg(coordinator.pid, signal.SIGINT)  # a Ctrl-C in a terminal reaches the whole group
     _, stderr = coordinator.communicate(timeout=PROCESS_TIMEOUT)
     assert coordinator.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr

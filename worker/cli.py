@@ -26,7 +26,7 @@ def main(
     ] = 1,
     curve_secret_key: Annotated[
         Path | None,
-        typer.Option(envvar="SCATTERPROP_CURVE_SECRET_KEY", help="This worker's .key_secret from `coordinator keygen`."),
+        typer.Option(envvar="SCATTERPROP_CURVE_SECRET_KEY", help="This worker's key pair file (.key_secret)."),
     ] = None,
     curve_server_key: Annotated[
         Path | None,
