@@ -5,12 +5,14 @@ frame holding one msgpack map, {"kind": <kind>, <field>: <value>, ...}; on the c
 ROUTER puts the worker's identity frame in front of it. NumPy arrays inside a message are
 msgpack-numpy maps: {b"nd": True, b"type": "<f4", b"kind": b"", b"shape": [rows, cols], b"data": raw}.
 
-    worker -> coordinator   register, result, failure
-    coordinator -> worker   welcome, reject, shard, first_layer, second_forward, second_backward, stop
+    worker -> coordinator   register, result, failure, deregister, heartbeat
+    coordinator -> worker   welcome, reject, shard, first_layer, second_forward, second_backward, stop,
+                            heartbeat
 
 A session: the worker sends `register`; the coordinator answers `welcome` (or `reject`), sends the
-worker's `shard` of each split once, then compute requests, each answered by a `result` (or a
-`failure`) carrying the request's number, and finally `stop`.
+worker's `shard` of each split (once, and again whenever its columns change), then compute requests,
+each answered by a `result` (or a `failure`) carrying the request's number, and finally `stop`.
+Both sides send `heartbeat` while idle; any message counts as a sign of life (see settings).
 
 `decode` is the gate: bytes from a socket become a message only through it. It refuses anything
 that is not a map of a known kind with exactly that kind's fields of the right types, and any array
@@ -126,6 +128,18 @@ class Stop:
     reason: str
 
 
+@dataclass(frozen=True)
+class Deregister:
+    """A worker leaves on its own (Ctrl-C), so its work is reassigned at once."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """I am still here."""
+
+
 MESSAGE_KINDS = {
     "register": Register,
     "welcome": Welcome,
@@ -137,6 +151,8 @@ MESSAGE_KINDS = {
     "result": Result,
     "failure": Failure,
     "stop": Stop,
+    "deregister": Deregister,
+    "heartbeat": Heartbeat,
 }
 KIND_OF = {cls: kind for kind, cls in MESSAGE_KINDS.items()}
 

@@ -17,11 +17,24 @@ MAX_ROWS_PER_SPLIT = 1_000_000
 MAX_INPUT_COLUMNS = 4096
 """Most input columns (pixels) a network may have."""
 
-REPLY_TIMEOUT = 60.0
-"""Seconds the coordinator waits for one round of replies before it gives up on the run."""
+HEARTBEAT_INTERVAL = 0.5
+"""Seconds between heartbeats from an idle side: six fit in the default timeout, so one late packet
+or a busy moment on a loaded machine is not mistaken for death."""
 
-REGISTER_TIMEOUT = 60.0
-"""Seconds the coordinator waits, by default, for the expected workers to register."""
+HEARTBEAT_TIMEOUT = 3.0
+"""Seconds of silence after which a peer counts as gone (the coordinator's `--heartbeat-timeout`; a
+worker uses this value for the coordinator)."""
 
-WORKER_CONNECT_TIMEOUT = 10.0
-"""Seconds a worker waits for its welcome after registering before it registers again."""
+REQUEST_DEADLINE = 30.0
+"""Seconds a worker may take over one request: the largest chunk product takes well under a second,
+so a worker that heartbeats but never answers is dropped long before a run would look hung."""
+
+RECONNECT_BACKOFF = (0.5, 8.0)
+"""Seconds a worker waits before registering again: the first wait, doubling up to the second."""
+
+MAX_STANDBY_WORKERS = 16
+"""Workers admitted beyond the slots (late joiners, spares): bounds what strangers can make us hold."""
+
+VERIFY_RATE = 0.05
+"""Fraction of results the coordinator Freivalds-checks with `--verify sample`: a persistent liar is
+caught after 1 / 0.05 = 20 answers on average, for two matrix-vector products per checked result."""

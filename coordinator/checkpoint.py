@@ -1,7 +1,7 @@
 """Checkpoints: everything that continues a run bit-for-bit, kept in the run directory as a hash chain.
 
-Checkpoint n is two files in RUN_DIR/checkpoints: 000007.npz, the parameters as plain arrays (never a
-pickle), and 000007.json, the rest: the progress within the epoch, the history so far, the config, the
+Checkpoint n is two files in RUN_DIR/checkpoints: 000007.npz, the parameters and the exposure plan in
+force as plain arrays (never a pickle), and 000007.json, the rest: the progress within the epoch, the history so far, the config, the
 secret permutations' generator state, `arrays_sha256` (the .npz file's SHA-256), `prev` (the previous
 checkpoint's `sha256`, null for the first) and `sha256`, the hash of this metadata without that field.
 Each file is written under a temporary name and renamed, the .json last, so a checkpoint exists once
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.exposure import ExposurePlan
 from common.model import Params
 from coordinator.training import Progress, Trainer
 
@@ -43,7 +44,8 @@ class Checkpoint:
     progress: Progress
     history: list  # the finished epochs' reports, as dicts
     config: dict
-    permutations: dict | None  # the state of the secret permutations' generator; None for a local run
+    permutations: dict | None = None  # the state of the secret permutations' generator; None for a local run
+    plan: ExposurePlan | None = None  # who owns which columns and units at this point; None for a local run
     steps: int = 0  # gradient steps of the whole run
     number: int = 0  # position in the chain, from 1
     sha256: str | None = None
@@ -63,7 +65,10 @@ def save(folder: Path, checkpoint: Checkpoint, prev: str | None) -> str:
     """Write a checkpoint as link `checkpoint.number` after the one whose hash is `prev`; returns its hash."""
     folder.mkdir(exist_ok=True)
     arrays_path = folder / f"{checkpoint.number:06d}.npz"
-    _write_atomically(arrays_path, lambda file: np.savez(file, **checkpoint.params.arrays()))
+    plan = {} if checkpoint.plan is None else {
+        "column_owners": checkpoint.plan.column_owners, "unit_owners": checkpoint.plan.unit_owners
+    }
+    _write_atomically(arrays_path, lambda file: np.savez(file, **checkpoint.params.arrays(), **plan))
     progress = checkpoint.progress
     metadata = {
         "checkpoint": checkpoint.number, "steps": checkpoint.steps, "epoch": progress.epoch,
@@ -134,11 +139,12 @@ def latest(folder: Path) -> Checkpoint:
     try:
         with np.load(arrays_path, allow_pickle=False) as saved:
             params = Params(*(saved[name] for name in ("w1", "b1", "w2", "b2")))
+            plan = ExposurePlan(saved["column_owners"], saved["unit_owners"]) if "column_owners" in saved else None
     except (OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"cannot read {arrays_path}: {error}") from None
     progress = Progress(metadata["epoch"], metadata["epoch_step"], metadata["cost"], metadata["correct"])
     return Checkpoint(
-        params, progress, metadata["history"], metadata["config"], metadata["permutations"],
+        params, progress, metadata["history"], metadata["config"], metadata["permutations"], plan,
         metadata["steps"], metadata["checkpoint"], metadata["sha256"],
     )
 
@@ -146,10 +152,9 @@ def latest(folder: Path) -> Checkpoint:
 class Checkpointer:
     """Saves a trainer's state as its config says (every so many epochs and steps), and on a stop request."""
 
-    def __init__(self, folder: Path, trainer: Trainer, permutations, start: Checkpoint):
+    def __init__(self, folder: Path, trainer: Trainer, start: Checkpoint):
         self.folder = folder
         self.trainer = trainer
-        self.permutations = permutations  # the secret permutations' generator, or None
         self.last = start  # the checkpoint the chain ends with (a blank one before the first)
         self.history = list(start.history)
         self.stop_requested = False
@@ -175,10 +180,11 @@ class Checkpointer:
         if trainer.progress == self.last.progress:
             return
         trainer.settle()  # the pending first-layer gradient is applied now instead of with the next product
-        state = None if self.permutations is None else self.permutations.bit_generator.state
+        products = trainer.products
         checkpoint = Checkpoint(
             Params(**trainer.params.arrays()), dataclasses.replace(trainer.progress), list(self.history),
-            self.last.config, state, trainer.steps_done, self.last.number + 1,
+            self.last.config, None if products.permutations is None else products.permutations.bit_generator.state,
+            products.plan, trainer.steps_done, self.last.number + 1,
         )
         checkpoint.sha256 = save(self.folder, checkpoint, self.last.sha256)
         self.last = checkpoint

@@ -1,11 +1,13 @@
 """`coordinator`: train the network on workers (or locally) and evaluate saved models."""
 
+import enum
 import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from common import settings
 from common.data import DataError
 from common.keys import KeyFileError
 from coordinator.checkpoint import CheckpointError, Interrupted
@@ -19,6 +21,17 @@ USER_ERRORS = (DataError, ModelError, ClusterError, CheckpointError, KeyFileErro
 EXIT_USAGE = 2  # what typer itself returns for a bad option
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+
+
+class Rebalance(str, enum.Enum):
+    epoch = "epoch"
+    never = "never"
+
+
+class Verify(str, enum.Enum):
+    off = "off"
+    sample = "sample"
+    all = "all"
 
 
 def _option(envvar: str, help: str, **kwargs):
@@ -58,6 +71,18 @@ def train(
     spawn: Annotated[int | None, _option("SPAWN", "Start N local worker processes (sets --workers N).")] = None,
     bind: Annotated[str, _option("BIND", "ZeroMQ address the coordinator binds.")] = "tcp://*:5555",
     wait_timeout: Annotated[float, _option("WAIT_TIMEOUT", "Seconds to wait for the workers.")] = 60.0,
+    heartbeat_timeout: Annotated[
+        float, _option("HEARTBEAT_TIMEOUT", "Seconds of silence after which a worker is lost.", min=0.5)
+    ] = settings.HEARTBEAT_TIMEOUT,
+    rebalance: Annotated[
+        Rebalance, _option("REBALANCE", "Give late workers columns at the next epoch, or keep them as standbys.")
+    ] = Rebalance.epoch,
+    verify: Annotated[
+        Verify, _option("VERIFY", "Freivalds-check every result, a secret random sample, or none.")
+    ] = Verify.sample,
+    verify_rate: Annotated[
+        float, _option("VERIFY_RATE", "Fraction of results checked with --verify sample.", min=0.0, max=1.0)
+    ] = settings.VERIFY_RATE,
     curve_keys: Annotated[
         Path | None, _option("CURVE_KEYS", "A `coordinator keygen` folder: encrypt, and admit only its workers.")
     ] = None,
@@ -93,7 +118,10 @@ def train(
     problems = config.problems() + ([] if (spawn or workers) >= 1 else ["workers must be at least 1"])
     if problems:
         _fail("; ".join(problems))
-    cluster = None if local else ClusterOptions(bind, spawn or workers, spawn is not None, wait_timeout, curve_keys)
+    cluster = None if local else ClusterOptions(
+        bind, spawn or workers, spawn is not None, wait_timeout, heartbeat_timeout, rebalance is Rebalance.epoch,
+        verify.value, verify_rate, curve_keys,
+    )
     _configure_logging()
 
     def on_epoch(report):

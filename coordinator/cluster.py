@@ -2,6 +2,7 @@
 the scheduler's actions."""
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,15 +12,24 @@ import zmq
 
 from common import keys, protocol
 from common.protocol import Stop
-from coordinator.scheduler import Admit, Arrived, Disconnect, Garbled, Scheduler, Send
+from coordinator.scheduler import Admit, Arrived, Disconnect, Garbled, Scheduler, Send, Tick, Unreachable
 
 log = logging.getLogger("coordinator")
 
 STOP_LINGER_MS = 500  # time for the last stop messages to leave before the socket closes
+TICK_INTERVAL = 0.1  # seconds between liveness checks: a tenth of a heartbeat interval is plenty
 
 
 class ClusterError(RuntimeError):
-    """The cluster cannot go on (a worker lost, none arriving); the text is one line for the user."""
+    """The cluster cannot go on (all workers lost, none arriving); the text is one line for the user."""
+
+
+class WorkerLost(Exception):
+    """Workers were lost during a round; `lost` maps each of their slots to the reason."""
+
+    def __init__(self, lost: dict):
+        super().__init__("; ".join(lost.values()))
+        self.lost = lost
 
 
 @dataclass
@@ -44,11 +54,12 @@ class Cluster:
     """Workers registered on a bound ROUTER, and scatter/gather rounds over them."""
 
     def __init__(
-        self, bind: str, scheduler: Scheduler, max_message_bytes: int, setup: Callable, context=None,
+        self, bind: str, scheduler: Scheduler, max_message_bytes: int, welcome: Callable, context=None,
         curve_keys: Path | None = None,
     ):
         self.scheduler = scheduler
-        self.setup = setup  # slot -> the messages a newly admitted worker needs first
+        self.welcome = welcome  # slot (-1 for a standby) -> the Welcome a newly admitted worker gets
+        self.next_tick = 0.0
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -67,23 +78,46 @@ class Cluster:
     def admit_workers(self, timeout: float) -> None:
         """Wait until every slot has a worker."""
         deadline = time.monotonic() + timeout
-        while not self.scheduler.full:
+        while not self.scheduler.ready:
             if not self._pump(deadline):
                 have, want = len(self.scheduler.workers), self.scheduler.capacity
                 raise ClusterError(f"only {have} of {want} workers registered within {timeout:g} s")
+        self.scheduler.started = True
 
-    def run_round(self, requests: dict, timeout: float) -> dict:
-        """Send each slot its request and return slot -> products once every slot has answered."""
+    def run_round(self, requests: dict) -> dict:
+        """Send each slot its request and return slot -> products once every slot has answered.
+
+        Raises WorkerLost as soon as any slot's worker is lost; the caller reassigns and sends again.
+        """
+        if self.scheduler.lost:  # lost between rounds, when nothing was outstanding
+            raise WorkerLost(self.scheduler.take_lost())
         self.traffic.rounds += 1
         self._carry_out(self.scheduler.start_round(requests, time.monotonic()))
-        deadline = time.monotonic() + timeout
-        while not self.scheduler.round_done:
-            if not self._pump(deadline):
-                slots = sorted({o.slot for o in self.scheduler.outstanding.values()})
-                raise ClusterError(f"no answer from worker slots {slots} within {timeout:g} s")
-            if self.scheduler.lost:
-                raise ClusterError("; ".join(self.scheduler.lost.values()))
+        while not self.scheduler.round_done and not self.scheduler.lost:
+            self._pump(time.monotonic() + TICK_INTERVAL)
+        if self.scheduler.lost:
+            raise WorkerLost(self.scheduler.take_lost())
         return self.scheduler.results
+
+    def send_to_slot(self, slot: int, message) -> None:
+        """Send to a slot's worker; one already lost is skipped, as the next round reports it."""
+        peer = self.scheduler.peer_of(slot)
+        if peer is not None:
+            self._send(peer, message)
+
+    def assign(self, peer: bytes, slot: int) -> None:
+        """Give a standby a slot (its shards are the caller's to send)."""
+        self.scheduler.assign(peer, slot)
+        log.info("standby %s now serves slot %d", self.scheduler.workers[peer].name, slot)
+
+    def quarantine(self, slot: int, reason: str):
+        """Drop a slot's worker for the rest of the run, refusing its name from now on; returns the Worker."""
+        peer = self.scheduler.peer_of(slot)
+        worker = self.scheduler.workers[peer]
+        self._carry_out(self.scheduler.quarantine(peer, reason))
+        self._send(peer, Stop(f"quarantined: {reason}"))
+        self.scheduler.take_lost()  # the caller reassigns this slot itself
+        return worker
 
     def stop(self, reason: str) -> None:
         for peer in list(self.scheduler.workers):
@@ -93,10 +127,19 @@ class Cluster:
         self.socket.close(linger=STOP_LINGER_MS)
 
     def _pump(self, deadline: float) -> bool:
-        """Handle one incoming frame; False if none came before the deadline."""
-        remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
-        if not self.socket.poll(remaining_ms):
-            return False
+        """Keep the clock ticking until one frame is handled (True) or the deadline passes (False)."""
+        while True:
+            now = time.monotonic()
+            if now >= self.next_tick:
+                self.next_tick = now + TICK_INTERVAL
+                self._carry_out(self.scheduler.handle(Tick(now)))
+            if now >= deadline:
+                return False
+            if self.socket.poll(math.ceil((min(deadline, self.next_tick) - now) * 1000)):
+                self._handle_frame()
+                return True
+
+    def _handle_frame(self) -> None:
         frames = self.socket.recv_multipart(copy=False)
         peer = frames[0].bytes
         self.traffic.count(self._known(peer), received=sum(len(frame) for frame in frames[1:]))
@@ -108,16 +151,15 @@ class Cluster:
             except protocol.ProtocolError as error:
                 event = Garbled(peer, str(error))
         self._carry_out(self.scheduler.handle(event))
-        return True
 
     def _carry_out(self, actions: list) -> None:
         for action in actions:
             if isinstance(action, Send):
                 self._send(action.peer, action.message)
             elif isinstance(action, Admit):
-                log.info("worker %s joined as slot %d", action.name, action.slot)
-                for message in self.setup(action.slot):
-                    self._send(action.peer, message)
+                role = "a standby" if action.slot is None else f"slot {action.slot}"
+                log.info("worker %s joined as %s", action.name, role)
+                self._send(action.peer, self.welcome(-1 if action.slot is None else action.slot))
             elif isinstance(action, Disconnect):
                 log.warning("dropped peer %s: %s", action.peer.hex(), action.reason)
 
@@ -129,5 +171,5 @@ class Cluster:
         try:
             self.socket.send_multipart([peer, frame], copy=False)
             self.traffic.count(self._known(peer), sent=len(frame))
-        except zmq.ZMQError as error:  # the peer went away; its silence is handled by the round
-            log.warning("could not send to %s: %s", peer.hex(), error)
+        except zmq.ZMQError:  # with ROUTER_MANDATORY: the peer's connection is gone
+            self._carry_out(self.scheduler.handle(Unreachable(peer)))

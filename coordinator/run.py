@@ -15,7 +15,7 @@ import zmq
 from common import keys, model, settings
 from common.data import Dataset, load_dataset
 from common.exposure import ExposurePlan
-from common.protocol import Shard, Welcome
+from common.protocol import Welcome
 from coordinator.checkpoint import Checkpoint, CheckpointError, Checkpointer, Interrupted
 from coordinator.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from coordinator.checkpoint import latest as latest_checkpoint
@@ -26,6 +26,7 @@ from coordinator.rundir import ModelError, RunDirectory, load_model
 from coordinator.scheduler import Scheduler
 from coordinator.spawn import local_address, spawn_workers, stop_workers
 from coordinator.training import LocalProducts, Progress, Trainer
+from coordinator.verify import Verifier, inputs_for
 
 log = logging.getLogger("coordinator")
 
@@ -40,6 +41,10 @@ class ClusterOptions:
     workers: int
     spawn: bool  # start the workers as local processes
     wait_timeout: float  # seconds to wait for them to register
+    heartbeat_timeout: float = settings.HEARTBEAT_TIMEOUT
+    rebalance: bool = True  # late workers get columns at the next epoch, or wait as standbys
+    verify: str = "sample"  # Freivalds-check "all", a secret "sample", or "off"
+    verify_rate: float = settings.VERIFY_RATE
     curve_keys: Path | None = None  # a `coordinator keygen` folder: encrypt, and admit only its workers
 
 
@@ -90,14 +95,24 @@ def train(
         if any((Path(run_dir) / CHECKPOINT_FOLDER).glob("*.json")):
             raise CheckpointError(f"{run_dir} already holds a run's checkpoints; continue it with --resume")
         params = model.initial_params(sizes, config.init, config.seed, config.dtype)
-        start = Checkpoint(params, Progress(), [], dataclasses.asdict(config), permutations=None)
+        start = Checkpoint(params, Progress(), [], dataclasses.asdict(config))
     records = RunDirectory(run_dir, start.history)
     records.save_config(config, mode="local" if cluster is None else "distributed")
+    trainer = None
 
-    with _products(config, data, sizes, cluster, records, start.permutations) as products:
+    def position() -> tuple:
+        progress = trainer.progress if trainer else start.progress
+        return progress.epoch, progress.step
+
+    def on_exposure(slot, worker, plan, reason):
+        records.append_exposure(*position(), slot, worker, plan, reason)
+
+    def on_quarantine(worker, slot, request_kind, evidence):
+        records.append_quarantine(*position(), worker, slot, request_kind, evidence)
+
+    with _products(config, data, sizes, cluster, records, on_exposure, on_quarantine, start) as products:
         trainer = Trainer(config, start.params, products, labels_of(data), dataclasses.replace(start.progress))
-        folder = records.path / CHECKPOINT_FOLDER
-        checkpoints = Checkpointer(folder, trainer, products.permutations, start)
+        checkpoints = Checkpointer(records.path / CHECKPOINT_FOLDER, trainer, start)
 
         def on_epoch_recorded(report):
             records.append_history(report)
@@ -128,12 +143,12 @@ def _stop_between_steps(checkpoints: Checkpointer):
 
 
 @contextmanager
-def _products(config, data, sizes, cluster_options, records, permutations):
+def _products(config, data, sizes, cluster_options, records, on_exposure, on_quarantine, start):
     if cluster_options is None:
         yield LocalProducts({s: model.inputs(images_of(data, s), config.dtype, config.input_divisor) for s in SPLITS})
         return
     with _allow_list(cluster_options.curve_keys), _cluster_products(
-        config, data, sizes, cluster_options, records, permutations
+        config, data, sizes, cluster_options, records, on_exposure, on_quarantine, start
     ) as products:
         yield products
 
@@ -149,41 +164,40 @@ def _allow_list(curve_keys: Path | None):
 
 
 @contextmanager
-def _cluster_products(config, data, sizes, options: ClusterOptions, records: RunDirectory, permutations: dict | None):
-    """Workers computing the products; `permutations` continues a checkpointed run's plan and secret shuffles."""
+def _cluster_products(config, data, sizes, options: ClusterOptions, records, on_exposure, on_quarantine, start):
+    """Workers computing the products; a checkpoint's plan and secret shuffles continue where it left off."""
     inputs, hidden, _ = sizes
     permutation_seed = secrets.randbits(128)
-    if permutations is None:
+    if start.plan is None:
         plan = ExposurePlan.random(inputs, hidden, options.workers, config.seed)
         records.save_exposure(plan, permutation_seed)
     else:
-        plan = records.load_exposure()
-        if plan.slots != options.workers:
-            slots = plan.slots
+        plan = start.plan.renumbered()
+        if len(plan.slots) != options.workers:
+            slots = len(plan.slots)
             raise ClusterError(f"the run's exposure plan has {slots} worker slots; resume with {slots} workers")
-
-    def setup(slot: int) -> list:
-        """A new worker's welcome and its columns of each split, sent once for the run."""
-        columns = plan.columns(slot)
-        shards = [Shard(s, np.ascontiguousarray(images_of(data, s)[:, columns])) for s in SPLITS]
-        return [Welcome(slot, config.dtype, config.input_divisor), *shards]
-
-    scheduler = Scheduler(options.workers, settings.PROTOCOL_VERSION, np.dtype(config.dtype))
-    largest = _largest_reply_bytes(config, inputs)
-    cluster = Cluster(options.bind, scheduler, largest, setup, curve_keys=options.curve_keys)
+    scheduler = Scheduler(
+        options.workers, settings.PROTOCOL_VERSION, np.dtype(config.dtype), options.heartbeat_timeout
+    )
+    cluster = Cluster(
+        options.bind, scheduler, _largest_reply_bytes(config, inputs),
+        welcome=lambda slot: Welcome(slot, config.dtype, config.input_divisor), curve_keys=options.curve_keys,
+    )
     address = local_address(cluster.endpoint)
     processes = spawn_workers(options.workers, address, options.curve_keys) if options.spawn else []
     try:
         log.info("waiting for %d workers on %s", options.workers, cluster.endpoint)
         cluster.admit_workers(options.wait_timeout)
-        for peer, worker in sorted(scheduler.workers.items(), key=lambda item: item[1].slot):
-            log.info(
-                "worker %s sees %d input columns and %d hidden units",
-                worker.name, len(plan.columns(worker.slot)), len(plan.units(worker.slot)),
-            )
-        products = ClusterProducts(cluster, plan, permutation_seed)
-        if permutations is not None:  # the resumed run sends exactly the shuffles the interrupted one would have
-            products.permutations.bit_generator.state = permutations
+        images = {split: images_of(data, split) for split in SPLITS}
+        verifier = Verifier(
+            options.verify, options.verify_rate, np.random.default_rng(secrets.randbits(128)),
+            inputs_for(images, config.dtype, config.input_divisor),
+        )
+        products = ClusterProducts(
+            cluster, plan, images, permutation_seed, on_exposure, options.rebalance, verifier, on_quarantine
+        )
+        if start.permutations is not None:  # the resumed run sends the shuffles the interrupted one would have
+            products.permutations.bit_generator.state = start.permutations
         yield products
         cluster.stop("training finished")
     except (Interrupted, KeyboardInterrupt):

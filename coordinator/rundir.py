@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 from datetime import datetime
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from common.exposure import ExposurePlan
 from common.model import Params
 
 MODEL_ARRAYS = ("w1", "b1", "w2", "b2")
+
+log = logging.getLogger("coordinator")
 
 
 class ModelError(ValueError):
@@ -44,12 +47,22 @@ class RunDirectory:
     def save_exposure(self, plan: ExposurePlan, permutation_seed: int) -> None:
         plan.save(self.path / "exposure.npz", permutation_seed)
 
-    def load_exposure(self) -> ExposurePlan:
-        path = self.path / "exposure.npz"
-        try:
-            return ExposurePlan.load(path)
-        except (OSError, ValueError, KeyError) as error:
-            raise ModelError(f"cannot read exposure plan {path}: {error}") from None
+    def append_exposure(self, epoch: int, step: int, slot: int, worker: str, plan: ExposurePlan, reason: str) -> None:
+        """Record that a worker holds a slot's columns and units from this point of the run on."""
+        record = {
+            "epoch": epoch, "step": step, "slot": slot, "worker": worker, "reason": reason,
+            "columns": plan.columns(slot).tolist(), "units": plan.units(slot).tolist(),
+        }
+        with open(self.path / "exposure.jsonl", "a") as exposure:
+            exposure.write(json.dumps(record) + "\n")
+        log.info("worker %s sees %d input columns and %d hidden units (%s)", worker, len(record["columns"]), len(record["units"]), reason)
+
+    def append_quarantine(self, epoch: int, step: int, worker, slot: int, request_kind: str, evidence) -> None:
+        """Record a worker caught returning a wrong product, with the evidence."""
+        record = {"epoch": epoch, "step": step, "worker": worker.name, "answers": worker.answered, "slot": slot,
+                  "request": request_kind, **dataclasses.asdict(evidence)}
+        with open(self.path / "quarantine.jsonl", "a") as quarantine:
+            quarantine.write(json.dumps(record) + "\n")
 
     def save_model(self, params: Params, input_divisor: float) -> None:
         np.savez(self.path / "model.npz", **params.arrays(), input_divisor=np.array(input_divisor))

@@ -1,6 +1,10 @@
-"""The coordinator's bookkeeping: who is admitted in which slot, and which request is outstanding where.
+"""The coordinator's bookkeeping: who is admitted in which slot, who is alive, and which request is
+outstanding where.
 
-Events in, actions out, no sockets: the transport turns frames into events and carries out actions.
+Events in, actions out, no sockets: the transport turns frames and clock ticks into events and
+carries out the actions. A worker is lost when it falls silent for the heartbeat timeout, leaves a
+request unanswered past its deadline, cannot be reached, deregisters, or sends anything that is not
+a valid answer; its slot is then reported in `lost` for the caller to reassign.
 """
 
 import dataclasses
@@ -8,7 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.protocol import Failure, Register, Reject, Result
+from common import settings
+from common.protocol import Deregister, Failure, Heartbeat, Register, Reject, Result
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,20 @@ class Garbled:
 
 
 @dataclass(frozen=True)
+class Unreachable:
+    """A send to the peer failed: its connection is gone."""
+
+    peer: bytes
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed."""
+
+    now: float
+
+
+@dataclass(frozen=True)
 class Send:
     peer: bytes
     message: object
@@ -36,10 +55,10 @@ class Send:
 
 @dataclass(frozen=True)
 class Admit:
-    """Welcome a worker into a slot and give it that slot's shards."""
+    """Welcome a worker; with a slot, also give it that slot's shards (a standby has none yet)."""
 
     peer: bytes
-    slot: int
+    slot: int | None
     name: str
 
 
@@ -61,7 +80,8 @@ class Expected:
 @dataclass
 class Worker:
     name: str
-    slot: int
+    slot: int | None  # None: a standby, admitted but holding no columns yet
+    last_seen: float
     answered: int = 0
     last_round_trip: float | None = None  # seconds from sending its last request to its answer
 
@@ -76,31 +96,56 @@ class Outstanding:
 
 @dataclass
 class Scheduler:
-    """Admits up to `capacity` workers and tracks one scatter/gather round at a time."""
+    """Admits workers into `capacity` slots (later ones wait as standbys) and tracks one round at a time."""
 
     capacity: int
     version: int
     dtype: np.dtype
+    heartbeat_timeout: float = settings.HEARTBEAT_TIMEOUT
     workers: dict = field(default_factory=dict)  # peer -> Worker
     outstanding: dict = field(default_factory=dict)  # request number -> Outstanding
     results: dict = field(default_factory=dict)  # slot -> products of the current round
-    lost: dict = field(default_factory=dict)  # slot -> why its worker was dropped
+    lost: dict = field(default_factory=dict)  # slot -> why its worker was dropped, until taken
     next_request: int = 1
+    round_first_request: int = 1  # answers to requests before this one belong to abandoned rounds
+    last_heartbeat: float = float("-inf")
+    started: bool = False  # once all slots were filled, a lost slot is reassigned, not reopened
+
+    def __post_init__(self):
+        self.open_slots = set(range(self.capacity))
+        self.banned = set()  # names of quarantined workers
 
     @property
-    def full(self) -> bool:
-        return len(self.workers) == self.capacity
+    def ready(self) -> bool:
+        return not self.open_slots
 
     @property
     def round_done(self) -> bool:
         return not self.outstanding
 
-    def peer_of(self, slot: int) -> bytes:
-        return next(peer for peer, worker in self.workers.items() if worker.slot == slot)
+    @property
+    def standbys(self) -> list:
+        return [peer for peer, worker in self.workers.items() if worker.slot is None]
 
-    def start_round(self, requests: dict, now: float = 0.0) -> list:
+    def peer_of(self, slot: int) -> bytes | None:
+        return next((peer for peer, worker in self.workers.items() if worker.slot == slot), None)
+
+    def assign(self, peer: bytes, slot: int) -> None:
+        self.workers[peer].slot = slot
+
+    def quarantine(self, peer: bytes, reason: str) -> list:
+        """Drop a worker caught computing wrongly and refuse its name for the rest of the run."""
+        self.banned.add(self.workers[peer].name)
+        return self._drop(peer, f"is quarantined: {reason}")
+
+    def take_lost(self) -> dict:
+        lost, self.lost = self.lost, {}
+        return lost
+
+    def start_round(self, requests: dict, now: float) -> list:
         """Number each slot's request and send it; `requests` maps slot -> (message, Expected)."""
-        self.results, actions = {}, []
+        self.results, self.outstanding, actions = {}, {}, []
+        self.round_first_request = self.next_request
         for slot, (message, expected) in requests.items():
             peer = self.peer_of(slot)
             self.outstanding[self.next_request] = Outstanding(peer, slot, expected, now)
@@ -109,32 +154,59 @@ class Scheduler:
         return actions
 
     def handle(self, event) -> list:
+        if isinstance(event, Tick):
+            return self._tick(event.now)
+        if isinstance(event, Unreachable):
+            return self._drop(event.peer, "cannot be reached")
         if isinstance(event, Garbled):
             return self._drop(event.peer, f"sent a bad frame: {event.reason}")
         message = event.message
         if isinstance(message, Register):
-            return self._register(event.peer, message)
+            return self._register(event.peer, message, event.at)
         if event.peer not in self.workers:
             return [Disconnect(event.peer, f"sent {type(message).__name__} without registering")]
+        self.workers[event.peer].last_seen = event.at
+        if isinstance(message, Heartbeat):
+            return []
         if isinstance(message, Result):
             return self._result(event.peer, message, event.at)
         if isinstance(message, Failure):
             return self._drop(event.peer, f"failed request {message.request}: {message.reason}")
+        if isinstance(message, Deregister):
+            return self._drop(event.peer, f"left: {message.reason}")
         return self._drop(event.peer, f"sent a {type(message).__name__}, which workers do not send")
 
-    def _register(self, peer: bytes, message: Register) -> list:
+    def _register(self, peer: bytes, message: Register, now: float) -> list:
         if peer in self.workers:
             return []  # a repeated registration that crossed our welcome
         if message.version != self.version:
             reason = f"protocol version {message.version} is not the coordinator's {self.version}"
             return [Send(peer, Reject(reason)), Disconnect(peer, reason)]
-        if self.full:
-            return [Send(peer, Reject("the cluster is full")), Disconnect(peer, "arrived when full")]
-        slot = min(set(range(self.capacity)) - {w.slot for w in self.workers.values()})
-        self.workers[peer] = Worker(message.name, slot)
+        if message.name in self.banned:
+            return [Send(peer, Reject("quarantined")), Disconnect(peer, f"{message.name} is quarantined")]
+        if len(self.standbys) >= settings.MAX_STANDBY_WORKERS:
+            return [Send(peer, Reject("no room for more workers")), Disconnect(peer, "arrived when full")]
+        slot = min(self.open_slots) if self.open_slots else None
+        self.open_slots.discard(slot)
+        self.workers[peer] = Worker(message.name, slot, last_seen=now)
         return [Admit(peer, slot, message.name)]
 
+    def _tick(self, now: float) -> list:
+        actions = []
+        if now - self.last_heartbeat >= settings.HEARTBEAT_INTERVAL:
+            self.last_heartbeat = now
+            actions += [Send(peer, Heartbeat()) for peer in self.workers]
+        for peer, worker in list(self.workers.items()):
+            if now - worker.last_seen > self.heartbeat_timeout:
+                actions += self._drop(peer, f"silent for {now - worker.last_seen:.1f} s")
+        for pending in list(self.outstanding.values()):
+            if now - pending.sent_at > settings.REQUEST_DEADLINE and pending.peer in self.workers:
+                actions += self._drop(pending.peer, f"left a request unanswered for {settings.REQUEST_DEADLINE:g} s")
+        return actions
+
     def _result(self, peer: bytes, message: Result, at: float) -> list:
+        if message.request < self.round_first_request:
+            return []  # an answer to an abandoned round, which was sent again
         pending = self.outstanding.get(message.request)
         if pending is None or pending.peer != peer:
             return self._drop(peer, f"answered request {message.request}, which it was not given")
@@ -161,7 +233,12 @@ class Scheduler:
 
     def _drop(self, peer: bytes, reason: str) -> list:
         worker = self.workers.pop(peer, None)
-        if worker is not None:
-            self.lost[worker.slot] = f"worker {worker.name} {reason}"
+        if worker is None:
+            return [Disconnect(peer, reason)]
+        reason = f"worker {worker.name} {reason}"
+        if worker.slot is not None and self.started:
+            self.lost[worker.slot] = reason
             self.outstanding = {n: o for n, o in self.outstanding.items() if o.peer != peer}
+        elif worker.slot is not None:
+            self.open_slots.add(worker.slot)
         return [Disconnect(peer, reason)]

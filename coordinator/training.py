@@ -47,7 +47,7 @@ class LocalProducts:
     def __init__(self, inputs: dict):
         self.inputs = inputs  # split -> (n, I) floats
         self.second_operands = None
-        self.permutations = None  # nothing is shuffled within one process
+        self.plan = self.permutations = None  # one process: nothing is split or shuffled
 
     def first_layer(self, weights, split, rows, error_rows, error, learning_rate) -> tuple:
         forward_inputs = None if rows is None else self.inputs[split][rows]
@@ -60,6 +60,9 @@ class LocalProducts:
 
     def second_backward(self, error) -> tuple:
         return model.second_backward(*self.second_operands, error)
+
+    def epoch_ended(self) -> None:
+        """Nothing changes between epochs in one process."""
 
 
 class Trainer:
@@ -92,6 +95,7 @@ class Trainer:
         """Train from `progress` to the last epoch; `after_step` runs between steps, when the state is whole."""
         while self.progress.epoch <= self.config.epochs:
             on_epoch(self.run_epoch(on_batch, after_step))
+            self.products.epoch_ended()
         self.settle()
 
     def run_epoch(self, on_batch: Callable[[int], None] = None, after_step: Callable[[], None] = None) -> EpochReport:

@@ -52,7 +52,7 @@ def test_partial_products_of_the_plan_add_up_to_the_whole():
     x, w1 = RNG.random((5, 20)), RNG.random((20, 8))
     plan = ExposurePlan.random(20, 8, 3, seed=4)
     total, gradient, error = np.zeros((5, 8)), np.empty_like(w1), RNG.random((5, 8))
-    for slot in range(plan.slots):
+    for slot in plan.slots:
         columns, shuffle = plan.columns(slot), RNG.permutation(8)
         add_unpermuted(total, x[:, columns] @ permuted(w1[columns], shuffle), shuffle)
         place_unpermuted(gradient, columns, x[:, columns].T @ permuted(error, shuffle), shuffle)

@@ -9,7 +9,7 @@ import pytest
 
 from common import protocol
 from common.protocol import (
-    Failure, FirstLayer, ProtocolError, Register, Reject, Result, SecondBackward, SecondForward, Shard, Stop,
+    Deregister, Failure, FirstLayer, Heartbeat, ProtocolError, Register, Reject, Result, SecondBackward, SecondForward, Shard, Stop,
     Welcome,
 )
 
@@ -26,6 +26,8 @@ EVERY_KIND = [
     Result(6, {"partial": ARRAY, "gradient": ARRAY.astype(np.float64)}),
     Failure(7, "bad rows"),
     Stop("done"),
+    Deregister("interrupted"),
+    Heartbeat(),
 ]
 
 

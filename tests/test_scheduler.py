@@ -2,8 +2,11 @@
 
 import numpy as np
 
-from common.protocol import Failure, Register, Reject, Result, SecondBackward, Stop
-from coordinator.scheduler import Admit, Arrived, Disconnect, Expected, Garbled, Scheduler, Send
+from common import settings
+from common.protocol import Deregister, Failure, Heartbeat, Register, Reject, Result, SecondBackward, Stop
+from coordinator.scheduler import (
+    Admit, Arrived, Disconnect, Expected, Garbled, Scheduler, Send, Tick, Unreachable,
+)
 
 F32 = np.dtype("float32")
 
@@ -13,20 +16,67 @@ def _scheduler_with(workers: int) -> Scheduler:
     for index in range(workers):
         actions = scheduler.handle(Arrived(bytes([index]), Register(f"w{index}", 1)))
         assert actions == [Admit(bytes([index]), index, f"w{index}")]
+    scheduler.started = True  # what the transport does once every slot is filled
     return scheduler
 
 
 def _round(scheduler: Scheduler, shape=(2, 3)) -> list:
     request = SecondBackward(0, np.zeros(shape, F32))
-    return scheduler.start_round({slot: (request, Expected({"error": shape})) for slot in range(scheduler.capacity)})
+    requests = {slot: (request, Expected({"error": shape})) for slot in range(scheduler.capacity)}
+    return scheduler.start_round(requests, now=0.0)
 
 
-def test_registration_fills_slots_then_refuses():
+def test_registration_fills_slots_then_keeps_a_bounded_number_of_standbys():
     scheduler = _scheduler_with(2)
-    assert scheduler.full
-    actions = scheduler.handle(Arrived(b"late", Register("late", 1)))
+    assert scheduler.ready
+    assert scheduler.handle(Arrived(b"late", Register("late", 1))) == [Admit(b"late", None, "late")]
+    assert scheduler.standbys == [b"late"]
+    for index in range(settings.MAX_STANDBY_WORKERS - 1):
+        scheduler.handle(Arrived(b"spare%d" % index, Register("spare", 1)))
+    actions = scheduler.handle(Arrived(b"one too many", Register("x", 1)))
     assert isinstance(actions[0], Send) and isinstance(actions[0].message, Reject)
+    assert len(scheduler.standbys) == settings.MAX_STANDBY_WORKERS
     assert scheduler.handle(Arrived(b"\x00", Register("w0", 1))) == []  # a repeat changes nothing
+
+
+def test_a_worker_lost_before_the_run_reopens_its_slot():
+    scheduler = Scheduler(capacity=2, version=1, dtype=F32)
+    scheduler.handle(Arrived(b"a", Register("a", 1)))
+    scheduler.handle(Arrived(b"a", Deregister("bye")))
+    assert not scheduler.lost and scheduler.open_slots == {0, 1}
+
+
+def test_silence_and_unanswered_requests_lose_a_worker():
+    scheduler = _scheduler_with(3)
+    _round(scheduler)  # sent at 0.0
+    heartbeats = scheduler.handle(Tick(0.1))
+    assert sum(isinstance(a, Send) and isinstance(a.message, Heartbeat) for a in heartbeats) == 3
+    scheduler.handle(Arrived(b"\x00", Heartbeat(), at=2.9))
+    scheduler.handle(Arrived(b"\x01", Heartbeat(), at=2.9))
+    dropped = [a for a in scheduler.handle(Tick(3.5)) if isinstance(a, Disconnect)]
+    assert [a.peer for a in dropped] == [b"\x02"] and "silent for 3.5 s" in dropped[0].reason
+    for now in range(3, int(settings.REQUEST_DEADLINE), 2):  # alive, but never answering
+        scheduler.handle(Arrived(b"\x00", Heartbeat(), at=float(now)))
+        scheduler.handle(Arrived(b"\x01", Heartbeat(), at=float(now)))
+    late = scheduler.handle(Tick(settings.REQUEST_DEADLINE + 0.5))
+    assert {a.peer for a in late if isinstance(a, Disconnect)} == {b"\x00", b"\x01"}
+    assert set(scheduler.take_lost()) == {0, 1, 2} and not scheduler.lost
+
+
+def test_answers_to_an_abandoned_round_are_ignored():
+    scheduler = _scheduler_with(1)
+    first = _round(scheduler)[0]
+    _round(scheduler)  # sent again, say after another worker was lost
+    assert scheduler.handle(Arrived(first.peer, Result(first.message.request, {}))) == []
+    assert scheduler.workers and not scheduler.round_done
+
+
+def test_deregister_and_unreachable_lose_the_slot_at_once():
+    scheduler = _scheduler_with(2)
+    scheduler.handle(Arrived(b"\x00", Deregister("interrupted")))
+    scheduler.handle(Unreachable(b"\x01"))
+    lost = scheduler.take_lost()
+    assert "left: interrupted" in lost[0] and "cannot be reached" in lost[1]
 
 
 def test_wrong_protocol_version_is_rejected():

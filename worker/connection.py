@@ -1,12 +1,13 @@
-"""A worker's connection to the coordinator: one DEALER socket, registration and framing."""
+"""A worker's connection to the coordinator: one DEALER socket, registration, heartbeats, reconnection
+and framing (the ZeroMQ guide's Paranoid Pirate worker)."""
 
 import logging
-from pathlib import Path
+import time
 
 import zmq
 
 from common import keys, protocol, settings
-from common.protocol import Register, Reject, Welcome
+from common.protocol import Deregister, Heartbeat, Register, Reject, Welcome
 
 log = logging.getLogger("worker")
 
@@ -16,44 +17,73 @@ class Rejected(RuntimeError):
 
 
 class CoordinatorLink:
-    """Sends and receives whole messages; the worker's loop never sees a socket or a frame."""
+    """Sends and receives whole messages; the worker's loop never sees a socket, a frame or a heartbeat."""
 
     def __init__(self, address: str, name: str, context: zmq.Context | None = None, curve: tuple | None = None):
         """`curve`: (this worker's key pair file, the coordinator's public key file) to encrypt and authenticate."""
         self.address = address
         self.name = name
         self.context = context or zmq.Context.instance()
-        self.socket = self.context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        if curve is not None:
-            keys.make_client(self.socket, *curve)
-        self.socket.connect(address)
-
-    def register(self) -> Welcome:
-        """Introduce this worker, asking again until the coordinator answers."""
-        while True:
-            self.send(Register(self.name, settings.PROTOCOL_VERSION))
-            if self.socket.poll(settings.WORKER_CONNECT_TIMEOUT * 1000):
-                answer = self.receive()
-                if isinstance(answer, Reject):
-                    raise Rejected(answer.reason)
-                if isinstance(answer, Welcome):
-                    return answer
-                log.warning("expected a welcome, got %s; registering again", type(answer).__name__)
-            else:
-                log.info("no answer from %s yet; registering again", self.address)
+        self.curve = curve
+        self.socket = None
+        self.welcomed = False
+        self.backoff = settings.RECONNECT_BACKOFF[0]
+        self._connect()
 
     def receive(self):
-        """The next valid message; frames that fail the protocol's gate are logged and skipped."""
+        """The next message for the worker's loop; re-registers, with backoff, when the coordinator falls silent.
+
+        After a re-registration the loop gets the new Welcome, and must forget what it held.
+        """
         while True:
-            frame = self.socket.recv(copy=False)
-            try:
-                return protocol.decode(frame.buffer)
-            except protocol.ProtocolError as error:
-                log.warning("ignored a bad frame from the coordinator: %s", error)
+            wait = max(0.0, self.heartbeat_at - time.monotonic())
+            if self.socket.poll(wait * 1000):
+                message = self._read()
+                if message is not None:
+                    return message
+            now = time.monotonic()
+            if now - self.last_heard > settings.HEARTBEAT_TIMEOUT:
+                self._reconnect(now - self.last_heard)
+            elif now >= self.heartbeat_at and self.welcomed:
+                self.send(Heartbeat())
 
     def send(self, message) -> None:
         self.socket.send(protocol.encode(message), copy=False)
+        self.heartbeat_at = time.monotonic() + settings.HEARTBEAT_INTERVAL  # any message is a sign of life
 
-    def close(self) -> None:
+    def close(self, reason: str = "") -> None:
+        """Leave; with a reason, tell the coordinator first so it reassigns this worker's columns at once."""
+        if reason and self.welcomed:
+            self.send(Deregister(reason))
+        self.socket.close(linger=500 if reason else 0)
+
+    def _read(self):
+        """One frame as a message for the loop, or None for a heartbeat or a frame that fails the gate."""
+        frame = self.socket.recv(copy=False)
+        self.last_heard, self.backoff = time.monotonic(), settings.RECONNECT_BACKOFF[0]
+        try:
+            message = protocol.decode(frame.buffer)
+        except protocol.ProtocolError as error:
+            log.warning("ignored a bad frame from the coordinator: %s", error)
+            return None
+        if isinstance(message, Reject):
+            raise Rejected(message.reason)
+        self.welcomed = self.welcomed or isinstance(message, Welcome)
+        return None if isinstance(message, Heartbeat) else message
+
+    def _connect(self) -> None:
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            keys.make_client(self.socket, *self.curve)
+        self.socket.connect(self.address)
+        self.welcomed = False
+        self.last_heard = time.monotonic()
+        self.send(Register(self.name, settings.PROTOCOL_VERSION))
+
+    def _reconnect(self, silence: float) -> None:
+        log.info("no word from %s for %.1f s; registering again in %.1f s", self.address, silence, self.backoff)
         self.socket.close(linger=0)
+        time.sleep(self.backoff)
+        self.backoff = min(2 * self.backoff, settings.RECONNECT_BACKOFF[1])
+        self._connect()

@@ -1,29 +1,31 @@
-"""The worker's loop: register, load its shards, then answer each compute request until told to stop."""
+"""The worker's loop: take the welcome and the shards, then answer each compute request until told to stop."""
 
 import logging
 
-from common.protocol import Failure, Shard, Stop
+from common.protocol import Failure, Shard, Stop, Welcome
 from worker.compute import RequestError, WorkerState
 from worker.connection import CoordinatorLink
 
 log = logging.getLogger("worker")
 
 
-def serve(link: CoordinatorLink, max_requests: int | None = None) -> str:
+def serve(link: CoordinatorLink, max_requests: int | None = None, make_state=WorkerState) -> str:
     """Work for the coordinator until it says stop (or after `max_requests`); returns its reason."""
-    welcome = link.register()
-    log.info("%s registered as slot %d", link.name, welcome.slot)
-    state = WorkerState(welcome.dtype, welcome.input_divisor)
-    answered = 0
+    state, answered = None, 0
     while max_requests is None or answered < max_requests:
         message = link.receive()
         if isinstance(message, Stop):
             return message.reason
-        if isinstance(message, Shard):
+        if isinstance(message, Welcome):  # a new session: nothing held before is valid now
+            log.info("%s registered as %s", link.name, "a standby" if message.slot < 0 else f"slot {message.slot}")
+            state = make_state(message.dtype, message.input_divisor)
+        elif state is None:
+            log.warning("ignored a %s that came before the welcome", type(message).__name__)
+        elif isinstance(message, Shard):
             _load(state, message)
-            continue
-        link.send(_answer(state, message))
-        answered += 1
+        else:
+            link.send(_answer(state, message))
+            answered += 1
     return f"answered {answered} requests"
 
 

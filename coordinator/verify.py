@@ -1,0 +1,126 @@
+"""Freivalds checks of the workers' partial products.
+
+For a product P = A B that a worker returns, draw a secret random vector r and compare P r with A (B r):
+two matrix-vector products instead of a matrix product. The comparison allows the worst-case rounding
+of computing P in the run's dtype, gamma_k |A| |B| |r| with gamma_k = k u / (1 - k u) for an inner
+dimension k and unit roundoff u (plus the rounding of the check itself, done in float64), so honest
+arithmetic never fails it. A wrong element delta at (i, j)
+escapes one check only if |delta r_j| falls under row i's allowance t_i; with r_j standard normal that
+happens with probability about 0.8 t_i / |delta|, so an error well above the rounding level is caught
+almost surely, and each further check multiplies the escape odds again.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from common import model
+from common.protocol import FirstLayer, SecondBackward, SecondForward
+
+VERIFY_MODES = ("off", "sample", "all")
+SAFETY = 2.0  # on top of the worst-case bounds, which already count our own float64 rounding
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Why a result was judged wrong: which product, and by how much beyond the rounding allowance."""
+
+    product: str
+    discrepancy: float  # the largest |P r - A (B r)| over the rows
+    allowance: float  # the rounding allowance of that row
+
+    def __str__(self) -> str:
+        return f"{self.product} off by {self.discrepancy:.3g} where rounding allows {self.allowance:.3g}"
+
+
+class Verifier:
+    """Checks all, a secret random sample, or none of the results, against operands the coordinator holds."""
+
+    def __init__(self, mode: str, rate: float, rng: np.random.Generator, inputs):
+        self.mode = mode
+        self.rate = rate
+        self.rng = rng  # secret: the worker cannot tell which answers are checked
+        self.inputs = inputs  # (split, rows, columns) -> (B, k) float inputs, as the workers compute them
+        self.checks = 0
+
+    def chosen(self) -> bool:
+        return self.mode == "all" or (self.mode == "sample" and self.rng.random() < self.rate)
+
+    def check(self, request, products: dict, columns: np.ndarray, forward: SecondForward | None) -> Evidence | None:
+        """Evidence against one result, or None; `forward` is the worker's last SecondForward."""
+        self.checks += 1
+        if isinstance(request, FirstLayer):
+            return self._first_layer(request, products, columns)
+        if isinstance(request, SecondForward):
+            return self._compare("partial", products["partial"], request.activations, request.weights)
+        return self._second_backward(request, products, forward)
+
+    def _first_layer(self, request: FirstLayer, products: dict, columns: np.ndarray) -> Evidence | None:
+        evidence, weights = None, request.weights
+        if request.error is not None:
+            gradient_inputs = self.inputs("train", request.error_rows, columns)
+            evidence = self._compare("gradient", products["gradient"], gradient_inputs.T, request.error)
+            if weights is not None:  # the weights the worker stepped to, from the true gradient
+                weights = _Operand(weights, gradient_inputs.T, request.error, request.learning_rate)
+        if evidence is None and request.rows is not None:
+            forward_inputs = self.inputs(request.split, request.rows, columns)
+            evidence = self._compare("partial", products["partial"], forward_inputs, weights)
+        return evidence
+
+    def _second_backward(self, request: SecondBackward, products: dict, forward: SecondForward) -> Evidence | None:
+        return self._compare(
+            "gradient", products["gradient"], forward.activations.T, request.error
+        ) or self._compare("error", products["error"], request.error, forward.weights.T)
+
+    def _compare(self, name: str, product: np.ndarray, left: np.ndarray, right) -> Evidence | None:
+        """Evidence that product != left @ right, or None."""
+        r = self.rng.standard_normal(product.shape[1])
+        right = right if isinstance(right, _Operand) else _Operand(right)
+        depth, width = left.shape[1] + right.depth, product.shape[1]
+        expected = left.astype(np.float64) @ right.times(r)
+        actual = product.astype(np.float64) @ r
+        scale = np.abs(left) @ right.magnitude_times(np.abs(r))  # |A| (|B| |r|)
+        # the worker's rounding in its dtype, then ours in float64 over both sides of the comparison
+        allowance = (_gamma(depth, product.dtype) + _gamma(depth + width + 2, np.float64)) * scale
+        allowance += _gamma(width, np.float64) * (np.abs(product) @ np.abs(r))
+        allowance = SAFETY * allowance + np.finfo(product.dtype).tiny
+        excess = np.abs(actual - expected) - allowance
+        worst = int(np.argmax(excess)) if excess.size else 0
+        if excess.size and excess[worst] > 0:
+            return Evidence(name, float(excess[worst] + allowance[worst]), float(allowance[worst]))
+        return None
+
+
+class _Operand:
+    """A right-hand operand W, or W - lr (X^T E) as the worker computes it, applied to vectors only."""
+
+    def __init__(self, weights, inputs_t=None, error=None, learning_rate=0.0):
+        self.weights, self.inputs_t, self.error, self.learning_rate = weights, inputs_t, error, learning_rate
+        self.depth = 0 if inputs_t is None else inputs_t.shape[1] + 1  # the rounding the step adds
+
+    def times(self, r: np.ndarray) -> np.ndarray:
+        product = self.weights.astype(np.float64) @ r  # (k, H) @ (H,) -> (k,)
+        if self.inputs_t is not None:
+            product -= self.learning_rate * (self.inputs_t.astype(np.float64) @ (self.error.astype(np.float64) @ r))
+        return product
+
+    def magnitude_times(self, r: np.ndarray) -> np.ndarray:
+        magnitude = np.abs(self.weights) @ r
+        if self.inputs_t is not None:
+            magnitude = magnitude + abs(self.learning_rate) * (np.abs(self.inputs_t) @ (np.abs(self.error) @ r))
+        return magnitude
+
+
+def _gamma(depth: int, dtype: np.dtype) -> float:
+    """The worst-case relative rounding of a sum of `depth` products: k u / (1 - k u)."""
+    unit = np.finfo(dtype).eps / 2
+    return depth * unit / (1 - depth * unit)
+
+
+def inputs_for(images: dict, dtype: str, divisor: float):
+    """The (split, rows, columns) -> inputs function a Verifier needs, from the coordinator's own images."""
+
+    def inputs(split, rows, columns):
+        return model.inputs(images[split][np.ix_(rows, columns)], dtype, divisor)
+
+    return inputs

@@ -1,0 +1,107 @@
+"""Ten thousand hostile frames against a live coordinator: the run completes with the right weights, nothing
+from the network is executed, and the coordinator's memory stays bounded."""
+
+import os
+import pickle
+import random
+import socket
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from common import protocol
+from common.protocol import Register, Result
+from tests.cluster_harness import Harness
+from tests.conftest import load_model, max_difference
+from tests.test_protocol import Exploit
+
+FRAMES = 10_000
+RUN = ("--dtype", "float64", "--train-limit", "2000", "--test-limit", "200", "--batch-size", "10", "--epochs", "4",
+       "--seed", "9")
+
+
+def _array_map(data: bytes, dtype, shape, kind: bytes = b"") -> dict:
+    return {b"nd": True, b"type": dtype, b"kind": kind, b"shape": shape, b"data": data}
+
+
+def _hostile_frames(rng: random.Random, marker: str):
+    """An endless mix of garbage, truncations and well-formed lies."""
+    honest = [
+        protocol.encode(Register("fuzz", 1)),
+        protocol.encode(Result(rng.randrange(1, 10**6), {"partial": np.full((10, 128), np.nan)})),
+        protocol.encode(Result(rng.randrange(1, 10**6), {"partial": np.zeros((3, 3), np.float32)})),
+    ]
+    pickled = pickle.dumps(Exploit(marker))
+    makers = [
+        lambda: rng.randbytes(rng.randrange(0, 300)),
+        lambda: rng.choice(honest)[: rng.randrange(1, 40)],  # truncated msgpack
+        lambda: msgpack.packb({"kind": rng.choice(["exec", "eval", "", "__import__"]), "x": 1}),
+        lambda: msgpack.packb({"kind": "result", "request": 1, "products": {"p": _array_map(pickled, "|O", [1], b"O")}}),
+        lambda: msgpack.packb({"kind": "result", "request": 1, "products": {"p": _array_map(b"\0" * 8, [["a", "<f8"]], [1], b"V")}}),
+        lambda: msgpack.packb({"kind": "result", "request": 1, "products": {"p": _array_map(b"\0" * 7, "<f8", [1])}}),
+        lambda: msgpack.packb({"kind": "register", "name": "x", "version": rng.randrange(2, 99)}),
+        lambda: msgpack.packb({"kind": "heartbeat"}),
+        lambda: msgpack.packb({"kind": "failure", "request": rng.randrange(10**6), "reason": "no"}),
+        lambda: rng.choice(honest),
+        lambda: bytes(b ^ 0xFF if rng.random() < 0.05 else b for b in rng.choice(honest)),  # bit flips
+    ]
+    while True:
+        yield rng.choice(makers)()
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_fuzzed_coordinator_finishes_the_run_correctly(tmp_path):
+    harness = Harness(tmp_path)
+    marker = str(tmp_path / "executed")
+    rng = random.Random(1)
+    context = zmq.Context()
+    try:
+        local = Harness(tmp_path / "local")
+        (tmp_path / "local").mkdir()
+        local.start_coordinator("--local", *RUN)
+        assert local.finish() == 0
+        coordinator = harness.start_coordinator("--workers", 3, "--rebalance", "never", *RUN)
+        for name in "ABC":
+            harness.start_worker(name)
+        harness.wait_for_epoch(1)
+        peers = []
+        for _ in range(8):
+            peer = context.socket(zmq.DEALER)
+            peer.setsockopt(zmq.LINGER, 0)
+            peer.connect(harness.address)
+            peers.append(peer)
+        frames, sent, rss_after_warmup = _hostile_frames(rng, marker), 0, None
+        host, port = harness.address.removeprefix("tcp://").rsplit(":", 1)
+        while sent < FRAMES:
+            assert coordinator.poll() is None, "the run ended before the fuzzing did: make it longer"
+            peer = rng.choice(peers)
+            if rng.random() < 0.01:  # not ZeroMQ at all
+                with socket.create_connection((host, int(port))) as raw:
+                    raw.sendall(rng.randbytes(64))
+            elif rng.random() < 0.01:
+                peer.send_multipart([b"one", b"frame too many"])
+            elif rng.random() < 0.002:
+                peer.send(b"\0" * 8_000_000)  # over ZMQ_MAXMSGSIZE: the connection is cut
+            else:
+                peer.send(next(frames))
+            sent += 1
+            if sent == 1000:
+                rss_after_warmup = _rss_mb(coordinator.pid)
+        rss_at_end = _rss_mb(coordinator.pid)
+        assert harness.finish() == 0, harness.log(coordinator)[-3000:]
+        assert max_difference(load_model(harness.run_dir), load_model(local.run_dir)) < 1e-6
+        assert not os.path.exists(marker)
+        assert rss_at_end - rss_after_warmup < 40, (rss_after_warmup, rss_at_end)
+        log = harness.log(coordinator)
+        assert "not a msgpack frame" in log and "unknown message kind" in log and "dtype" in log
+        print(f"fuzz: {sent} frames, coordinator RSS {rss_after_warmup:.0f} -> {rss_at_end:.0f} MB")
+    finally:
+        context.destroy(linger=0)
+        harness.close()

@@ -1,0 +1,132 @@
+"""Workers die, stall, leave and arrive mid-run; the run completes with the undisturbed run's weights."""
+
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from tests.cluster_harness import Harness, wait_for
+from tests.conftest import load_model, max_difference
+
+TOLERANCE = 1e-6
+# float64 so that "same weights" can be checked tightly; 3 epochs of 300 steps each.
+RUN = ("--dtype", "float64", "--train-limit", "3000", "--test-limit", "300", "--batch-size", "10", "--epochs", "3",
+       "--seed", "5")
+
+
+@pytest.fixture
+def harness(tmp_path):
+    harness = Harness(tmp_path)
+    yield harness
+    harness.close()
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory) -> dict:
+    """The one-process run, which the distributed run matches to 1e-9 when nothing goes wrong."""
+    harness = Harness(tmp_path_factory.mktemp("local"))
+    try:
+        harness.start_coordinator("--local", *RUN)
+        assert harness.finish() == 0, harness.log(harness.coordinator)
+        return load_model(harness.run_dir)
+    finally:
+        harness.close()
+
+
+def _start_cluster(harness: Harness, workers: int, *args) -> list:
+    harness.start_coordinator("--workers", workers, *RUN, *args)
+    return [harness.start_worker(chr(ord("A") + index)) for index in range(workers)]
+
+
+def _completes_like_undisturbed(harness: Harness, undisturbed: dict) -> str:
+    assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
+    assert max_difference(load_model(harness.run_dir), undisturbed) < TOLERANCE
+    return harness.log(harness.coordinator)
+
+
+def test_two_workers_killed_at_different_times(harness, undisturbed):
+    workers = _start_cluster(harness, 7)
+    harness.wait_for_epoch(1)
+    time.sleep(0.3)  # into the second epoch
+    workers[2].kill()
+    harness.wait_for_epoch(2)
+    time.sleep(0.3)
+    workers[5].kill()
+    log = _completes_like_undisturbed(harness, undisturbed)
+    assert log.count("reassigning slot") == 2
+    records = harness.exposure_records()
+    takeovers = [r for r in records if r["reason"].startswith("took over columns")]
+    assert {r["epoch"] for r in takeovers} == {2, 3}
+    lost_columns = next(set(r["columns"]) for r in records if r["worker"] == "C")
+    handed_over = set().union(*(r["columns"] for r in takeovers if r["epoch"] == 2))
+    assert lost_columns <= handed_over and all(r["worker"] != "C" for r in takeovers)
+
+
+def test_stalled_worker_is_declared_lost_within_the_timeout(harness, undisturbed):
+    workers = _start_cluster(harness, 3, "--heartbeat-timeout", "2")
+    harness.wait_for_epoch(1)
+    time.sleep(0.3)
+    workers[1].send_signal(signal.SIGSTOP)
+    log = _completes_like_undisturbed(harness, undisturbed)
+    silences = [float(s) for s in re.findall(r"worker B silent for ([\d.]+) s", log)]
+    assert silences and silences[0] <= 2.0 + 0.3  # declared lost within the timeout, plus one tick
+
+
+def test_late_worker_gets_columns_at_the_next_epoch(harness, undisturbed):
+    _start_cluster(harness, 2)
+    harness.wait_for_epoch(1)
+    harness.start_worker("late")
+    log = _completes_like_undisturbed(harness, undisturbed)
+    assert "worker late joined as a standby" in log
+    joined = [r for r in harness.exposure_records() if r["worker"] == "late"]
+    assert joined and joined[0]["epoch"] >= 2 and joined[0]["step"] == 0
+    assert 250 <= len(joined[0]["columns"]) <= 262  # a third of 784, taken from the other two
+
+
+def test_with_rebalance_never_a_late_worker_waits_and_takes_over_a_loss(harness, undisturbed):
+    workers = _start_cluster(harness, 2, "--rebalance", "never")
+    harness.wait_for_epoch(1)
+    harness.start_worker("spare")
+    time.sleep(1.5)
+    workers[0].kill()
+    _completes_like_undisturbed(harness, undisturbed)
+    spare = [r for r in harness.exposure_records() if r["worker"] == "spare"]
+    assert len(spare) == 1 and spare[0]["reason"].startswith("took over a lost worker's slot")
+    assert len(spare[0]["columns"]) == 392  # exactly the lost slot: nobody else's view widened
+
+
+def test_worker_ctrl_c_deregisters(harness, undisturbed):
+    workers = _start_cluster(harness, 3)
+    harness.wait_for_epoch(1)
+    workers[0].send_signal(signal.SIGINT)
+    assert workers[0].wait(10) == 130
+    log = _completes_like_undisturbed(harness, undisturbed)
+    assert "worker A left: interrupted" in log
+
+
+def test_spawned_workers_do_not_outlive_a_killed_coordinator(harness):
+    coordinator = harness.start_coordinator("--spawn", 2, *RUN)
+    harness.wait_for_epoch(1)
+    children = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent_of(pid) == coordinator.pid]
+    assert len(children) == 2
+    coordinator.kill()
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and _parent_of(str(pid)) is not None
+                             and not _is_zombie(pid) for pid in children), 10, "spawned workers to exit")
+
+
+def _parent_of(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -1,0 +1,148 @@
+"""Freivalds checks: honest rounding never fails them, wrong answers do; lying workers are quarantined."""
+
+import json
+
+import numpy as np
+import pytest
+
+from common import model
+from common.protocol import FirstLayer, SecondBackward, SecondForward
+from coordinator.verify import Verifier
+from tests.cluster_harness import Harness
+from tests.conftest import load_model, max_difference
+from worker.compute import WorkerState
+from worker.faults import FAULTS, FaultyWorkerState
+
+RNG = np.random.default_rng(3)
+IMAGES = RNG.integers(0, 256, (50, 30), dtype=np.uint8)
+
+
+def _verifier(dtype: str) -> Verifier:
+    inputs = lambda split, rows, columns: model.inputs(IMAGES[np.ix_(rows, columns)], dtype, 255.0)
+    return Verifier("all", 1.0, np.random.default_rng(0), inputs)
+
+
+def _requests(dtype: str) -> list:
+    """A fused first-layer request, a second-layer forward and its backward, with realistic magnitudes."""
+    rows, error_rows = RNG.integers(0, 50, 16).astype(np.int32), RNG.integers(0, 50, 16).astype(np.int32)
+    weights = (RNG.standard_normal((30, 20)) / 5).astype(dtype)
+    error = (RNG.standard_normal((16, 20)) / 100).astype(dtype)
+    forward = SecondForward(2, RNG.random((16, 6)).astype(dtype), RNG.standard_normal((6, 10)).astype(dtype))
+    backward = SecondBackward(3, (RNG.standard_normal((16, 10)) / 50).astype(dtype))
+    return [FirstLayer(1, weights, "train", rows, error_rows, error, 3.0), forward, backward]
+
+
+def _answers(state: WorkerState, dtype: str):
+    state.load_shard(type("Shard", (), {"split": "train", "images": IMAGES})())
+    for request in _requests(dtype):
+        yield request, state.compute(request).products
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_honest_products_always_pass(dtype):
+    verifier = _verifier(dtype)
+    for _ in range(200):
+        state = WorkerState(dtype, 255.0)
+        forward = None
+        for request, products in _answers(state, dtype):
+            forward = request if isinstance(request, SecondForward) else forward
+            assert verifier.check(request, products, np.arange(30), forward) is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("mode", [m for m in FAULTS if m not in ("stale", "flip")])
+def test_every_wrong_answer_fails(dtype, mode):
+    verifier, forward = _verifier(dtype), None
+    for request, products in _answers(FaultyWorkerState(dtype, 255.0, mode), dtype):
+        forward = request if isinstance(request, SecondForward) else forward
+        assert verifier.check(request, products, np.arange(30), forward) is not None, type(request).__name__
+
+
+def test_one_wrong_element_fails():
+    verifier, state = _verifier("float32"), WorkerState("float32", 255.0)
+    request, products = next(_answers(state, "float32"))
+    products["partial"][5, 7] += 1e-3  # about a thousandth of a typical element
+    evidence = verifier.check(request, products, np.arange(30), None)
+    assert evidence.product == "partial" and evidence.discrepancy > evidence.allowance
+
+
+# --- real processes: a lying worker among honest ones ---------------------------------------------
+
+RUN = ("--dtype", "float64", "--train-limit", "600", "--test-limit", "200", "--batch-size", "10", "--epochs", "2",
+       "--seed", "11")
+FIRST_BAD_ANSWER = {"skew": 1, "permute": 1, "zeros": 1, "flip": 7, "stale": 4}
+
+
+@pytest.fixture(scope="module")
+def honest(tmp_path_factory) -> dict:
+    harness = Harness(tmp_path_factory.mktemp("honest"))
+    try:
+        harness.start_coordinator("--local", *RUN)
+        assert harness.finish() == 0
+        return {"model": load_model(harness.run_dir), "history": _history(harness)}
+    finally:
+        harness.close()
+
+
+def _history(harness: Harness) -> list:
+    return [json.loads(line) for line in (harness.run_dir / "history.jsonl").read_text().splitlines()]
+
+
+def _run_with_liar(tmp_path, fault: str, *args) -> Harness:
+    harness = Harness(tmp_path)
+    harness.start_coordinator("--workers", 3, *RUN, *args)
+    harness.start_worker("A")
+    harness.start_worker("B")
+    harness.start_worker("liar", "--fault", fault)
+    assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
+    return harness
+
+
+def _quarantined(harness: Harness) -> list:
+    path = harness.run_dir / "quarantine.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_verify_all_catches_each_fault_on_its_first_bad_answer(tmp_path, honest, fault):
+    harness = _run_with_liar(tmp_path, fault, "--verify", "all")
+    try:
+        caught = _quarantined(harness)
+        assert [(r["worker"], r["answers"]) for r in caught] == [("liar", FIRST_BAD_ANSWER[fault])]
+        assert max_difference(load_model(harness.run_dir), honest["model"]) < 1e-6
+    finally:
+        harness.close()
+
+
+def test_verify_sample_catches_a_persistent_liar_soon_enough(tmp_path, honest):
+    harness = _run_with_liar(tmp_path, "skew", "--verify", "sample", "--verify-rate", "0.05")
+    try:
+        caught = _quarantined(harness)
+        # answers until caught are geometric with mean 20; 200 or more happens with odds 0.95^199 < 4e-5
+        assert len(caught) == 1 and caught[0]["answers"] < 200
+        assert _history(harness)[-1]["test_accuracy"] >= honest["history"][-1]["test_accuracy"] - 0.02
+    finally:
+        harness.close()
+
+
+def test_verify_off_lets_a_liar_silently_spoil_the_model(tmp_path, honest):
+    harness = _run_with_liar(tmp_path, "skew", "--verify", "off")
+    try:
+        assert not _quarantined(harness)
+        assert max_difference(load_model(harness.run_dir), honest["model"]) > 1e-3
+    finally:
+        harness.close()
+
+
+def test_honest_float32_run_raises_no_false_alarm(tmp_path):
+    harness = Harness(tmp_path)
+    try:
+        harness.start_coordinator("--workers", 3, "--verify", "all", "--train-limit", "3000", "--test-limit", "1000",
+                                  "--epochs", "3", "--batch-size", "32")
+        for name in "ABC":
+            harness.start_worker(name)
+        assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
+        assert not _quarantined(harness)
+        assert "Freivalds" not in harness.log(harness.coordinator)
+    finally:
+        harness.close()
