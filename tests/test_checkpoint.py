@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.exposure import ExposurePlan
 from common.model import Params
 from coordinator import checkpoint, run
 from coordinator.checkpoint import Checkpoint, read_chain
@@ -74,6 +75,15 @@ def test_a_half_written_checkpoint_is_not_a_link(tmp_path):
     _chain_of_three(tmp_path)
     (tmp_path / "000004.npz").write_bytes(b"cut short by a crash")
     assert checkpoint.latest(tmp_path).number == 3
+
+
+def test_a_resumed_plan_numbers_its_slots_from_zero_in_the_same_order():
+    plan = ExposurePlan(np.array([2, 1, 2, 1, 4]), np.array([4, 1, 2]))
+    renumbered = plan.renumbered()
+    assert renumbered.slots == [0, 1, 2]
+    for old, new in zip(plan.slots, renumbered.slots):
+        assert np.array_equal(plan.columns(old), renumbered.columns(new))
+        assert np.array_equal(plan.units(old), renumbered.units(new))
 
 
 class Crash(Exception):
@@ -150,6 +160,30 @@ def test_killed_coordinator_resumes_to_the_same_weights(tmp_path, uninterrupted)
     assert history == [1, 2, 3, 4]
     verified = run_cli("coordinator", "verify-chain", run_dir)
     assert verified.returncode == 0 and verified.stdout.startswith("chain intact"), verified
+
+
+def _last_checkpoint_slots(run_dir: Path) -> tuple:
+    """(the worker slots of the plan in the last checkpoint, the steps it was taken after)."""
+    links, _ = read_chain(run_dir / "checkpoints")
+    with np.load(run_dir / "checkpoints" / f"{links[-1]['checkpoint']:06d}.npz") as saved:
+        return np.unique(saved["column_owners"]).tolist(), links[-1]["steps"]
+
+
+def test_resume_after_a_worker_was_lost_keeps_the_reassigned_plan(tmp_path, uninterrupted):
+    """Three workers, one killed, the plan spread over two; the coordinator killed; resumed on two."""
+    run_dir = tmp_path / "run"
+    coordinator = _start_training(run_dir, "--spawn", "3", "--bind", LOOPBACK_ANY_PORT, *RUN)
+    _when_first_checkpoint_appears(coordinator, run_dir)
+    os.kill(_children(coordinator.pid)[1], signal.SIGKILL)
+    while len(_last_checkpoint_slots(run_dir)[0]) == 3:
+        assert coordinator.poll() is None, coordinator.communicate()[1][-2000:]
+        time.sleep(0.01)
+    coordinator.send_signal(signal.SIGKILL)
+    coordinator.communicate()
+    slots, steps = _last_checkpoint_slots(run_dir)
+    assert len(slots) == 2 and slots != [0, 1] and steps < 400, (slots, steps)
+    _resume(run_dir)
+    assert max_difference(load_model(run_dir), load_model(uninterrupted)) < TOLERANCE
 
 
 def test_ctrl_c_checkpoints_stops_the_workers_and_exits_130(tmp_path, uninterrupted):
