@@ -1,9 +1,10 @@
 """Checkpoints: everything that continues a run bit-for-bit, kept in the run directory as a hash chain.
 
 Checkpoint n is two files in RUN_DIR/checkpoints: 000007.npz, the parameters and the exposure plan in
-force as plain arrays (never a pickle), and 000007.json, the rest: the progress within the epoch, the history so far, the config, the
-secret permutations' generator state, `arrays_sha256` (the .npz file's SHA-256), `prev` (the previous
-checkpoint's `sha256`, null for the first) and `sha256`, the hash of this metadata without that field.
+force as plain arrays (never a pickle), and 000007.json, the rest: the progress within the epoch, the
+history so far, the config, the secret permutations' generator state, `arrays_sha256` (the .npz file's
+SHA-256), `prev` (the previous checkpoint's `sha256`, null for the first) and `sha256`, the hash of this
+metadata without that field.
 Each file is written under a temporary name and renamed, the .json last, so a checkpoint exists once
 its .json does and a crash mid-write leaves only a stray .npz behind.
 
