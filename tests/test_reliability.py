@@ -42,7 +42,9 @@ def _start_cluster(harness: Harness, workers: int, *args) -> list:
 
 def _completes_like_undisturbed(harness: Harness, undisturbed: dict) -> str:
     assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
-    assert max_difference(load_model(harness.run_dir), undisturbed) < TOLERANCE
+    difference = max_difference(load_model(harness.run_dir), undisturbed)
+    print(f"max weight difference from the undisturbed run: {difference:.2e}")
+    assert difference < TOLERANCE
     return harness.log(harness.coordinator)
 
 
@@ -130,3 +132,19 @@ def _is_zombie(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_worker_waits_quietly_for_a_coordinator_that_comes_up_late(harness, undisturbed):
+    worker = harness.start_worker("early")
+    time.sleep(4)  # past the heartbeat timeout: it has registered again at least once by now
+    busy_seconds = _cpu_seconds(worker.pid)
+    assert busy_seconds < 1.0, f"an idle worker burned {busy_seconds} s of CPU"
+    harness.start_coordinator("--workers", 1, *RUN)
+    _completes_like_undisturbed(harness, undisturbed)
+    assert "registering again" in harness.log(worker)
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

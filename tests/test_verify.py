@@ -109,7 +109,9 @@ def test_verify_all_catches_each_fault_on_its_first_bad_answer(tmp_path, honest,
     try:
         caught = _quarantined(harness)
         assert [(r["worker"], r["answers"]) for r in caught] == [("liar", FIRST_BAD_ANSWER[fault])]
-        assert max_difference(load_model(harness.run_dir), honest["model"]) < 1e-6
+        difference = max_difference(load_model(harness.run_dir), honest["model"])
+        print(f"{fault}: caught at answer {caught[0]['answers']}, max weight difference {difference:.2e}")
+        assert difference < 1e-6
     finally:
         harness.close()
 
@@ -120,6 +122,7 @@ def test_verify_sample_catches_a_persistent_liar_soon_enough(tmp_path, honest):
         caught = _quarantined(harness)
         # answers until caught are geometric with mean 20; 200 or more happens with odds 0.95^199 < 4e-5
         assert len(caught) == 1 and caught[0]["answers"] < 200
+        print(f"sample: caught at answer {caught[0]['answers']}")
         assert _history(harness)[-1]["test_accuracy"] >= honest["history"][-1]["test_accuracy"] - 0.02
     finally:
         harness.close()
@@ -129,7 +132,9 @@ def test_verify_off_lets_a_liar_silently_spoil_the_model(tmp_path, honest):
     harness = _run_with_liar(tmp_path, "skew", "--verify", "off")
     try:
         assert not _quarantined(harness)
-        assert max_difference(load_model(harness.run_dir), honest["model"]) > 1e-3
+        difference = max_difference(load_model(harness.run_dir), honest["model"])
+        print(f"off: max weight difference {difference:.2e}")
+        assert difference > 1e-3
     finally:
         harness.close()
 

@@ -36,8 +36,10 @@ class CoordinatorLink:
         After a re-registration the loop gets the new Welcome, and must forget what it held.
         """
         while True:
-            wait = max(0.0, self.heartbeat_at - time.monotonic())
-            if self.socket.poll(wait * 1000):
+            next_duty = self.last_heard + settings.HEARTBEAT_TIMEOUT  # give up on this connection
+            if self.welcomed:
+                next_duty = min(next_duty, self.heartbeat_at)
+            if self.socket.poll(max(0.0, next_duty - time.monotonic()) * 1000):
                 message = self._read()
                 if message is not None:
                     return message
