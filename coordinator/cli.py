@@ -9,15 +9,18 @@ import typer
 
 from common import settings
 from common.data import DataError
+from common.keys import KeyFileError
+from coordinator.checkpoint import CheckpointError, Interrupted
 from coordinator.cluster import ClusterError
 from coordinator.config import PRESETS
 from coordinator.rundir import ModelError, default_run_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
-USER_ERRORS = (DataError, ModelError, ClusterError)
+USER_ERRORS = (DataError, ModelError, ClusterError, CheckpointError, KeyFileError)
 EXIT_USAGE = 2  # what typer itself returns for a bad option
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 class Rebalance(str, enum.Enum):
@@ -83,18 +86,38 @@ def train(
     replicas: Annotated[
         int, _option("REPLICAS", "Workers that compute each share of the work, compared with each other.", min=1)
     ] = 1,
+    curve_keys: Annotated[
+        Path | None, _option("CURVE_KEYS", "A `coordinator keygen` folder: encrypt, and admit only its workers.")
+    ] = None,
     report_every: Annotated[int | None, _option("REPORT_EVERY", "Print every N epochs.")] = None,
+    checkpoint_epochs: Annotated[int | None, _option("CHECKPOINT_EPOCHS", "Checkpoint after every N epochs.")] = None,
+    checkpoint_every: Annotated[
+        int | None, _option("CHECKPOINT_EVERY", "Checkpoint every N steps within an epoch too (0: never).")
+    ] = None,
+    resume: Annotated[
+        Path | None, _option("RESUME", "Continue this run directory from its last checkpoint, with its settings.")
+    ] = None,
 ):
     """Train the 784-128-10 sigmoid network on MNIST, the matrix products done by workers."""
-    from coordinator.run import ClusterOptions, train as run_training
+    from coordinator.run import ClusterOptions, resume_point, train as run_training
 
     if preset not in PRESETS:
         _fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    config = PRESETS[preset].with_overrides(
+    overrides = dict(
         epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, hidden=hidden, loss=loss,
         dtype=dtype, data=None if data is None else str(data), train_limit=train_limit, test_limit=test_limit,
         input_divisor=None if scale is None else (255.0 if scale else 1.0), report_every=report_every,
+        checkpoint_epochs=checkpoint_epochs, checkpoint_every=checkpoint_every,
     )
+    config, start = PRESETS[preset].with_overrides(**overrides), None
+    if resume is not None:
+        if any(value is not None for value in overrides.values()) or preset != "default" or run_dir:
+            _fail("--resume continues the run with its own settings and directory; give neither with it")
+        try:
+            config, start = resume_point(resume)
+        except CheckpointError as error:
+            _fail(str(error), EXIT_FAILED)
+        run_dir = resume
     worker_count = spawn or workers
     problems = config.problems() + ([] if worker_count >= 1 else ["workers must be at least 1"])
     if worker_count % replicas:
@@ -103,7 +126,7 @@ def train(
         _fail("; ".join(problems))
     cluster = None if local else ClusterOptions(
         bind, worker_count, spawn is not None, wait_timeout, heartbeat_timeout, rebalance is Rebalance.epoch,
-        verify.value, verify_rate, replicas,
+        verify.value, verify_rate, replicas, curve_keys,
     )
     _configure_logging()
 
@@ -111,10 +134,50 @@ def train(
         if report.epoch % config.report_every == 0 or report.epoch == config.epochs:
             typer.echo(_epoch_line(report, config.epochs))
 
+    run_dir = run_dir or default_run_dir()
     try:
-        run_training(config, run_dir or default_run_dir(), cluster, on_epoch)
+        run_training(config, run_dir, cluster, on_epoch, start=start)
     except USER_ERRORS as error:
         _fail(str(error), EXIT_USAGE if isinstance(error, DataError) else EXIT_FAILED)
+    except Interrupted as stop:
+        typer.echo(f"interrupted: {stop}; continue with `coordinator train --resume {run_dir}`", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+@app.command()
+def keygen(
+    folder: Annotated[Path, typer.Argument(help="Where to write the keys.")],
+    workers: Annotated[int, _option("WORKERS", "Worker key pairs to make.", min=1)] = 7,
+):
+    """Write CurveZMQ key pairs: the coordinator's, and one per worker with its public key on the allow-list."""
+    from common.keys import ALLOWED, WORKERS, generate
+    from coordinator.spawn import worker_names
+
+    names = worker_names(workers)
+    try:
+        generate(folder, names)
+    except KeyFileError as error:
+        _fail(str(error), EXIT_FAILED)
+    typer.echo(f"wrote keys for the coordinator and workers {', '.join(names)} into {folder}")
+    typer.echo(f"give each worker {folder / WORKERS}/<name>.key_secret and {folder}/coordinator.key;")
+    typer.echo(f"the coordinator admits the public keys in {folder / ALLOWED}")
+
+
+@app.command("verify-chain")
+def verify_chain(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `coordinator train`.")],
+):
+    """Check the run's checkpoint hash chain; name the first broken link."""
+    from coordinator.checkpoint import FOLDER, read_chain
+
+    links, broken = read_chain(run_dir / FOLDER)
+    if broken:
+        _fail(f"{broken} (after {len(links)} intact)", EXIT_FAILED)
+    if not links:
+        _fail(f"no checkpoints in {run_dir / FOLDER}", EXIT_FAILED)
+    typer.echo(f"chain intact: {len(links)} checkpoints, the last after step {links[-1]['steps']}")
 
 
 @app.command()

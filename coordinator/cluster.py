@@ -6,10 +6,11 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import zmq
 
-from common import protocol
+from common import keys, protocol
 from common.protocol import Stop
 from coordinator.scheduler import Admit, Arrived, Disconnect, Garbled, Scheduler, Send, Tick, Unreachable
 
@@ -52,7 +53,10 @@ class Traffic:
 class Cluster:
     """Workers registered on a bound ROUTER, and scatter/gather rounds over them."""
 
-    def __init__(self, bind: str, scheduler: Scheduler, max_message_bytes: int, welcome: Callable, context=None):
+    def __init__(
+        self, bind: str, scheduler: Scheduler, max_message_bytes: int, welcome: Callable, context=None,
+        curve_keys: Path | None = None,
+    ):
         self.scheduler = scheduler
         self.welcome = welcome  # slot (-1 for a standby) -> the Welcome a newly admitted worker gets
         self.next_tick = 0.0
@@ -61,6 +65,8 @@ class Cluster:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished peer fails loudly
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        if curve_keys is not None:
+            keys.make_server(self.socket, curve_keys)
         try:
             self.socket.bind(bind)
         except zmq.ZMQError as error:

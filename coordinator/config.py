@@ -25,6 +25,8 @@ class TrainingConfig:
     test_limit: int | None = None
     chunk_rows: int = settings.MAX_CHUNK_ROWS
     report_every: int = 1  # print every this many epochs
+    checkpoint_epochs: int = 1  # checkpoint after every this many epochs (and after the last)
+    checkpoint_every: int = 0  # also checkpoint every this many steps within an epoch; 0: never mid-epoch
 
     def with_overrides(self, **overrides) -> "TrainingConfig":
         """This config with the given fields replaced; None means "keep"."""
@@ -46,6 +48,8 @@ class TrainingConfig:
             (self.test_limit is None or self.test_limit >= 0, "test limit must be at least 0"),
             (1 <= self.chunk_rows <= settings.MAX_CHUNK_ROWS, f"chunk rows must be 1..{settings.MAX_CHUNK_ROWS}"),
             (self.report_every >= 1, "report every must be at least 1"),
+            (self.checkpoint_epochs >= 1, "checkpoint epochs must be at least 1"),
+            (self.checkpoint_every >= 0, "checkpoint every must be at least 0"),
         ]
         return [message for ok, message in checks if not ok]
 
@@ -59,6 +63,6 @@ PRESETS = {
     # The seed's 2-3-1 XOR network; its lr 10 went with a cost divided by 2, ours divides by the 4 rows.
     "xor": TrainingConfig(
         dataset="xor", hidden=3, epochs=5000, batch_size=4, learning_rate=20.0, dtype="float64",
-        init="legacy", seed=42, input_divisor=1.0, report_every=500,
+        init="legacy", seed=42, input_divisor=1.0, report_every=500, checkpoint_epochs=500,
     ),
 }

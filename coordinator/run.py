@@ -1,25 +1,31 @@
 """One training run, in this process or on workers: the library under `coordinator train`."""
 
+import dataclasses
 import logging
 import secrets
+import signal
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import zmq
 
-from common import model, settings
+from common import keys, model, settings
 from common.data import Dataset, load_dataset
 from common.exposure import ExposurePlan
 from common.protocol import Welcome
-from coordinator.cluster import Cluster
+from coordinator.checkpoint import Checkpoint, CheckpointError, Checkpointer, Interrupted
+from coordinator.checkpoint import FOLDER as CHECKPOINT_FOLDER
+from coordinator.checkpoint import latest as latest_checkpoint
+from coordinator.cluster import Cluster, ClusterError
 from coordinator.config import TrainingConfig
 from coordinator.distributed import ClusterProducts
 from coordinator.rundir import ModelError, RunDirectory, load_model
 from coordinator.scheduler import Scheduler
 from coordinator.spawn import local_address, spawn_workers, stop_workers
-from coordinator.training import LocalProducts, Trainer
+from coordinator.training import LocalProducts, Progress, Trainer
 from coordinator.verify import Verifier, inputs_for
 
 log = logging.getLogger("coordinator")
@@ -40,6 +46,7 @@ class ClusterOptions:
     verify: str = "sample"  # Freivalds-check "all", a secret "sample", or "off"
     verify_rate: float = settings.VERIFY_RATE
     replicas: int = 1  # workers computing each slot's products, compared with each other
+    curve_keys: Path | None = None  # a `coordinator keygen` folder: encrypt, and admit only its workers
 
 
 def load_data(config: TrainingConfig) -> Dataset:
@@ -64,27 +71,39 @@ def layer_sizes(config: TrainingConfig, data: Dataset) -> tuple:
     return data.train_images.shape[1], config.hidden, 1 if config.dataset == "xor" else 10
 
 
+def resume_point(run_dir: Path) -> tuple:
+    """(config, last checkpoint) of a run to continue, or CheckpointError."""
+    start = latest_checkpoint(Path(run_dir) / CHECKPOINT_FOLDER)
+    try:
+        config = TrainingConfig(**start.config)
+    except TypeError as error:
+        raise CheckpointError(f"the last checkpoint's config does not fit this version: {error}") from None
+    return config, start
+
+
 def train(
     config: TrainingConfig,
     run_dir: Path,
     cluster: ClusterOptions | None,
     on_epoch: Callable,
     on_batch: Callable | None = None,
+    start: Checkpoint | None = None,
 ) -> model.Params:
-    """Train as configured, locally when `cluster` is None, writing the run directory as it goes."""
+    """Train as configured (from a checkpoint if given), locally when `cluster` is None, writing the run directory."""
     data = load_data(config)
     sizes = layer_sizes(config, data)
-    params = model.initial_params(sizes, config.init, config.seed, config.dtype)
-    records = RunDirectory(run_dir)
+    if start is None:
+        if any((Path(run_dir) / CHECKPOINT_FOLDER).glob("*.json")):
+            raise CheckpointError(f"{run_dir} already holds a run's checkpoints; continue it with --resume")
+        params = model.initial_params(sizes, config.init, config.seed, config.dtype)
+        start = Checkpoint(params, Progress(), [], dataclasses.asdict(config))
+    records = RunDirectory(run_dir, start.history)
     records.save_config(config, mode="local" if cluster is None else "distributed")
     trainer = None
 
-    def on_epoch_recorded(report):
-        records.append_history(report)
-        on_epoch(report)
-
     def position() -> tuple:
-        return (trainer.epoch, trainer.step) if trainer else (1, 0)
+        progress = trainer.progress if trainer else start.progress
+        return progress.epoch, progress.step
 
     def on_exposure(slot, worker, plan, reason):
         records.append_exposure(*position(), slot, worker, plan, reason)
@@ -92,36 +111,82 @@ def train(
     def on_quarantine(worker, slot, request_kind, evidence):
         records.append_quarantine(*position(), worker, slot, request_kind, evidence)
 
-    with _products(config, data, sizes, cluster, records, on_exposure, on_quarantine) as products:
-        trainer = Trainer(config, params, products, labels_of(data))
-        trainer.train(on_epoch_recorded, on_batch)
-    records.save_model(params, config.input_divisor)
-    return params
+    with _products(config, data, sizes, cluster, records, on_exposure, on_quarantine, start) as products:
+        trainer = Trainer(config, start.params, products, labels_of(data), dataclasses.replace(start.progress))
+        checkpoints = Checkpointer(records.path / CHECKPOINT_FOLDER, trainer, start)
+
+        def on_epoch_recorded(report):
+            records.append_history(report)
+            on_epoch(report)
+            checkpoints.after_epoch(report)
+
+        with _stop_between_steps(checkpoints):
+            trainer.train(on_epoch_recorded, on_batch, checkpoints.after_step)
+    records.save_model(trainer.params, config.input_divisor)
+    return trainer.params
 
 
 @contextmanager
-def _products(config, data, sizes, cluster_options, records, on_exposure, on_quarantine):
+def _stop_between_steps(checkpoints: Checkpointer):
+    """Make the first Ctrl-C a checkpoint and a stop after the current step; a second one stops at once."""
+
+    def request_stop(signal_number, frame):
+        if checkpoints.stop_requested:
+            raise KeyboardInterrupt
+        checkpoints.stop_requested = True
+        log.warning("interrupted: checkpointing after this step (Ctrl-C again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def _products(config, data, sizes, cluster_options, records, on_exposure, on_quarantine, start):
     if cluster_options is None:
         yield LocalProducts({s: model.inputs(images_of(data, s), config.dtype, config.input_divisor) for s in SPLITS})
         return
-    with _cluster_products(config, data, sizes, cluster_options, records, on_exposure, on_quarantine) as products:
+    with _allow_list(cluster_options.curve_keys), _cluster_products(
+        config, data, sizes, cluster_options, records, on_exposure, on_quarantine, start
+    ) as products:
         yield products
 
 
 @contextmanager
-def _cluster_products(config, data, sizes, options: ClusterOptions, records, on_exposure, on_quarantine):
+def _allow_list(curve_keys: Path | None):
+    if curve_keys is None:
+        log.warning("no --curve-keys: anyone who can reach the port can join as a worker, and traffic is not encrypted")
+        yield
+        return
+    with keys.allow_list(curve_keys, zmq.Context.instance()):
+        yield
+
+
+@contextmanager
+def _cluster_products(config, data, sizes, options: ClusterOptions, records, on_exposure, on_quarantine, start):
+    """Workers computing the products; a checkpoint's plan and secret shuffles continue where it left off."""
     inputs, hidden, _ = sizes
-    plan = ExposurePlan.random(inputs, hidden, options.workers // options.replicas, config.seed)
     permutation_seed = secrets.randbits(128)
-    records.save_exposure(plan, permutation_seed)
+    slots = options.workers // options.replicas
+    if start.plan is None:
+        plan = ExposurePlan.random(inputs, hidden, slots, config.seed)
+        records.save_exposure(plan, permutation_seed)
+    else:
+        plan = start.plan.renumbered()
+        if len(plan.slots) != slots:
+            workers = len(plan.slots) * options.replicas
+            raise ClusterError(f"the run's exposure plan has {len(plan.slots)} worker slots; resume with {workers} workers")
     scheduler = Scheduler(
         options.workers, settings.PROTOCOL_VERSION, np.dtype(config.dtype), options.heartbeat_timeout, options.replicas
     )
     cluster = Cluster(
         options.bind, scheduler, _largest_reply_bytes(config, inputs),
-        welcome=lambda slot: Welcome(slot, config.dtype, config.input_divisor),
+        welcome=lambda slot: Welcome(slot, config.dtype, config.input_divisor), curve_keys=options.curve_keys,
     )
-    processes = spawn_workers(options.workers, local_address(cluster.endpoint)) if options.spawn else []
+    address = local_address(cluster.endpoint)
+    processes = spawn_workers(options.workers, address, options.curve_keys) if options.spawn else []
     try:
         log.info("waiting for %d workers on %s", options.workers, cluster.endpoint)
         cluster.admit_workers(options.wait_timeout)
@@ -130,10 +195,16 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records, on_
             options.verify, options.verify_rate, np.random.default_rng(secrets.randbits(128)),
             inputs_for(images, config.dtype, config.input_divisor),
         )
-        yield ClusterProducts(
+        products = ClusterProducts(
             cluster, plan, images, permutation_seed, on_exposure, options.rebalance, verifier, on_quarantine
         )
+        if start.permutations is not None:  # the resumed run sends the shuffles the interrupted one would have
+            products.permutations.bit_generator.state = start.permutations
+        yield products
         cluster.stop("training finished")
+    except (Interrupted, KeyboardInterrupt):
+        cluster.stop("the coordinator was interrupted")
+        raise
     finally:
         cluster.close()
         stop_workers(processes)

@@ -27,11 +27,12 @@ def default_run_dir() -> Path:
 class RunDirectory:
     """Writes one run's records as the run goes."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, history: list = ()):
+        """Open the run directory, its history starting with `history` (a resumed run's finished epochs)."""
         self.path = Path(path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / "history.jsonl").write_text("")
+            (self.path / "history.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in history))
         except OSError as error:
             raise ModelError(f"cannot write run directory {self.path}: {error.strerror}") from None
 

@@ -17,6 +17,21 @@ from common.model import Params
 from coordinator.config import TrainingConfig
 
 
+@dataclass
+class Progress:
+    """How far a run has got: the epoch under way, its steps done, and their summed cost and correct count."""
+
+    epoch: int = 1  # 1-based
+    step: int = 0  # batches of `epoch` already trained
+    cost: float = 0.0
+    correct: int = 0
+
+
+def batch_order(seed: int, epoch: int, size: int) -> np.ndarray:
+    """The epoch's shuffled row order: recomputed from the seed, so a resumed run draws the same batches."""
+    return np.random.default_rng([seed, epoch]).permutation(size).astype(np.int32)
+
+
 @dataclass(frozen=True)
 class EpochReport:
     epoch: int  # 1-based
@@ -32,6 +47,7 @@ class LocalProducts:
     def __init__(self, inputs: dict):
         self.inputs = inputs  # split -> (n, I) floats
         self.second_operands = None
+        self.plan = self.permutations = None  # one process: nothing is split or shuffled
 
     def first_layer(self, weights, split, rows, error_rows, error, learning_rate) -> tuple:
         forward_inputs = None if rows is None else self.inputs[split][rows]
@@ -52,36 +68,54 @@ class LocalProducts:
 class Trainer:
     """Trains `params` in place; labels are per split, the inputs live with the products backend."""
 
-    def __init__(self, config: TrainingConfig, params: Params, products, labels: dict):
+    def __init__(self, config: TrainingConfig, params: Params, products, labels: dict, progress: Progress = None):
         self.config = config
         self.params = params
         self.products = products
         self.labels = labels  # split -> (n,) ints
         self.outputs = params.w2.shape[1]
         self.pending = None  # (rows, hidden error) whose first-layer gradient is not yet applied
-        self.epoch, self.step = 1, 0  # where training is: the epoch and the number of its batches done
+        self.progress = progress or Progress()
 
-    def train(self, on_epoch: Callable[[EpochReport], None], on_batch: Callable[[int], None] = None) -> None:
-        for epoch in range(1, self.config.epochs + 1):
-            on_epoch(self.run_epoch(epoch, on_batch))
-            self.epoch, self.step = epoch + 1, 0
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.labels["train"]) // self.config.batch_size)
+
+    @property
+    def steps_done(self) -> int:
+        """Gradient steps of the whole run so far."""
+        return (self.progress.epoch - 1) * self.steps_per_epoch + self.progress.step
+
+    def train(
+        self,
+        on_epoch: Callable[[EpochReport], None],
+        on_batch: Callable[[int], None] = None,
+        after_step: Callable[[], None] = None,
+    ) -> None:
+        """Train from `progress` to the last epoch; `after_step` runs between steps, when the state is whole."""
+        while self.progress.epoch <= self.config.epochs:
+            on_epoch(self.run_epoch(on_batch, after_step))
             self.products.epoch_ended()
         self.settle()
 
-    def run_epoch(self, epoch: int, on_batch: Callable[[int], None] = None) -> EpochReport:
+    def run_epoch(self, on_batch: Callable[[int], None] = None, after_step: Callable[[], None] = None) -> EpochReport:
+        """Train the rest of the epoch under way, then move `progress` to the next one."""
         started = time.perf_counter()
-        self.epoch, self.step = epoch, 0
-        size = len(self.labels["train"])
-        order = np.random.default_rng([self.config.seed, epoch]).permutation(size).astype(np.int32)
-        cost = correct = 0
-        for start in range(0, size, self.config.batch_size):
-            batch_cost, batch_correct = self.train_batch(order[start : start + self.config.batch_size])
-            cost, correct = cost + batch_cost, correct + batch_correct
-            self.step += 1
+        size, batch, progress = len(self.labels["train"]), self.config.batch_size, self.progress
+        order = batch_order(self.config.seed, progress.epoch, size)
+        for start in range(progress.step * batch, size, batch):
+            batch_cost, batch_correct = self.train_batch(order[start : start + batch])
+            progress.step, progress.cost, progress.correct = (
+                progress.step + 1, progress.cost + batch_cost, progress.correct + batch_correct
+            )
             if on_batch:
-                on_batch(min(start + self.config.batch_size, size))
+                on_batch(min(start + batch, size))
+            if after_step:
+                after_step()
         test_accuracy = self.accuracy("test") if len(self.labels["test"]) else None
-        return EpochReport(epoch, cost / size, correct / size, test_accuracy, time.perf_counter() - started)
+        self.progress = Progress(progress.epoch + 1)
+        seconds = time.perf_counter() - started
+        return EpochReport(progress.epoch, progress.cost / size, progress.correct / size, test_accuracy, seconds)
 
     def train_batch(self, rows: np.ndarray) -> tuple:
         """One step of gradient descent on a batch, in chunks; returns its summed cost and correct count."""

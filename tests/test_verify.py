@@ -1,6 +1,7 @@
 """Freivalds checks: honest rounding never fails them, wrong answers do; lying workers are quarantined."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -149,5 +150,38 @@ def test_honest_float32_run_raises_no_false_alarm(tmp_path):
         assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
         assert not _quarantined(harness)
         assert "Freivalds" not in harness.log(harness.coordinator)
+    finally:
+        harness.close()
+
+
+def test_replicas_unmask_a_liar_even_with_checks_off(tmp_path, honest):
+    harness = Harness(tmp_path)
+    try:
+        harness.start_coordinator("--workers", 4, "--replicas", 2, "--verify", "off", *RUN)
+        for name in "ABC":
+            harness.start_worker(name)
+        harness.start_worker("liar", "--fault", "flip")
+        assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
+        caught = _quarantined(harness)
+        assert [(r["worker"], r["answers"]) for r in caught] == [("liar", FIRST_BAD_ANSWER["flip"])]
+        assert max_difference(load_model(harness.run_dir), honest["model"]) < 1e-6
+        initial = [r for r in harness.exposure_records() if r["reason"] == "initial plan"]
+        assert sorted(len(r["columns"]) for r in initial) == [392] * 4  # two slots, each on two workers
+    finally:
+        harness.close()
+
+
+def test_a_slot_outlives_one_of_its_replicas(tmp_path, honest):
+    harness = Harness(tmp_path)
+    try:
+        harness.start_coordinator("--workers", 4, "--replicas", 2, *RUN)
+        workers = [harness.start_worker(name) for name in "ABCD"]
+        harness.wait_for_epoch(1)
+        workers[0].kill()
+        assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
+        log = harness.log(harness.coordinator)
+        assert re.search(r"dropped peer \w+: worker A ", log), "the kill came after the run"
+        assert "reassigning" not in log  # its replica carried the slot on
+        assert max_difference(load_model(harness.run_dir), honest["model"]) < 1e-6
     finally:
         harness.close()

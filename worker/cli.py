@@ -3,6 +3,7 @@
 import logging
 import os
 import socket
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -24,22 +25,39 @@ def main(
         int, typer.Option(envvar="SCATTERPROP_THREADS", min=1, help="BLAS threads for the matrix products.")
     ] = 1,
     fault: Annotated[str | None, typer.Option(hidden=True, help="Answer wrongly on purpose (tests only).")] = None,
+    curve_secret_key: Annotated[
+        Path | None,
+        typer.Option(envvar="SCATTERPROP_CURVE_SECRET_KEY", help="This worker's key pair file (.key_secret)."),
+    ] = None,
+    curve_server_key: Annotated[
+        Path | None,
+        typer.Option(envvar="SCATTERPROP_CURVE_SERVER_KEY", help="The coordinator's coordinator.key (public key)."),
+    ] = None,
 ):
     """Connect to a coordinator and compute partial matrix products for it until it says stop."""
     for variable in BLAS_THREAD_VARIABLES:  # read by the BLAS library when numpy is first imported
         os.environ[variable] = str(threads)
+    from common.keys import KeyFileError
     from worker.compute import WorkerState
     from worker.connection import CoordinatorLink, Rejected
     from worker.faults import FAULTS, FaultyWorkerState
     from worker.serve import serve
 
+    if (curve_secret_key is None) != (curve_server_key is None):
+        typer.echo("error: --curve-secret-key and --curve-server-key go together", err=True)
+        raise typer.Exit(2)
     if fault is not None and fault not in FAULTS:
         typer.echo(f"error: unknown fault {fault!r}; choose one of {', '.join(FAULTS)}", err=True)
         raise typer.Exit(2)
     make_state = (lambda dtype, divisor: FaultyWorkerState(dtype, divisor, fault)) if fault else WorkerState
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s", datefmt="%H:%M:%S")
-    link = CoordinatorLink(connect, name or f"{socket.gethostname()}-{os.getpid()}")
+    curve = None if curve_secret_key is None else (curve_secret_key, curve_server_key)
+    try:
+        link = CoordinatorLink(connect, name or f"{socket.gethostname()}-{os.getpid()}", curve=curve)
+    except KeyFileError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2)
     try:
         reason = serve(link, make_state=make_state)
     except Rejected as error:

@@ -6,7 +6,7 @@ import time
 
 import zmq
 
-from common import protocol, settings
+from common import keys, protocol, settings
 from common.protocol import Deregister, Heartbeat, Register, Reject, Welcome
 
 log = logging.getLogger("worker")
@@ -19,10 +19,12 @@ class Rejected(RuntimeError):
 class CoordinatorLink:
     """Sends and receives whole messages; the worker's loop never sees a socket, a frame or a heartbeat."""
 
-    def __init__(self, address: str, name: str, context: zmq.Context | None = None):
+    def __init__(self, address: str, name: str, context: zmq.Context | None = None, curve: tuple | None = None):
+        """`curve`: (this worker's key pair file, the coordinator's public key file) to encrypt and authenticate."""
         self.address = address
         self.name = name
         self.context = context or zmq.Context.instance()
+        self.curve = curve
         self.socket = None
         self.welcomed = False
         self.backoff = settings.RECONNECT_BACKOFF[0]
@@ -74,6 +76,8 @@ class CoordinatorLink:
     def _connect(self) -> None:
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            keys.make_client(self.socket, *self.curve)
         self.socket.connect(self.address)
         self.welcomed = False
         self.last_heard = time.monotonic()

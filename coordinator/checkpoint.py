@@ -1,0 +1,195 @@
+"""Checkpoints: everything that continues a run bit-for-bit, kept in the run directory as a hash chain.
+
+Checkpoint n is two files in RUN_DIR/checkpoints: 000007.npz, the parameters and the exposure plan in
+force as plain arrays (never a pickle), and 000007.json, the rest: the progress within the epoch, the
+history so far, the config, the secret permutations' generator state, `arrays_sha256` (the .npz file's
+SHA-256), `prev` (the previous checkpoint's `sha256`, null for the first) and `sha256`, the hash of this
+metadata without that field.
+Each file is written under a temporary name and renamed, the .json last, so a checkpoint exists once
+its .json does and a crash mid-write leaves only a stray .npz behind.
+
+The chain shows that no checkpoint was changed, removed or reordered after the next one was written;
+it is not a signature: whoever can write the folder can write a whole new chain.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.exposure import ExposurePlan
+from common.model import Params
+from coordinator.training import Progress, Trainer
+
+FOLDER = "checkpoints"
+FIELDS = ("checkpoint", "steps", "epoch", "epoch_step", "cost", "correct", "history", "config", "permutations",
+          "arrays_sha256", "prev", "sha256")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be used; the text is one line for the user."""
+
+
+class Interrupted(Exception):
+    """Training stopped on request after saving a checkpoint."""
+
+
+@dataclass
+class Checkpoint:
+    params: Params
+    progress: Progress
+    history: list  # the finished epochs' reports, as dicts
+    config: dict
+    permutations: dict | None = None  # the state of the secret permutations' generator; None for a local run
+    plan: ExposurePlan | None = None  # who owns which columns and units at this point; None for a local run
+    steps: int = 0  # gradient steps of the whole run
+    number: int = 0  # position in the chain, from 1
+    sha256: str | None = None
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def metadata_sha256(metadata: dict) -> str:
+    """The hash of a checkpoint's metadata without its own `sha256` field."""
+    content = {name: value for name, value in metadata.items() if name != "sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def save(folder: Path, checkpoint: Checkpoint, prev: str | None) -> str:
+    """Write a checkpoint as link `checkpoint.number` after the one whose hash is `prev`; returns its hash."""
+    folder.mkdir(exist_ok=True)
+    arrays_path = folder / f"{checkpoint.number:06d}.npz"
+    plan = {} if checkpoint.plan is None else {
+        "column_owners": checkpoint.plan.column_owners, "unit_owners": checkpoint.plan.unit_owners
+    }
+    _write_atomically(arrays_path, lambda file: np.savez(file, **checkpoint.params.arrays(), **plan))
+    progress = checkpoint.progress
+    metadata = {
+        "checkpoint": checkpoint.number, "steps": checkpoint.steps, "epoch": progress.epoch,
+        "epoch_step": progress.step, "cost": progress.cost, "correct": progress.correct,
+        "history": checkpoint.history, "config": checkpoint.config, "permutations": checkpoint.permutations,
+        "arrays_sha256": file_sha256(arrays_path), "prev": prev,
+    }
+    metadata["sha256"] = metadata_sha256(metadata)
+    text = json.dumps(metadata, indent=1) + "\n"
+    _write_atomically(arrays_path.with_suffix(".json"), lambda file: file.write(text.encode()))
+    return metadata["sha256"]
+
+
+def _write_atomically(path: Path, write: Callable) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def read_chain(folder: Path) -> tuple:
+    """(metadata of the intact links in order, a one-line reason naming the first broken link or None)."""
+    paths = sorted(folder.glob("[0-9]*.json"), key=lambda path: int(path.stem) if path.stem.isdigit() else -1)
+    links, prev = [], None
+    for expected_number, path in enumerate(paths, start=1):
+        problem = _link_problem(path, expected_number, prev)
+        if problem:
+            return links, f"checkpoint {path.stem} is broken: {problem}"
+        metadata = json.loads(path.read_text())
+        links.append(metadata)
+        prev = metadata["sha256"]
+    return links, None
+
+
+def _link_problem(path: Path, number: int, prev: str | None) -> str:
+    """Why a link does not belong at this place in the chain, or ''."""
+    if path.stem != f"{number:06d}":
+        return f"expected checkpoint {number:06d} here (one is missing)"
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        return f"cannot read its metadata ({error})"
+    if not isinstance(metadata, dict) or set(metadata) != set(FIELDS):
+        return "its metadata does not have the checkpoint fields"
+    if metadata["sha256"] != metadata_sha256(metadata):
+        return "its metadata was changed"
+    if metadata["checkpoint"] != number:
+        return f"it says it is checkpoint {metadata['checkpoint']}"
+    if metadata["prev"] != prev:
+        return "it does not follow the checkpoint before it"
+    arrays_path = path.with_suffix(".npz")
+    if not arrays_path.exists() or file_sha256(arrays_path) != metadata["arrays_sha256"]:
+        return f"{arrays_path.name} is missing or was changed"
+    return ""
+
+
+def latest(folder: Path) -> Checkpoint:
+    """The last checkpoint of an intact chain, or CheckpointError."""
+    links, broken = read_chain(folder)
+    if broken:
+        raise CheckpointError(f"{broken}; see `coordinator verify-chain`")
+    if not links:
+        raise CheckpointError(f"no checkpoints in {folder}")
+    metadata = links[-1]
+    arrays_path = folder / f"{metadata['checkpoint']:06d}.npz"
+    try:
+        with np.load(arrays_path, allow_pickle=False) as saved:
+            params = Params(*(saved[name] for name in ("w1", "b1", "w2", "b2")))
+            plan = ExposurePlan(saved["column_owners"], saved["unit_owners"]) if "column_owners" in saved else None
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"cannot read {arrays_path}: {error}") from None
+    progress = Progress(metadata["epoch"], metadata["epoch_step"], metadata["cost"], metadata["correct"])
+    return Checkpoint(
+        params, progress, metadata["history"], metadata["config"], metadata["permutations"], plan,
+        metadata["steps"], metadata["checkpoint"], metadata["sha256"],
+    )
+
+
+class Checkpointer:
+    """Saves a trainer's state as its config says (every so many epochs and steps), and on a stop request."""
+
+    def __init__(self, folder: Path, trainer: Trainer, start: Checkpoint):
+        self.folder = folder
+        self.trainer = trainer
+        self.last = start  # the checkpoint the chain ends with (a blank one before the first)
+        self.history = list(start.history)
+        self.stop_requested = False
+
+    def after_step(self) -> None:
+        """Checkpoint if one is due mid-epoch or a stop was requested; then stop if asked to."""
+        every, step = self.trainer.config.checkpoint_every, self.trainer.progress.step
+        due = every and step % every == 0 and step < self.trainer.steps_per_epoch  # the epoch's end has its own
+        if self.stop_requested or due:
+            self.save()
+        self._stop_if_requested()
+
+    def after_epoch(self, report) -> None:
+        self.history.append(dataclasses.asdict(report))
+        config = self.trainer.config
+        if report.epoch % config.checkpoint_epochs == 0 or report.epoch == config.epochs or self.stop_requested:
+            self.save()
+        self._stop_if_requested()
+
+    def save(self) -> None:
+        """Add the trainer's current state to the chain, unless the chain already ends with it."""
+        trainer = self.trainer
+        if trainer.progress == self.last.progress:
+            return
+        trainer.settle()  # the pending first-layer gradient is applied now instead of with the next product
+        products = trainer.products
+        checkpoint = Checkpoint(
+            Params(**trainer.params.arrays()), dataclasses.replace(trainer.progress), list(self.history),
+            self.last.config, None if products.permutations is None else products.permutations.bit_generator.state,
+            products.plan, trainer.steps_done, self.last.number + 1,
+        )
+        checkpoint.sha256 = save(self.folder, checkpoint, self.last.sha256)
+        self.last = checkpoint
+
+    def _stop_if_requested(self) -> None:
+        if self.stop_requested:
+            raise Interrupted(f"stopped at checkpoint {self.last.number:06d} (step {self.last.steps})")

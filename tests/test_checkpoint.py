@@ -1,0 +1,226 @@
+"""Checkpoints: the hash chain names a broken link, and a resumed run ends where an uninterrupted one does."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.exposure import ExposurePlan
+from common.model import Params
+from coordinator import checkpoint, run
+from coordinator.checkpoint import Checkpoint, read_chain
+from coordinator.config import PRESETS
+from coordinator.training import Progress
+from tests.conftest import LOOPBACK_ANY_PORT, PROCESS_TIMEOUT, load_model, max_difference, run_cli
+
+TOLERANCE = 1e-6
+# 2,000 images in batches of 20: 100 steps an epoch, checkpointed every 25 steps and after each epoch.
+RUN = ("--dtype", "float64", "--train-limit", "2000", "--test-limit", "500", "--batch-size", "20", "--epochs", "4",
+       "--seed", "3", "--checkpoint-every", "25")
+SPAWNED = ("--spawn", "2", "--bind", LOOPBACK_ANY_PORT)
+
+
+def _chain_of_three(folder: Path) -> None:
+    prev = None
+    for number in (1, 2, 3):
+        params = Params(*(np.full(shape, number, np.float64) for shape in ((4, 3), (3,), (3, 2), (2,))))
+        state = Checkpoint(params, Progress(1, number), [], {}, None, steps=number, number=number)
+        prev = checkpoint.save(folder, state, prev)
+
+
+def _edit_metadata(path: Path) -> None:
+    metadata = json.loads(path.read_text())
+    metadata["cost"] = 1.5
+    path.write_text(json.dumps(metadata))
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 1
+    path.write_bytes(data)
+
+
+def _remove(path: Path) -> None:
+    path.unlink()
+    path.with_suffix(".npz").unlink()
+
+
+@pytest.mark.parametrize(
+    "tamper, broken",
+    [
+        (lambda folder: _flip_a_byte(folder / "000002.npz"), "checkpoint 000002 is broken: 000002.npz"),
+        (lambda folder: _edit_metadata(folder / "000002.json"), "checkpoint 000002 is broken: its metadata was"),
+        (lambda folder: _remove(folder / "000002.json"), "checkpoint 000003 is broken: expected checkpoint 000002"),
+    ],
+)
+def test_chain_names_the_first_broken_link(tmp_path, tamper, broken):
+    _chain_of_three(tmp_path)
+    links, problem = read_chain(tmp_path)
+    assert (len(links), problem) == (3, None)
+    tamper(tmp_path)
+    links, problem = read_chain(tmp_path)
+    assert problem.startswith(broken), problem
+    assert len(links) == 1
+
+
+def test_a_half_written_checkpoint_is_not_a_link(tmp_path):
+    _chain_of_three(tmp_path)
+    (tmp_path / "000004.npz").write_bytes(b"cut short by a crash")
+    assert checkpoint.latest(tmp_path).number == 3
+
+
+def test_a_resumed_plan_numbers_its_slots_from_zero_in_the_same_order():
+    plan = ExposurePlan(np.array([2, 1, 2, 1, 4]), np.array([4, 1, 2]))
+    renumbered = plan.renumbered()
+    assert renumbered.slots == [0, 1, 2]
+    for old, new in zip(plan.slots, renumbered.slots):
+        assert np.array_equal(plan.columns(old), renumbered.columns(new))
+        assert np.array_equal(plan.units(old), renumbered.units(new))
+
+
+class Crash(Exception):
+    pass
+
+
+def test_local_run_resumed_after_a_crash_is_bit_for_bit_the_same(tmp_path):
+    config = replace(PRESETS["xor"], epochs=5, batch_size=1, checkpoint_epochs=1, checkpoint_every=3)
+    whole = run.train(config, tmp_path / "whole", None, on_epoch=lambda report: None)
+
+    def crash_in_epoch_three(rows_done):
+        if rows_done == 4 and len((tmp_path / "cut" / "history.jsonl").read_text().splitlines()) == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run.train(config, tmp_path / "cut", None, on_epoch=lambda report: None, on_batch=crash_in_epoch_three)
+    resumed_config, start = run.resume_point(tmp_path / "cut")
+    assert resumed_config == config and (start.progress.epoch, start.progress.step) == (3, 3)
+    resumed = run.train(resumed_config, tmp_path / "cut", None, on_epoch=lambda report: None, start=start)
+    for name, array in whole.arrays().items():
+        assert np.array_equal(array, resumed.arrays()[name]), name
+    histories = [(tmp_path / d / "history.jsonl").read_text().splitlines() for d in ("whole", "cut")]
+    for ours, theirs in zip(*histories, strict=True):
+        ours, theirs = json.loads(ours), json.loads(theirs)
+        assert {**ours, "seconds": 0} == {**theirs, "seconds": 0}
+
+
+def _start_training(run_dir: Path, *args) -> subprocess.Popen:
+    """A coordinator leading its own process group, which its spawned workers join, as in a terminal."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "coordinator", "train", "--run-dir", str(run_dir), *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+    )
+
+
+def _when_first_checkpoint_appears(process: subprocess.Popen, run_dir: Path) -> None:
+    deadline = time.monotonic() + PROCESS_TIMEOUT
+    while not list((run_dir / "checkpoints").glob("*.json")):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
+        time.sleep(0.01)
+
+
+def _children(pid: int) -> list:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _resume(run_dir: Path) -> subprocess.CompletedProcess:
+    done = run_cli("coordinator", "train", "--resume", run_dir, *SPAWNED)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    done = run_cli("coordinator", "train", "--run-dir", run_dir, *SPAWNED, *RUN)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "anyone who can reach the port can join" in done.stderr
+    return run_dir
+
+
+def test_killed_coordinator_resumes_to_the_same_weights(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    coordinator = _start_training(run_dir, *SPAWNED, *RUN)
+    _when_first_checkpoint_appears(coordinator, run_dir)
+    coordinator.send_signal(signal.SIGKILL)
+    coordinator.communicate()
+    assert not (run_dir / "model.npz").exists()
+    done = _resume(run_dir)
+    assert max_difference(load_model(run_dir), load_model(uninterrupted)) < TOLERANCE
+    assert done.stdout.splitlines()[-1].startswith("epoch 4/4")
+    history = [json.loads(line)["epoch"] for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert history == [1, 2, 3, 4]
+    verified = run_cli("coordinator", "verify-chain", run_dir)
+    assert verified.returncode == 0 and verified.stdout.startswith("chain intact"), verified
+
+
+def _last_checkpoint_slots(run_dir: Path) -> tuple:
+    """(the worker slots of the plan in the last checkpoint, the steps it was taken after)."""
+    links, _ = read_chain(run_dir / "checkpoints")
+    with np.load(run_dir / "checkpoints" / f"{links[-1]['checkpoint']:06d}.npz") as saved:
+        return np.unique(saved["column_owners"]).tolist(), links[-1]["steps"]
+
+
+def test_resume_after_a_worker_was_lost_keeps_the_reassigned_plan(tmp_path, uninterrupted):
+    """Three workers, one killed, the plan spread over two; the coordinator killed; resumed on two."""
+    run_dir = tmp_path / "run"
+    coordinator = _start_training(run_dir, "--spawn", "3", "--bind", LOOPBACK_ANY_PORT, *RUN)
+    _when_first_checkpoint_appears(coordinator, run_dir)
+    os.kill(_children(coordinator.pid)[1], signal.SIGKILL)
+    while len(_last_checkpoint_slots(run_dir)[0]) == 3:
+        assert coordinator.poll() is None, coordinator.communicate()[1][-2000:]
+        time.sleep(0.01)
+    coordinator.send_signal(signal.SIGKILL)
+    coordinator.communicate()
+    slots, steps = _last_checkpoint_slots(run_dir)
+    assert len(slots) == 2 and slots != [0, 1] and steps < 400, (slots, steps)
+    _resume(run_dir)
+    assert max_difference(load_model(run_dir), load_model(uninterrupted)) < TOLERANCE
+
+
+def test_ctrl_c_checkpoints_stops_the_workers_and_exits_130(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    coordinator = _start_training(run_dir, *SPAWNED, *RUN)
+    _when_first_checkpoint_appears(coordinator, run_dir)
+    workers = _children(coordinator.pid)
+    os.killpg(coordinator.pid, signal.SIGINT)  # a Ctrl-C in a terminal reaches the whole group
+    _, stderr = coordinator.communicate(timeout=PROCESS_TIMEOUT)
+    assert coordinator.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: stopped at checkpoint"), stderr[-2000:]
+    assert len(workers) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    links, broken = read_chain(run_dir / "checkpoints")
+    assert broken is None and links[-1]["steps"] < 400
+    _resume(run_dir)
+    assert max_difference(load_model(run_dir), load_model(uninterrupted)) < TOLERANCE
+
+
+def test_verify_chain_names_a_tampered_checkpoint(tmp_path, uninterrupted):
+    run_dir = shutil.copytree(uninterrupted, tmp_path / "run")
+    assert len(list((run_dir / "checkpoints").glob("*.json"))) == 16  # 3 in each epoch, and its end
+    _flip_a_byte(run_dir / "checkpoints" / "000006.npz")
+    done = run_cli("coordinator", "verify-chain", run_dir)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: checkpoint 000006 is broken"), done.stderr
+    refused = run_cli("coordinator", "train", "--resume", run_dir, "--local")
+    assert refused.returncode == 1 and refused.stderr.startswith("error: checkpoint 000006 is broken")
+
+
+def test_resume_errors_are_one_line(tmp_path, uninterrupted):
+    nothing = run_cli("coordinator", "train", "--resume", tmp_path, "--local")
+    assert (nothing.returncode, nothing.stderr.strip()) == (1, f"error: no checkpoints in {tmp_path / 'checkpoints'}")
+    overridden = run_cli("coordinator", "train", "--resume", uninterrupted, "--epochs", "9", "--local")
+    assert overridden.returncode == 2 and overridden.stderr.startswith("error: --resume continues the run")
+    again = run_cli("coordinator", "train", "--run-dir", uninterrupted, "--local")
+    assert again.returncode == 1 and "already holds a run's checkpoints" in again.stderr
+    copy = shutil.copytree(uninterrupted, tmp_path / "copy")
+    other_plan = run_cli("coordinator", "train", "--resume", copy, "--spawn", "3", "--bind", LOOPBACK_ANY_PORT)
+    assert other_plan.returncode == 1 and "has 2 worker slots" in other_plan.stderr
