@@ -142,7 +142,7 @@ class Cluster:
             event = Garbled(peer, f"{len(frames) - 1} frames instead of 1")
         else:
             try:
-                event = Arrived(peer, protocol.decode(frames[1].buffer), time.monotonic())
+                event = Arrived(peer, protocol.decode(frames[1].buffer), time.monotonic(), _curve_key(frames[1]))
             except protocol.ProtocolError as error:
                 event = Garbled(peer, str(error))
         self._carry_out(self.scheduler.handle(event))
@@ -168,3 +168,11 @@ class Cluster:
             self.traffic.count(self._known(peer), sent=len(frame))
         except zmq.ZMQError:  # with ROUTER_MANDATORY: the peer's connection is gone
             self._carry_out(self.scheduler.handle(Unreachable(peer)))
+
+
+def _curve_key(frame: zmq.Frame) -> str | None:
+    """The sender's CURVE public key, as pyzmq's authenticator names it (z85), or None without CURVE."""
+    try:
+        return frame.get("User-Id") or None
+    except zmq.ZMQError:  # the socket does no authentication
+        return None

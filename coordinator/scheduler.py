@@ -23,6 +23,7 @@ class Arrived:
     peer: bytes
     message: object
     at: float = 0.0  # seconds on the transport's monotonic clock
+    key: str | None = None  # the peer's CURVE public key (z85), when the socket authenticates
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Worker:
     name: str
     slot: int | None  # None: a standby, admitted but holding no columns yet
     last_seen: float
+    key: str | None = None  # its CURVE public key, when the socket authenticates
     answered: int = 0
     last_round_trip: float | None = None  # seconds from sending its last request to its answer
 
@@ -116,7 +118,7 @@ class Scheduler:
     def __post_init__(self):
         slots = self.capacity // self.replicas
         self.open_slots = [slot for _ in range(self.replicas) for slot in range(slots)]  # one of each first
-        self.banned = set()  # names of quarantined workers
+        self.banned = set()  # names and CURVE keys of quarantined workers
 
     @property
     def ready(self) -> bool:
@@ -138,7 +140,7 @@ class Scheduler:
 
     def quarantine(self, peer: bytes, reason: str) -> list:
         """Drop a worker caught computing wrongly and refuse its name for the rest of the run."""
-        self.banned.add(self.workers[peer].name)
+        self.banned |= {self.workers[peer].name, self.workers[peer].key} - {None}
         return self._drop(peer, f"is quarantined: {reason}")
 
     def take_lost(self) -> dict:
@@ -166,7 +168,7 @@ class Scheduler:
             return self._drop(event.peer, f"sent a bad frame: {event.reason}")
         message = event.message
         if isinstance(message, Register):
-            return self._register(event.peer, message, event.at)
+            return self._register(event.peer, message, event.at, event.key)
         if event.peer not in self.workers:
             return [Disconnect(event.peer, f"sent {type(message).__name__} without registering")]
         self.workers[event.peer].last_seen = event.at
@@ -180,18 +182,18 @@ class Scheduler:
             return self._drop(event.peer, f"left: {message.reason}")
         return self._drop(event.peer, f"sent a {type(message).__name__}, which workers do not send")
 
-    def _register(self, peer: bytes, message: Register, now: float) -> list:
+    def _register(self, peer: bytes, message: Register, now: float, key: str | None) -> list:
         if peer in self.workers:
             return []  # a repeated registration that crossed our welcome
         if message.version != self.version:
             reason = f"protocol version {message.version} is not the coordinator's {self.version}"
             return [Send(peer, Reject(reason)), Disconnect(peer, reason)]
-        if message.name in self.banned:
+        if message.name in self.banned or key in self.banned:
             return [Send(peer, Reject("quarantined")), Disconnect(peer, f"{message.name} is quarantined")]
         if len(self.standbys) >= settings.MAX_STANDBY_WORKERS:
             return [Send(peer, Reject("no room for more workers")), Disconnect(peer, "arrived when full")]
         slot = self.open_slots.pop(0) if self.open_slots else None
-        self.workers[peer] = Worker(message.name, slot, last_seen=now)
+        self.workers[peer] = Worker(message.name, slot, last_seen=now, key=key)
         return [Admit(peer, slot, message.name)]
 
     def _tick(self, now: float) -> list:

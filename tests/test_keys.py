@@ -11,6 +11,7 @@ import zmq
 
 from common import keys
 from common.protocol import Register, encode
+from tests.cluster_harness import Harness
 from tests.conftest import LOOPBACK_ANY_PORT, run_cli
 
 SMALL_RUN = ("--train-limit", "300", "--test-limit", "100", "--epochs", "1")
@@ -89,3 +90,21 @@ def test_curve_options_go_together(key_folder):
     assert done.stderr.strip() == "error: --curve-secret-key and --curve-server-key go together"
     missing = run_cli("worker", "--curve-secret-key", key_folder / "none", "--curve-server-key", key_folder / "none")
     assert missing.returncode == 2 and missing.stderr.startswith("error: cannot read key file")
+
+
+def test_a_quarantined_key_stays_out_under_another_name(tmp_path, key_folder):
+    harness = Harness(tmp_path)
+    curve = lambda name: ("--curve-secret-key", keys.worker_secret_file(key_folder, name),
+                          "--curve-server-key", keys.server_public_file(key_folder))
+    try:
+        harness.start_coordinator("--workers", 2, "--curve-keys", key_folder, "--verify", "all", "--rebalance", "never",
+                                  "--train-limit", "2000", "--test-limit", "100", "--epochs", "3", "--batch-size", "10")
+        harness.start_worker("A", *curve("A"))
+        liar = harness.start_worker("B", "--fault", "zeros", *curve("B"))
+        assert liar.wait(60) == 0  # it was told to stop
+        disguised = harness.start_worker("innocent", *curve("B"))
+        assert disguised.wait(60) == 1
+        assert "refused this worker: quarantined" in harness.log(disguised)
+        assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
+    finally:
+        harness.close()

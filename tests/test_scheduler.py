@@ -119,3 +119,13 @@ def test_failures_garbage_and_strangers():
     assert not scheduler.workers and not scheduler.outstanding and set(scheduler.lost) == {0, 1}
     assert isinstance(scheduler.handle(Arrived(b"stranger", Stop("x")))[0], Disconnect)
     assert isinstance(scheduler.handle(Arrived(b"stranger", Result(1, {})))[0], Disconnect)
+
+
+def test_a_quarantined_workers_name_and_key_are_refused():
+    scheduler = Scheduler(capacity=1, version=1, dtype=F32)
+    scheduler.handle(Arrived(b"liar", Register("liar", 1), key="KEY"))
+    scheduler.quarantine(b"liar", "lied")
+    for peer, name, key in ((b"same name", "liar", "OTHER"), (b"same key", "innocent", "KEY")):
+        actions = scheduler.handle(Arrived(peer, Register(name, 1), key=key))
+        assert isinstance(actions[0].message, Reject) and peer not in scheduler.workers
+    assert scheduler.handle(Arrived(b"new", Register("new", 1), key="NEW")) == [Admit(b"new", 0, "new")]
