@@ -1,6 +1,7 @@
 """Helpers for tests that start real coordinator and worker processes on loopback."""
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -42,3 +43,13 @@ def train_run(tmp_path):
         return done, run_dir
 
     return run
+
+
+COMPOSE_FILE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
+
+
+def compose_services() -> dict:
+    """The services of docker-compose.yml, anchors merged: name -> its settings."""
+    import yaml  # a test extra
+
+    return yaml.safe_load(COMPOSE_FILE.read_text())["services"]
