@@ -19,4 +19,4 @@ RUN pip install . \
 USER scatterprop
 # A fresh named volume mounted here copies this directory's owner, so the non-root user can write runs.
 WORKDIR /runs
-EXPOSE 5555
+EXPOSE 5555 5556

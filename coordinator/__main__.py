@@ -1,3 +1,3 @@
-from coordinator.cli import app
+from coordinator.cli import main
 
-app(prog_name="coordinator")
+main()

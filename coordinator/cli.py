@@ -1,38 +1,35 @@
-"""`coordinator`: train the network on workers (or locally) and evaluate saved models."""
+"""`coordinator`: train the network on workers (or locally), watch a run, evaluate and report on it."""
 
-import logging
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from common import cli
+from common.cli import EXIT_FAILED, EXIT_USAGE, fail
 from common.data import DataError
 from coordinator.cluster import ClusterError
 from coordinator.config import PRESETS
 from coordinator.rundir import ModelError, default_run_dir
+from coordinator.status import StatusError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-USER_ERRORS = (DataError, ModelError, ClusterError)
-EXIT_USAGE = 2  # what typer itself returns for a bad option
-EXIT_FAILED = 1
+USER_ERRORS = (DataError, ModelError, ClusterError, StatusError)
+
+
+class LogFormat(str, Enum):
+    plain = "plain"
+    json = "json"
+
+
+def main() -> None:
+    cli.run(app, "coordinator")
 
 
 def _option(envvar: str, help: str, **kwargs):
     return typer.Option(envvar=f"SCATTERPROP_{envvar}", help=help, **kwargs)
-
-
-def _fail(message: str, code: int = EXIT_USAGE):
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _epoch_line(report, epochs: int) -> str:
-    test = "-" if report.test_accuracy is None else f"{report.test_accuracy:.2%}"
-    return (
-        f"epoch {report.epoch}/{epochs}  cost {report.cost:.5f}  train {report.train_accuracy:.2%}"
-        f"  test {test}  {report.seconds:.1f} s"
-    )
 
 
 @app.command()
@@ -56,12 +53,18 @@ def train(
     bind: Annotated[str, _option("BIND", "ZeroMQ address the coordinator binds.")] = "tcp://*:5555",
     wait_timeout: Annotated[float, _option("WAIT_TIMEOUT", "Seconds to wait for the workers.")] = 60.0,
     report_every: Annotated[int | None, _option("REPORT_EVERY", "Print every N epochs.")] = None,
+    status_bind: Annotated[
+        str | None, _option("STATUS_BIND", "ZeroMQ address of a read-only status socket for `coordinator status`.")
+    ] = None,
+    quiet: Annotated[bool, _option("QUIET", "Plain lines only, no live progress display.")] = False,
+    log_format: Annotated[LogFormat, _option("LOG_FORMAT", "plain, or json: one JSON object per line.")] = LogFormat.plain,
 ):
     """Train the 784-128-10 sigmoid network on MNIST, the matrix products done by workers."""
+    from coordinator.progress import output_for
     from coordinator.run import ClusterOptions, train as run_training
 
     if preset not in PRESETS:
-        _fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     config = PRESETS[preset].with_overrides(
         epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, hidden=hidden, loss=loss,
         dtype=dtype, data=None if data is None else str(data), train_limit=train_limit, test_limit=test_limit,
@@ -69,18 +72,13 @@ def train(
     )
     problems = config.problems() + ([] if (spawn or workers) >= 1 else ["workers must be at least 1"])
     if problems:
-        _fail("; ".join(problems))
-    cluster = None if local else ClusterOptions(bind, spawn or workers, spawn is not None, wait_timeout)
-    _configure_logging()
-
-    def on_epoch(report):
-        if report.epoch % config.report_every == 0 or report.epoch == config.epochs:
-            typer.echo(_epoch_line(report, config.epochs))
-
+        fail("; ".join(problems))
+    cluster = None if local else ClusterOptions(bind, spawn or workers, spawn is not None, wait_timeout, status_bind)
     try:
-        run_training(config, run_dir or default_run_dir(), cluster, on_epoch)
+        with output_for(quiet, log_format.value, config.epochs, config.report_every) as output:
+            run_training(config, run_dir or default_run_dir(), cluster, output.epoch, on_status=output.status)
     except USER_ERRORS as error:
-        _fail(str(error), EXIT_USAGE if isinstance(error, DataError) else EXIT_FAILED)
+        fail(str(error), EXIT_USAGE if isinstance(error, DataError) else EXIT_FAILED)
 
 
 @app.command()
@@ -94,9 +92,48 @@ def evaluate(
     try:
         accuracy = evaluate_model(model, data)
     except USER_ERRORS as error:
-        _fail(str(error))
+        fail(str(error))
     typer.echo(f"test accuracy {accuracy:.2%}")
 
 
-def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+@app.command()
+def status(
+    connect: Annotated[str, _option("CONNECT", "The status address of a coordinator started with --status-bind.")],
+    timeout: Annotated[float, _option("TIMEOUT", "Seconds to wait for the answer.", min=0)] = 5.0,
+    log_format: Annotated[LogFormat, _option("LOG_FORMAT", "plain, or json: the status as one JSON object.")] = LogFormat.plain,
+):
+    """Show a running coordinator's workers, epoch and step (read-only)."""
+    import dataclasses
+    import json
+
+    from rich.console import Console
+
+    from coordinator.progress import workers_table
+    from coordinator.status import request_status
+
+    try:
+        snapshot = request_status(connect, timeout)
+    except StatusError as error:
+        fail(str(error), EXIT_FAILED)
+    if log_format == LogFormat.json:
+        typer.echo(json.dumps(dataclasses.asdict(snapshot)))
+        return
+    typer.echo(snapshot.summary())
+    if snapshot.workers:
+        Console().print(workers_table(snapshot.workers))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(envvar="SCATTERPROP_RUN_DIR", help="A run directory written by `coordinator train`.")],
+    out: Annotated[Path | None, _option("OUT", "Where to write the PNGs (default: RUN_DIR/report).")] = None,
+):
+    """Draw a run's learning curves, exposure map and per-worker time and bytes as PNG files."""
+    from coordinator.report import ReportError, write_report
+
+    try:
+        written = write_report(run_dir, out or run_dir / "report")
+    except ReportError as error:
+        fail(str(error), EXIT_FAILED)
+    for path in written:
+        typer.echo(str(path))

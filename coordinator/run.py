@@ -19,6 +19,7 @@ from coordinator.distributed import ClusterProducts
 from coordinator.rundir import ModelError, RunDirectory, load_model
 from coordinator.scheduler import Scheduler
 from coordinator.spawn import local_address, spawn_workers, stop_workers
+from coordinator.status import RunStatus, RunWatch, StatusServer, worker_statuses
 from coordinator.training import LocalProducts, Trainer
 
 log = logging.getLogger("coordinator")
@@ -34,6 +35,7 @@ class ClusterOptions:
     workers: int
     spawn: bool  # start the workers as local processes
     wait_timeout: float  # seconds to wait for them to register
+    status_bind: str | None = None  # where to serve the read-only status (see coordinator.status); None: nowhere
 
 
 def load_data(config: TrainingConfig) -> Dataset:
@@ -64,35 +66,48 @@ def train(
     cluster: ClusterOptions | None,
     on_epoch: Callable,
     on_batch: Callable | None = None,
+    on_status: Callable | None = None,
 ) -> model.Params:
-    """Train as configured, locally when `cluster` is None, writing the run directory as it goes."""
+    """Train as configured, locally when `cluster` is None, writing the run directory as it goes.
+
+    `on_epoch` gets each EpochReport, `on_batch` the images done in the epoch, `on_status` a RunStatus
+    after every batch.
+    """
     data = load_data(config)
     sizes = layer_sizes(config, data)
     params = model.initial_params(sizes, config.init, config.seed, config.dtype)
     records = RunDirectory(run_dir)
     records.save_config(config, mode="local" if cluster is None else "distributed")
+    start = RunStatus("waiting for workers", 1, config.epochs, 0, len(data.train_labels), config.batch_size)
+    watch = RunWatch(start, [on_status] if on_status else [])
 
     def on_epoch_recorded(report):
         records.append_history(report)
+        watch.epoch_done(report)
         on_epoch(report)
 
-    with _products(config, data, sizes, cluster, records) as products:
-        Trainer(config, params, products, labels_of(data)).train(on_epoch_recorded, on_batch)
+    def on_batch_watched(samples):
+        watch.batch_done(samples)
+        if on_batch:
+            on_batch(samples)
+
+    with _products(config, data, sizes, cluster, records, watch) as products:
+        Trainer(config, params, products, labels_of(data)).train(on_epoch_recorded, on_batch_watched)
     records.save_model(params, config.input_divisor)
     return params
 
 
 @contextmanager
-def _products(config, data, sizes, cluster_options, records):
+def _products(config, data, sizes, cluster_options, records, watch):
     if cluster_options is None:
         yield LocalProducts({s: model.inputs(images_of(data, s), config.dtype, config.input_divisor) for s in SPLITS})
         return
-    with _cluster_products(config, data, sizes, cluster_options, records) as products:
+    with _cluster_products(config, data, sizes, cluster_options, records, watch) as products:
         yield products
 
 
 @contextmanager
-def _cluster_products(config, data, sizes, options: ClusterOptions, records: RunDirectory):
+def _cluster_products(config, data, sizes, options: ClusterOptions, records: RunDirectory, watch: RunWatch):
     inputs, hidden, _ = sizes
     plan = ExposurePlan.random(inputs, hidden, options.workers, config.seed)
     permutation_seed = secrets.randbits(128)
@@ -107,7 +122,13 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records: Run
     scheduler = Scheduler(options.workers, settings.PROTOCOL_VERSION, np.dtype(config.dtype))
     cluster = Cluster(options.bind, scheduler, _largest_reply_bytes(config, inputs), setup)
     processes = spawn_workers(options.workers, local_address(cluster.endpoint)) if options.spawn else []
+    status_server = None
     try:
+        if options.status_bind:
+            status_server = StatusServer(options.status_bind)
+            watch.listeners.append(status_server.publish)
+            log.info("status served on %s", status_server.endpoint)
+            watch.update()
         log.info("waiting for %d workers on %s", options.workers, cluster.endpoint)
         cluster.admit_workers(options.wait_timeout)
         for peer, worker in sorted(scheduler.workers.items(), key=lambda item: item[1].slot):
@@ -115,10 +136,14 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records: Run
                 "worker %s sees %d input columns and %d hidden units",
                 worker.name, len(plan.columns(worker.slot)), len(plan.units(worker.slot)),
             )
+        watch.workers = lambda: worker_statuses(scheduler, plan, cluster.traffic)
         yield ClusterProducts(cluster, plan, permutation_seed)
+        records.save_workers(watch.workers())
         cluster.stop("training finished")
     finally:
         cluster.close()
+        if status_server:
+            status_server.close()
         stop_workers(processes)
 
 

@@ -17,7 +17,7 @@ from tests.conftest import PROCESS_TIMEOUT, compose_services
 SUBNET = "10.77.0"  # only ever assigned inside the test's own namespaces
 COORDINATOR_ADDRESS = f"{SUBNET}.1"
 WORKER_SERVICES = [f"worker-{letter}" for letter in "abcdefg"]
-CUT_BUDGET = 40.0  # seconds a run may take to finish after a worker's link is cut
+CUT_BUDGET = 30.0  # seconds a run may take to finish after a worker's link is cut
 STOP_GRACE = 5.0  # seconds a process gets after SIGTERM
 
 

@@ -7,6 +7,9 @@ from typing import Annotated
 
 import typer
 
+from common import cli
+from common.cli import EXIT_FAILED, fail
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -25,20 +28,28 @@ def main(
     ] = 1,
 ):
     """Connect to a coordinator and compute partial matrix products for it until it says stop."""
+    import zmq
+
     for variable in BLAS_THREAD_VARIABLES:  # read by the BLAS library when numpy is first imported
         os.environ[variable] = str(threads)
     from worker.connection import CoordinatorLink, Rejected
     from worker.serve import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s", datefmt="%H:%M:%S")
-    link = CoordinatorLink(connect, name or f"{socket.gethostname()}-{os.getpid()}")
+    try:
+        link = CoordinatorLink(connect, name or f"{socket.gethostname()}-{os.getpid()}")
+    except zmq.ZMQError as error:
+        fail(f"cannot connect to {connect}: {error}")
     try:
         reason = serve(link)
     except Rejected as error:
-        typer.echo(f"error: the coordinator refused this worker: {error}", err=True)
-        raise typer.Exit(1)
+        fail(f"the coordinator refused this worker: {error}", EXIT_FAILED)
     except KeyboardInterrupt:
         raise typer.Exit(130)
     finally:
         link.close()
     logging.getLogger("worker").info("stopped: %s", reason)
+
+
+def main() -> None:
+    cli.run(app, "worker")
