@@ -106,9 +106,7 @@ def status(
     import dataclasses
     import json
 
-    from rich.console import Console
-
-    from coordinator.progress import workers_table
+    from coordinator.progress import print_workers
     from coordinator.status import request_status
 
     try:
@@ -120,7 +118,7 @@ def status(
         return
     typer.echo(snapshot.summary())
     if snapshot.workers:
-        Console().print(workers_table(snapshot.workers))
+        print_workers(snapshot.workers)
 
 
 @app.command()

@@ -8,6 +8,7 @@ import sys
 import time
 
 import typer
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.logging import RichHandler
@@ -17,6 +18,7 @@ from rich.text import Text
 
 LIVE_REFRESHES_PER_SECOND = 4  # the worker table changes every batch; faster than this is only flicker
 MEGABYTE = 1e6
+UNBOUNDED_WIDTH = 500  # characters: wider than any table here, so off a terminal nothing wraps
 
 
 def epoch_line(report, epochs: int) -> str:
@@ -29,7 +31,8 @@ def epoch_line(report, epochs: int) -> str:
 
 def workers_table(workers) -> Table:
     """One row per WorkerStatus: what the worker holds and how it has answered."""
-    table = Table("worker", "slot", "pixels", "hidden", "answered", "round trip", "busy", "sent", "received")
+    table = Table("worker", "slot", "pixels", "hidden", "answered", "round trip", "busy", "sent", "received",
+                  box=box.SIMPLE_HEAD)
     for worker in workers:
         round_trip = "-" if worker.last_round_trip is None else f"{worker.last_round_trip * 1000:.1f} ms"
         table.add_row(
@@ -38,6 +41,11 @@ def workers_table(workers) -> Table:
             f"{worker.received_bytes / MEGABYTE:.1f} MB",
         )
     return table
+
+
+def print_workers(workers) -> None:
+    """The workers table on stdout; a pipe or file gets it whole rather than squeezed into 80 columns."""
+    Console(width=None if sys.stdout.isatty() else UNBOUNDED_WIDTH).print(workers_table(workers))
 
 
 class PlainOutput:

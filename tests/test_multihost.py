@@ -2,17 +2,15 @@
 started as docker-compose.yml starts it. Needs root and `ip`; CI runs it as root."""
 
 import os
-import queue
 import shlex
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from tests.conftest import PROCESS_TIMEOUT, compose_services
+from tests.conftest import PROCESS_TIMEOUT, compose_services, lines_of, wait_for_line
 
 SUBNET = "10.77.0"  # only ever assigned inside the test's own namespaces
 COORDINATOR_ADDRESS = f"{SUBNET}.1"
@@ -111,35 +109,6 @@ def cluster(tmp_path):
         hosts.tear_down()
 
 
-def _lines(stream) -> queue.Queue:
-    """The lines of a stream as they come, read by a thread so the test can wait with a deadline."""
-    lines = queue.Queue()
-
-    def read():
-        for line in stream:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    return lines
-
-
-def _wait_for(lines: queue.Queue, prefix: str, deadline: float) -> list:
-    """Lines read until one starts with `prefix` (or the stream ended, or the deadline passed)."""
-    seen = []
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            break
-        if line is None:
-            break
-        seen.append(line)
-        if line.startswith(prefix):
-            break
-    return seen
-
-
 def _finish(process: subprocess.Popen, timeout: float) -> str:
     """Wait for the coordinator; its stderr, for the failure message."""
     try:
@@ -153,8 +122,8 @@ def _finish(process: subprocess.Popen, timeout: float) -> str:
 def test_seven_hosts_train_to_completion(cluster):
     train, _ = cluster
     coordinator = train("--train-limit", 2000, "--test-limit", 500, "--epochs", 2)
-    lines = _lines(coordinator.stdout)
-    seen = _wait_for(lines, "epoch 2/2", time.monotonic() + PROCESS_TIMEOUT)
+    lines = lines_of(coordinator.stdout)
+    seen = wait_for_line(lines, "epoch 2/2", time.monotonic() + PROCESS_TIMEOUT)
     errors = _finish(coordinator, PROCESS_TIMEOUT)
     assert coordinator.returncode == 0, errors
     assert [line.split()[1] for line in seen] == ["1/2", "2/2"]
@@ -167,12 +136,12 @@ def test_run_completes_after_a_worker_link_is_cut(cluster):
     train, links = cluster
     # Long enough that the cut after epoch 1 lands well before the end: about 2 s an epoch.
     coordinator = train("--train-limit", 6000, "--test-limit", 500, "--epochs", 6, "--batch-size", 20)
-    lines = _lines(coordinator.stdout)
-    seen = _wait_for(lines, "epoch 1/6", time.monotonic() + PROCESS_TIMEOUT)
+    lines = lines_of(coordinator.stdout)
+    seen = wait_for_line(lines, "epoch 1/6", time.monotonic() + PROCESS_TIMEOUT)
     assert seen and seen[-1].startswith("epoch 1/6") and coordinator.poll() is None, _finish(coordinator, 0)
     namespace, interface = links["worker-c"]
     _ip("-n", namespace, "link", "set", interface, "down")
-    seen += _wait_for(lines, "epoch 6/6", time.monotonic() + CUT_BUDGET)
+    seen += wait_for_line(lines, "epoch 6/6", time.monotonic() + CUT_BUDGET)
     errors = _finish(coordinator, 1.0)
     assert coordinator.returncode == 0, errors
     assert [line.split()[1] for line in seen] == [f"{epoch}/6" for epoch in range(1, 7)]
