@@ -98,8 +98,8 @@ def evaluate(
 
 @app.command()
 def status(
-    connect: Annotated[str, _option("CONNECT", "The status address of a coordinator started with --status-bind.")],
-    timeout: Annotated[float, _option("TIMEOUT", "Seconds to wait for the answer.", min=0)] = 5.0,
+    connect: Annotated[str, _option("STATUS_CONNECT", "The status address of a coordinator started with --status-bind.")],
+    timeout: Annotated[float, _option("STATUS_TIMEOUT", "Seconds to wait for the answer.", min=0)] = 5.0,
     log_format: Annotated[LogFormat, _option("LOG_FORMAT", "plain, or json: the status as one JSON object.")] = LogFormat.plain,
 ):
     """Show a running coordinator's workers, epoch and step (read-only)."""
@@ -124,7 +124,7 @@ def status(
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(envvar="SCATTERPROP_RUN_DIR", help="A run directory written by `coordinator train`.")],
-    out: Annotated[Path | None, _option("OUT", "Where to write the PNGs (default: RUN_DIR/report).")] = None,
+    out: Annotated[Path | None, _option("REPORT_OUT", "Where to write the PNGs (default: RUN_DIR/report).")] = None,
 ):
     """Draw a run's learning curves, exposure map and per-worker time and bytes as PNG files."""
     from coordinator.report import ReportError, write_report
