@@ -1,3 +1,3 @@
-from coordinator.cli import main
+from coordinator.cli import console_script
 
-main()
+console_script()

@@ -24,7 +24,7 @@ class LogFormat(str, Enum):
     json = "json"
 
 
-def main() -> None:
+def console_script() -> None:
     cli.run(app, "coordinator")
 
 

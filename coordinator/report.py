@@ -19,18 +19,19 @@ class ReportError(RuntimeError):
 
 def write_report(run_dir: Path, out_dir: Path) -> list:
     """Draw what the run directory holds into out_dir; returns the PNG paths written."""
-    history = _read_history(Path(run_dir))
-    exposure = _read_exposure(Path(run_dir) / "exposure.npz")
-    workers = _read_json(Path(run_dir) / "workers.json")
+    run_dir = Path(run_dir)
+    history = _read_history(run_dir)
+    exposure = _read_exposure(run_dir / "exposure.npz")
+    handovers = _read_json_lines(run_dir / "exposure.jsonl") if (run_dir / "exposure.jsonl").exists() else []
+    workers = _read_json(run_dir / "workers.json")
     pyplot = _pyplot()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ReportError(f"cannot write {out_dir}: {error.strerror}") from None
-    names = {worker["slot"]: worker["name"] for worker in workers or []}
     figures = {"learning-curves.png": _learning_curves(pyplot, history)}
     if exposure is not None:
-        figures["exposure-map.png"] = _exposure_map(pyplot, exposure, names)
+        figures["exposure-map.png"] = _exposure_map(pyplot, exposure, handovers, _slot_names(workers, handovers))
     if workers:
         figures["workers.png"] = _worker_load(pyplot, workers)
     written = []
@@ -54,16 +55,21 @@ def _pyplot():
 
 def _read_history(run_dir: Path) -> list:
     path = run_dir / "history.jsonl"
-    try:
-        lines = path.read_text().splitlines()
-        history = [json.loads(line) for line in lines if line.strip()]
-    except OSError as error:
-        raise ReportError(f"cannot read run directory {run_dir}: {error.strerror} ({path.name})") from None
-    except ValueError:
-        raise ReportError(f"{path} is not one JSON object per line") from None
+    if not path.is_file():
+        raise ReportError(f"cannot read run directory {run_dir}: it has no {path.name}")
+    history = _read_json_lines(path)
     if not history:
         raise ReportError(f"{path} holds no finished epoch yet")
     return history
+
+
+def _read_json_lines(path: Path) -> list:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except OSError as error:
+        raise ReportError(f"cannot read {path}: {error.strerror}") from None
+    except ValueError:
+        raise ReportError(f"{path} is not one JSON object per line") from None
 
 
 def _read_exposure(path: Path) -> np.ndarray | None:
@@ -102,21 +108,55 @@ def _learning_curves(pyplot, history: list):
     return figure
 
 
-def _exposure_map(pyplot, column_owners: np.ndarray, names: dict):
-    """The image grid (28 x 28 for MNIST) coloured by the slot that holds each pixel."""
+def _slot_names(workers: list | None, handovers: list) -> dict:
+    """slot -> the names of the workers that held it, in order ("C then H" after a standby took over)."""
+    held = {}
+    for record in [*handovers, *(workers or [])]:
+        names = held.setdefault(record["slot"], [])
+        name = record.get("worker", record.get("name"))
+        if name not in names:
+            names.append(name)
+    return {slot: " then ".join(names) for slot, names in held.items()}
+
+
+def final_owners(column_owners: np.ndarray, handovers: list) -> np.ndarray:
+    """The owner slot of each input column at the end: each record lists all the columns its slot holds."""
+    owners = column_owners.copy()
+    for record in handovers:
+        owners[record["columns"]] = record["slot"]
+    return owners
+
+
+def _image_grid(owners: np.ndarray) -> np.ndarray:
+    """Columns as the image they come from: 28 x 28 for MNIST, one row when not square."""
+    side = math.isqrt(len(owners))
+    return owners.reshape(side, side) if side * side == len(owners) else owners[None, :]
+
+
+def _exposure_map(pyplot, column_owners: np.ndarray, handovers: list, names: dict):
+    """The image grid coloured by the slot that holds each pixel; a second panel when pixels changed hands."""
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    slots = int(column_owners.max()) + 1
-    side = math.isqrt(len(column_owners))
-    grid = column_owners.reshape(side, side) if side * side == len(column_owners) else column_owners[None, :]
+    owners_at_end = final_owners(column_owners, handovers)
+    moved = _image_grid(owners_at_end != column_owners)
+    slots = int(max(column_owners.max(), owners_at_end.max())) + 1
     colours = pyplot.get_cmap("tab10" if slots <= 10 else "tab20", slots)
     cmap = ListedColormap([colours(slot) for slot in range(slots)])
-    figure, axes = pyplot.subplots(figsize=(6.4, 5), layout="constrained")
-    axes.imshow(grid, cmap=cmap, vmin=-0.5, vmax=slots - 0.5)
-    axes.set(title="which worker holds each pixel", xticks=[], yticks=[])
+    panels = [("which worker holds each pixel", column_owners)]
+    if moved.any():
+        panels = [("at the start", column_owners), (f"at the end: {int(moved.sum())} pixels (dots) changed hands",
+                                                     owners_at_end)]
+    figure, axes = pyplot.subplots(1, len(panels), figsize=(1.6 + 4.8 * len(panels), 5), layout="constrained",
+                                   squeeze=False)
+    for panel, (title, owners) in zip(axes[0], panels):
+        panel.imshow(_image_grid(owners), cmap=cmap, vmin=-0.5, vmax=slots - 0.5)
+        panel.set(title=title, xticks=[], yticks=[])
+    if moved.any():
+        rows, columns = np.nonzero(moved)
+        axes[0][-1].scatter(columns, rows, s=6, c="black")
     legend = [Patch(color=cmap(slot), label=names.get(slot, f"slot {slot}")) for slot in range(slots)]
-    axes.legend(handles=legend, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False, title="worker")
+    axes[0][-1].legend(handles=legend, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False, title="worker")
     return figure
 
 

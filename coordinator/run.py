@@ -136,8 +136,9 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records: Run
                 "worker %s sees %d input columns and %d hidden units",
                 worker.name, len(plan.columns(worker.slot)), len(plan.units(worker.slot)),
             )
-        watch.workers = lambda: worker_statuses(scheduler, plan, cluster.traffic)
-        yield ClusterProducts(cluster, plan, permutation_seed)
+        products = ClusterProducts(cluster, plan, permutation_seed)
+        watch.workers = lambda: worker_statuses(scheduler, products.plan, cluster.traffic)
+        yield products
         records.save_workers(watch.workers())
         cluster.stop("training finished")
     finally:

@@ -60,3 +60,11 @@ def test_one_coordinator_for_seven_workers(monkeypatch):
 @pytest.mark.parametrize("name", sorted(compose_services()))
 def test_service_uses_only_options_its_cli_accepts(name, monkeypatch):
     _parsed(compose_services()[name], monkeypatch)
+
+
+def test_image_holds_every_package():
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11")
+    packages = tomllib.loads((COMPOSE_FILE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    copied = {line.split()[1] for line in (COMPOSE_FILE.parent / "Dockerfile").read_text().splitlines()
+              if line.startswith("COPY ")}
+    assert set(packages) <= copied, f"the Dockerfile does not COPY {set(packages) - copied}"

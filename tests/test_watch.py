@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from tests.conftest import LOOPBACK_ANY_PORT, PROCESS_TIMEOUT, lines_of, run_cli, wait_for_line
@@ -147,3 +148,26 @@ def test_report_without_matplotlib_says_how_to_install_it(tmp_path, train_run):
 )
 def test_user_errors_are_one_line(program, args, code, words):
     _one_line_error(run_cli(program, *args), code, *words)
+
+
+def test_exposure_map_shows_pixels_that_changed_hands(tmp_path):
+    """A run directory as issue 3's recovery leaves it: exposure.jsonl records slot 2's pixels handed to slot 0."""
+    image = pytest.importorskip("matplotlib.image", reason="the plot extra is not installed")
+    from common.exposure import ExposurePlan
+    from coordinator.report import final_owners, write_report
+
+    plan = ExposurePlan.random(784, 128, 3, seed=1)
+    plan.save(tmp_path / "exposure.npz", permutation_seed=5)
+    (tmp_path / "history.jsonl").write_text(json.dumps(
+        {"epoch": 1, "cost": 0.5, "train_accuracy": 0.5, "test_accuracy": 0.6, "seconds": 1.0}) + "\n")
+    handover = {"epoch": 1, "step": 3, "slot": 0, "worker": "A", "reason": "took over columns of a lost worker",
+                "columns": sorted([*plan.columns(0).tolist(), *plan.columns(2).tolist()]), "units": []}
+    (tmp_path / "exposure.jsonl").write_text(json.dumps(handover) + "\n")
+    owners = final_owners(plan.column_owners, [handover])
+    assert np.bincount(owners, minlength=3).tolist() == [len(plan.columns(0)) + len(plan.columns(2)),
+                                                         len(plan.columns(1)), 0]
+    still = write_report(tmp_path, tmp_path / "still")  # the same run before any handover
+    (tmp_path / "exposure.jsonl").unlink()
+    alone = write_report(tmp_path, tmp_path / "alone")
+    moved_width = image.imread(still[1]).shape[1]
+    assert moved_width > 1.5 * image.imread(alone[1]).shape[1]  # a second panel: the map at the end

@@ -1,3 +1,3 @@
-from worker.cli import main
+from worker.cli import console_script
 
-main()
+console_script()

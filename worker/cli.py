@@ -51,5 +51,5 @@ def main(
     logging.getLogger("worker").info("stopped: %s", reason)
 
 
-def main() -> None:
+def console_script() -> None:
     cli.run(app, "worker")
