@@ -54,7 +54,7 @@ def reference() -> str:
         lines += [f"#### `{command_line}`", "", command.help.strip().splitlines()[0], "",
                   "| option | environment variable | default | meaning |", "|---|---|---|---|"]
         for param in command.params:
-            if param.name == "help":
+            if param.name == "help" or param.hidden:  # hidden options are for tests, not users
                 continue
             lines.append(f"| {_names(param)} | `{param.envvar}` | {_default(param)} | {param.help or ''} |")
         lines.append("")

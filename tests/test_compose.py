@@ -24,7 +24,7 @@ def _parsed(service: dict, monkeypatch) -> tuple:
         subcommand, *args = args
         command = command.commands[subcommand]
     environment = {name: str(value) for name, value in service.get("environment", {}).items()}
-    envvars = {param.envvar for param in command.params}
+    envvars = {param.envvar for param in command.params if param.envvar}
     assert set(environment) <= envvars, f"not read by {program} {subcommand or ''}: {set(environment) - envvars}"
     for name in envvars:
         monkeypatch.delenv(name, raising=False)

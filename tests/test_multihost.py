@@ -15,7 +15,6 @@ from tests.conftest import PROCESS_TIMEOUT, compose_services, lines_of, wait_for
 SUBNET = "10.77.0"  # only ever assigned inside the test's own namespaces
 COORDINATOR_ADDRESS = f"{SUBNET}.1"
 WORKER_SERVICES = [f"worker-{letter}" for letter in "abcdefg"]
-CUT_BUDGET = 30.0  # seconds a run may take to finish after a worker's link is cut
 STOP_GRACE = 5.0  # seconds a process gets after SIGTERM
 
 
@@ -141,7 +140,8 @@ def test_run_completes_after_a_worker_link_is_cut(cluster):
     assert seen and seen[-1].startswith("epoch 1/6") and coordinator.poll() is None, _finish(coordinator, 0)
     namespace, interface = links["worker-c"]
     _ip("-n", namespace, "link", "set", interface, "down")
-    seen += wait_for_line(lines, "epoch 6/6", time.monotonic() + CUT_BUDGET)
-    errors = _finish(coordinator, 1.0)
+    # Without recovery the coordinator gives up when the round's reply timeout passes; with it, it goes on.
+    seen += wait_for_line(lines, "epoch 6/6", time.monotonic() + PROCESS_TIMEOUT)
+    errors = _finish(coordinator, PROCESS_TIMEOUT)
     assert coordinator.returncode == 0, errors
     assert [line.split()[1] for line in seen] == [f"{epoch}/6" for epoch in range(1, 7)]

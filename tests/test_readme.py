@@ -13,7 +13,7 @@ def test_every_option_and_variable_is_in_the_readme():
     for command_line, command in commands():
         assert f"#### `{command_line}`" in readme
         for param in command.params:
-            if param.name == "help":
+            if param.name == "help" or param.hidden:
                 continue
             names = [param.name.upper()] if param.param_type_name == "argument" else param.opts
             assert param.envvar in readme and all(f"`{name}`" in readme for name in names), param.name
