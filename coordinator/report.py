@@ -155,7 +155,9 @@ def _exposure_map(pyplot, column_owners: np.ndarray, handovers: list, names: dic
     if moved.any():
         rows, columns = np.nonzero(moved)
         axes[0][-1].scatter(columns, rows, s=6, c="black")
-    legend = [Patch(color=cmap(slot), label=names.get(slot, f"slot {slot}")) for slot in range(slots)]
+    gone = set(range(slots)) - set(owners_at_end.tolist())
+    legend = [Patch(color=cmap(slot), label=names.get(slot, f"slot {slot}") + (" (left)" if slot in gone else ""))
+              for slot in range(slots)]
     axes[0][-1].legend(handles=legend, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False, title="worker")
     return figure
 
