@@ -25,3 +25,9 @@ REGISTER_TIMEOUT = 60.0
 
 WORKER_CONNECT_TIMEOUT = 10.0
 """Seconds a worker waits for its welcome after registering before it registers again."""
+
+STATUS_POLL_INTERVAL = 0.1
+"""Seconds between the status thread's looks at whether it should stop: how long closing it may take."""
+
+MAX_STATUS_REQUEST_BYTES = 1024
+"""Largest status request (bytes) the status socket takes; its content is ignored, so more is only a nuisance."""

@@ -103,9 +103,6 @@ def status(
     log_format: Annotated[LogFormat, _option("LOG_FORMAT", "plain, or json: the status as one JSON object.")] = LogFormat.plain,
 ):
     """Show a running coordinator's workers, epoch and step (read-only)."""
-    import dataclasses
-    import json
-
     from coordinator.progress import print_workers
     from coordinator.status import request_status
 
@@ -114,7 +111,7 @@ def status(
     except StatusError as error:
         fail(str(error), EXIT_FAILED)
     if log_format == LogFormat.json:
-        typer.echo(json.dumps(dataclasses.asdict(snapshot)))
+        typer.echo(snapshot.to_json())
         return
     typer.echo(snapshot.summary())
     if snapshot.workers:

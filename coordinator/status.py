@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-STATUS_POLL_MS = 100  # how often the serving thread looks up from its socket to see if it should stop
-MAX_STATUS_REQUEST_BYTES = 1024  # a request's content is ignored, so a large one is only a nuisance
+from common.settings import MAX_STATUS_REQUEST_BYTES, STATUS_POLL_INTERVAL
 
 
 class StatusError(RuntimeError):
@@ -59,6 +58,9 @@ class RunStatus:
     def summary(self) -> str:
         return (f"{self.state}  epoch {self.epoch}/{self.epochs}  step {self.step}/{self.steps_per_epoch}"
                 f"  {len(self.workers)} workers")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
 
     @classmethod
     def from_json(cls, text: bytes) -> "RunStatus":
@@ -125,7 +127,7 @@ class StatusServer:
         self.thread.start()  # from here on only the thread touches the socket
 
     def publish(self, status: RunStatus) -> None:
-        self.answer = json.dumps(dataclasses.asdict(status)).encode()  # one reference swap: no lock needed
+        self.answer = status.to_json().encode()  # one reference swap: no lock needed
 
     def close(self) -> None:
         self.stopping.set()
@@ -133,7 +135,7 @@ class StatusServer:
 
     def _serve(self) -> None:
         while not self.stopping.is_set():
-            if self.socket.poll(STATUS_POLL_MS):
+            if self.socket.poll(STATUS_POLL_INTERVAL * 1000):
                 self.socket.recv_multipart()
                 self.socket.send(self.answer)
         self.socket.close()

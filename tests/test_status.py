@@ -1,8 +1,5 @@
 """The run's status without sockets: round-trip bookkeeping, the per-worker view, and the watch's states."""
 
-import dataclasses
-import json
-
 import numpy as np
 import pytest
 
@@ -53,7 +50,7 @@ def test_status_survives_json_and_junk_is_refused():
     scheduler.handle(Arrived(b"peer", Register("A", 1)))
     workers = worker_statuses(scheduler, ExposurePlan.random(4, 2, 1, seed=0), Traffic())
     status = RunStatus("training", 1, 3, 10, 100, 10, workers)
-    assert RunStatus.from_json(json.dumps(dataclasses.asdict(status)).encode()) == status
+    assert RunStatus.from_json(status.to_json().encode()) == status
     for junk in (b"[1, 2]", b'{"state": "training"}', b"not json"):
         with pytest.raises(ValueError):
             RunStatus.from_json(junk)
