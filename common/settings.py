@@ -38,3 +38,9 @@ MAX_STANDBY_WORKERS = 16
 VERIFY_RATE = 0.05
 """Fraction of results the coordinator Freivalds-checks with `--verify sample`: a persistent liar is
 caught after 1 / 0.05 = 20 answers on average, for two matrix-vector products per checked result."""
+
+STATUS_POLL_INTERVAL = 0.1
+"""Seconds between the status thread's looks at whether it should stop: how long closing it may take."""
+
+MAX_STATUS_REQUEST_BYTES = 1024
+"""Largest status request (bytes) the status socket takes; its content is ignored, so more is only a nuisance."""

@@ -1,3 +1,3 @@
-from coordinator.cli import app
+from coordinator.cli import console_script
 
-app(prog_name="coordinator")
+console_script()

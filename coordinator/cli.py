@@ -1,25 +1,24 @@
-"""`coordinator`: train the network on workers (or locally) and evaluate saved models."""
+"""`coordinator`: train the network on workers (or locally), watch a run, evaluate and report on it."""
 
 import enum
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from common import settings
+from common import cli, settings
+from common.cli import EXIT_FAILED, EXIT_USAGE, fail
 from common.data import DataError
 from common.keys import KeyFileError
 from coordinator.checkpoint import CheckpointError, Interrupted
 from coordinator.cluster import ClusterError
 from coordinator.config import PRESETS
 from coordinator.rundir import ModelError, default_run_dir
+from coordinator.status import StatusError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-USER_ERRORS = (DataError, ModelError, ClusterError, CheckpointError, KeyFileError)
-EXIT_USAGE = 2  # what typer itself returns for a bad option
-EXIT_FAILED = 1
+USER_ERRORS = (DataError, ModelError, ClusterError, CheckpointError, KeyFileError, StatusError)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
@@ -34,21 +33,17 @@ class Verify(str, enum.Enum):
     all = "all"
 
 
+class LogFormat(str, enum.Enum):
+    plain = "plain"
+    json = "json"
+
+
+def console_script() -> None:
+    cli.run(app, "coordinator")
+
+
 def _option(envvar: str, help: str, **kwargs):
     return typer.Option(envvar=f"SCATTERPROP_{envvar}", help=help, **kwargs)
-
-
-def _fail(message: str, code: int = EXIT_USAGE):
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _epoch_line(report, epochs: int) -> str:
-    test = "-" if report.test_accuracy is None else f"{report.test_accuracy:.2%}"
-    return (
-        f"epoch {report.epoch}/{epochs}  cost {report.cost:.5f}  train {report.train_accuracy:.2%}"
-        f"  test {test}  {report.seconds:.1f} s"
-    )
 
 
 @app.command()
@@ -97,12 +92,18 @@ def train(
     resume: Annotated[
         Path | None, _option("RESUME", "Continue this run directory from its last checkpoint, with its settings.")
     ] = None,
+    status_bind: Annotated[
+        str | None, _option("STATUS_BIND", "ZeroMQ address of a read-only status socket for `coordinator status`.")
+    ] = None,
+    quiet: Annotated[bool, _option("QUIET", "Plain lines only, no live progress display.")] = False,
+    log_format: Annotated[LogFormat, _option("LOG_FORMAT", "plain, or json: one JSON object per line.")] = LogFormat.plain,
 ):
     """Train the 784-128-10 sigmoid network on MNIST, the matrix products done by workers."""
+    from coordinator.progress import output_for
     from coordinator.run import ClusterOptions, resume_point, train as run_training
 
     if preset not in PRESETS:
-        _fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     overrides = dict(
         epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, hidden=hidden, loss=loss,
         dtype=dtype, data=None if data is None else str(data), train_limit=train_limit, test_limit=test_limit,
@@ -112,33 +113,28 @@ def train(
     config, start = PRESETS[preset].with_overrides(**overrides), None
     if resume is not None:
         if any(value is not None for value in overrides.values()) or preset != "default" or run_dir:
-            _fail("--resume continues the run with its own settings and directory; give neither with it")
+            fail("--resume continues the run with its own settings and directory; give neither with it")
         try:
             config, start = resume_point(resume)
         except CheckpointError as error:
-            _fail(str(error), EXIT_FAILED)
+            fail(str(error), EXIT_FAILED)
         run_dir = resume
     worker_count = spawn or workers
     problems = config.problems() + ([] if worker_count >= 1 else ["workers must be at least 1"])
     if worker_count % replicas:
         problems.append(f"{worker_count} workers cannot form replicas of {replicas}")
     if problems:
-        _fail("; ".join(problems))
+        fail("; ".join(problems))
     cluster = None if local else ClusterOptions(
         bind, worker_count, spawn is not None, wait_timeout, heartbeat_timeout, rebalance is Rebalance.epoch,
-        verify.value, verify_rate, replicas, curve_keys,
+        verify.value, verify_rate, replicas, curve_keys, status_bind,
     )
-    _configure_logging()
-
-    def on_epoch(report):
-        if report.epoch % config.report_every == 0 or report.epoch == config.epochs:
-            typer.echo(_epoch_line(report, config.epochs))
-
     run_dir = run_dir or default_run_dir()
     try:
-        run_training(config, run_dir, cluster, on_epoch, start=start)
+        with output_for(quiet, log_format.value, config.epochs, config.report_every) as output:
+            run_training(config, run_dir, cluster, output.epoch, start=start, on_status=output.status)
     except USER_ERRORS as error:
-        _fail(str(error), EXIT_USAGE if isinstance(error, DataError) else EXIT_FAILED)
+        fail(str(error), EXIT_USAGE if isinstance(error, DataError) else EXIT_FAILED)
     except Interrupted as stop:
         typer.echo(f"interrupted: {stop}; continue with `coordinator train --resume {run_dir}`", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -148,7 +144,7 @@ def train(
 
 @app.command()
 def keygen(
-    folder: Annotated[Path, typer.Argument(help="Where to write the keys.")],
+    folder: Annotated[Path, typer.Argument(envvar="SCATTERPROP_KEYS_DIR", help="Where to write the keys.")],
     workers: Annotated[int, _option("WORKERS", "Worker key pairs to make.", min=1)] = 7,
 ):
     """Write CurveZMQ key pairs: the coordinator's, and one per worker with its public key on the allow-list."""
@@ -159,7 +155,7 @@ def keygen(
     try:
         generate(folder, names)
     except KeyFileError as error:
-        _fail(str(error), EXIT_FAILED)
+        fail(str(error), EXIT_FAILED)
     typer.echo(f"wrote keys for the coordinator and workers {', '.join(names)} into {folder}")
     typer.echo(f"give each worker {folder / WORKERS}/<name>.key_secret and {folder}/coordinator.key;")
     typer.echo(f"the coordinator admits the public keys in {folder / ALLOWED}")
@@ -167,16 +163,18 @@ def keygen(
 
 @app.command("verify-chain")
 def verify_chain(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `coordinator train`.")],
+    run_dir: Annotated[
+        Path, typer.Argument(envvar="SCATTERPROP_RUN_DIR", help="A run directory written by `coordinator train`.")
+    ],
 ):
     """Check the run's checkpoint hash chain; name the first broken link."""
     from coordinator.checkpoint import FOLDER, read_chain
 
     links, broken = read_chain(run_dir / FOLDER)
     if broken:
-        _fail(f"{broken} (after {len(links)} intact)", EXIT_FAILED)
+        fail(f"{broken} (after {len(links)} intact)", EXIT_FAILED)
     if not links:
-        _fail(f"no checkpoints in {run_dir / FOLDER}", EXIT_FAILED)
+        fail(f"no checkpoints in {run_dir / FOLDER}", EXIT_FAILED)
     typer.echo(f"chain intact: {len(links)} checkpoints, the last after step {links[-1]['steps']}")
 
 
@@ -191,9 +189,43 @@ def evaluate(
     try:
         accuracy = evaluate_model(model, data)
     except USER_ERRORS as error:
-        _fail(str(error))
+        fail(str(error))
     typer.echo(f"test accuracy {accuracy:.2%}")
 
 
-def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+@app.command()
+def status(
+    connect: Annotated[str, _option("STATUS_CONNECT", "The status address of a coordinator started with --status-bind.")],
+    timeout: Annotated[float, _option("STATUS_TIMEOUT", "Seconds to wait for the answer.", min=0)] = 5.0,
+    log_format: Annotated[LogFormat, _option("LOG_FORMAT", "plain, or json: the status as one JSON object.")] = LogFormat.plain,
+):
+    """Show a running coordinator's workers, epoch and step (read-only)."""
+    from coordinator.progress import print_workers
+    from coordinator.status import request_status
+
+    try:
+        snapshot = request_status(connect, timeout)
+    except StatusError as error:
+        fail(str(error), EXIT_FAILED)
+    if log_format == LogFormat.json:
+        typer.echo(snapshot.to_json())
+        return
+    typer.echo(snapshot.summary())
+    if snapshot.workers:
+        print_workers(snapshot.workers)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(envvar="SCATTERPROP_RUN_DIR", help="A run directory written by `coordinator train`.")],
+    out: Annotated[Path | None, _option("REPORT_OUT", "Where to write the PNGs (default: RUN_DIR/report).")] = None,
+):
+    """Draw a run's learning curves, exposure map and per-worker time and bytes as PNG files."""
+    from coordinator.report import ReportError, write_report
+
+    try:
+        written = write_report(run_dir, out or run_dir / "report")
+    except ReportError as error:
+        fail(str(error), EXIT_FAILED)
+    for path in written:
+        typer.echo(str(path))

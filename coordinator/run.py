@@ -25,6 +25,7 @@ from coordinator.distributed import ClusterProducts
 from coordinator.rundir import ModelError, RunDirectory, load_model
 from coordinator.scheduler import Scheduler
 from coordinator.spawn import local_address, spawn_workers, stop_workers
+from coordinator.status import RunStatus, RunWatch, StatusServer, worker_statuses
 from coordinator.training import LocalProducts, Progress, Trainer
 from coordinator.verify import Verifier, inputs_for
 
@@ -47,6 +48,7 @@ class ClusterOptions:
     verify_rate: float = settings.VERIFY_RATE
     replicas: int = 1  # workers computing each slot's products, compared with each other
     curve_keys: Path | None = None  # a `coordinator keygen` folder: encrypt, and admit only its workers
+    status_bind: str | None = None  # where to serve the read-only status (see coordinator.status); None: nowhere
 
 
 def load_data(config: TrainingConfig) -> Dataset:
@@ -88,8 +90,13 @@ def train(
     on_epoch: Callable,
     on_batch: Callable | None = None,
     start: Checkpoint | None = None,
+    on_status: Callable | None = None,
 ) -> model.Params:
-    """Train as configured (from a checkpoint if given), locally when `cluster` is None, writing the run directory."""
+    """Train as configured (from a checkpoint if given), locally when `cluster` is None, writing the run directory.
+
+    `on_epoch` gets each EpochReport, `on_batch` the images done in the epoch, `on_status` a RunStatus
+    after every batch.
+    """
     data = load_data(config)
     sizes = layer_sizes(config, data)
     if start is None:
@@ -100,6 +107,8 @@ def train(
     records = RunDirectory(run_dir, start.history)
     records.save_config(config, mode="local" if cluster is None else "distributed")
     trainer = None
+    initial_status = RunStatus("waiting for workers", 1, config.epochs, 0, len(data.train_labels), config.batch_size)
+    watch = RunWatch(initial_status, [on_status] if on_status else [])
 
     def position() -> tuple:
         progress = trainer.progress if trainer else start.progress
@@ -111,17 +120,23 @@ def train(
     def on_quarantine(worker, slot, request_kind, evidence):
         records.append_quarantine(*position(), worker, slot, request_kind, evidence)
 
-    with _products(config, data, sizes, cluster, records, on_exposure, on_quarantine, start) as products:
+    def on_batch_watched(samples):
+        watch.batch_done(samples)
+        if on_batch:
+            on_batch(samples)
+
+    with _products(config, data, sizes, cluster, records, on_exposure, on_quarantine, start, watch) as products:
         trainer = Trainer(config, start.params, products, labels_of(data), dataclasses.replace(start.progress))
         checkpoints = Checkpointer(records.path / CHECKPOINT_FOLDER, trainer, start)
 
         def on_epoch_recorded(report):
             records.append_history(report)
+            watch.epoch_done(report)
             on_epoch(report)
             checkpoints.after_epoch(report)
 
         with _stop_between_steps(checkpoints):
-            trainer.train(on_epoch_recorded, on_batch, checkpoints.after_step)
+            trainer.train(on_epoch_recorded, on_batch_watched, checkpoints.after_step)
     records.save_model(trainer.params, config.input_divisor)
     return trainer.params
 
@@ -144,12 +159,12 @@ def _stop_between_steps(checkpoints: Checkpointer):
 
 
 @contextmanager
-def _products(config, data, sizes, cluster_options, records, on_exposure, on_quarantine, start):
+def _products(config, data, sizes, cluster_options, records, on_exposure, on_quarantine, start, watch):
     if cluster_options is None:
         yield LocalProducts({s: model.inputs(images_of(data, s), config.dtype, config.input_divisor) for s in SPLITS})
         return
     with _allow_list(cluster_options.curve_keys), _cluster_products(
-        config, data, sizes, cluster_options, records, on_exposure, on_quarantine, start
+        config, data, sizes, cluster_options, records, on_exposure, on_quarantine, start, watch
     ) as products:
         yield products
 
@@ -157,7 +172,6 @@ def _products(config, data, sizes, cluster_options, records, on_exposure, on_qua
 @contextmanager
 def _allow_list(curve_keys: Path | None):
     if curve_keys is None:
-        log.warning("no --curve-keys: anyone who can reach the port can join as a worker, and traffic is not encrypted")
         yield
         return
     with keys.allow_list(curve_keys, zmq.Context.instance()):
@@ -165,7 +179,7 @@ def _allow_list(curve_keys: Path | None):
 
 
 @contextmanager
-def _cluster_products(config, data, sizes, options: ClusterOptions, records, on_exposure, on_quarantine, start):
+def _cluster_products(config, data, sizes, options: ClusterOptions, records, on_exposure, on_quarantine, start, watch):
     """Workers computing the products; a checkpoint's plan and secret shuffles continue where it left off."""
     inputs, hidden, _ = sizes
     permutation_seed = secrets.randbits(128)
@@ -187,7 +201,15 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records, on_
     )
     address = local_address(cluster.endpoint)
     processes = spawn_workers(options.workers, address, options.curve_keys) if options.spawn else []
+    status_server = None
     try:
+        if options.status_bind:
+            status_server = StatusServer(options.status_bind)
+            watch.listeners.append(status_server.publish)
+            log.info("status served on %s", status_server.endpoint)
+            watch.update()
+        if options.curve_keys is None:  # said once the sockets are up, so a bad option stays a one-line error
+            log.warning("no --curve-keys: anyone who can reach the port can join as a worker, and traffic is not encrypted")
         log.info("waiting for %d workers on %s", options.workers, cluster.endpoint)
         cluster.admit_workers(options.wait_timeout)
         images = {split: images_of(data, split) for split in SPLITS}
@@ -200,13 +222,17 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records, on_
         )
         if start.permutations is not None:  # the resumed run sends the shuffles the interrupted one would have
             products.permutations.bit_generator.state = start.permutations
+        watch.workers = lambda: worker_statuses(scheduler, products.plan, cluster.traffic)
         yield products
+        records.save_workers(watch.workers())
         cluster.stop("training finished")
     except (Interrupted, KeyboardInterrupt):
         cluster.stop("the coordinator was interrupted")
         raise
     finally:
         cluster.close()
+        if status_server:
+            status_server.close()
         stop_workers(processes)
 
 

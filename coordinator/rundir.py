@@ -1,4 +1,4 @@
-"""The run directory: config.json, history.jsonl, exposure.npz and model.npz."""
+"""The run directory: config.json, history.jsonl, exposure.npz, workers.json and model.npz."""
 
 import dataclasses
 import json
@@ -63,6 +63,11 @@ class RunDirectory:
                   "request": request_kind, **dataclasses.asdict(evidence)}
         with open(self.path / "quarantine.jsonl", "a") as quarantine:
             quarantine.write(json.dumps(record) + "\n")
+
+    def save_workers(self, statuses) -> None:
+        """Each worker's final numbers (WorkerStatus), for `coordinator report`."""
+        text = json.dumps([dataclasses.asdict(status) for status in statuses], indent=2)
+        (self.path / "workers.json").write_text(text + "\n")
 
     def save_model(self, params: Params, input_divisor: float) -> None:
         np.savez(self.path / "model.npz", **params.arrays(), input_divisor=np.array(input_divisor))

@@ -86,6 +86,7 @@ class Worker:
     key: str | None = None  # its CURVE public key, when the socket authenticates
     answered: int = 0
     last_round_trip: float | None = None  # seconds from sending its last request to its answer
+    busy_seconds: float = 0.0  # all its round trips added up
 
 
 @dataclass
@@ -223,6 +224,7 @@ class Scheduler:
         worker = self.workers[peer]
         worker.answered += 1
         worker.last_round_trip = at - pending.sent_at
+        worker.busy_seconds += worker.last_round_trip
         return []
 
     def _invalid(self, products: dict, expected: Expected) -> str:

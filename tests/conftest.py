@@ -1,8 +1,12 @@
 """Helpers for tests that start real coordinator and worker processes on loopback."""
 
 import os
+import queue
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,3 +46,42 @@ def train_run(tmp_path):
         return done, run_dir
 
     return run
+
+
+COMPOSE_FILE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
+
+
+def compose_services() -> dict:
+    """The services of docker-compose.yml, anchors merged: name -> its settings."""
+    import yaml  # a test extra
+
+    return yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+
+
+def lines_of(stream) -> queue.Queue:
+    """The lines of a stream as they come, read by a thread so the test can wait with a deadline."""
+    lines = queue.Queue()
+
+    def read():
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def wait_for_line(lines: queue.Queue, text: str, deadline: float) -> list:
+    """Lines read until one holds `text` (or the stream ended, or the deadline passed)."""
+    seen = []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if text in line:
+            break
+    return seen

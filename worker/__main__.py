@@ -1,3 +1,3 @@
-from worker.cli import app
+from worker.cli import console_script
 
-app(prog_name="worker")
+console_script()

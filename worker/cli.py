@@ -8,6 +8,9 @@ from typing import Annotated
 
 import typer
 
+from common import cli
+from common.cli import EXIT_FAILED, fail
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -35,6 +38,8 @@ def main(
     ] = None,
 ):
     """Connect to a coordinator and compute partial matrix products for it until it says stop."""
+    import zmq
+
     for variable in BLAS_THREAD_VARIABLES:  # read by the BLAS library when numpy is first imported
         os.environ[variable] = str(threads)
     from common.keys import KeyFileError
@@ -44,11 +49,9 @@ def main(
     from worker.serve import serve
 
     if (curve_secret_key is None) != (curve_server_key is None):
-        typer.echo("error: --curve-secret-key and --curve-server-key go together", err=True)
-        raise typer.Exit(2)
+        fail("--curve-secret-key and --curve-server-key go together")
     if fault is not None and fault not in FAULTS:
-        typer.echo(f"error: unknown fault {fault!r}; choose one of {', '.join(FAULTS)}", err=True)
-        raise typer.Exit(2)
+        fail(f"unknown fault {fault!r}; choose one of {', '.join(FAULTS)}")
     make_state = (lambda dtype, divisor: FaultyWorkerState(dtype, divisor, fault)) if fault else WorkerState
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s", datefmt="%H:%M:%S")
@@ -56,16 +59,20 @@ def main(
     try:
         link = CoordinatorLink(connect, name or f"{socket.gethostname()}-{os.getpid()}", curve=curve)
     except KeyFileError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2)
+        fail(str(error))
+    except zmq.ZMQError as error:
+        fail(f"cannot connect to {connect}: {error}")
     try:
         reason = serve(link, make_state=make_state)
     except Rejected as error:
         link.close()
-        typer.echo(f"error: the coordinator refused this worker: {error}", err=True)
-        raise typer.Exit(1)
+        fail(f"the coordinator refused this worker: {error}", EXIT_FAILED)
     except KeyboardInterrupt:
         link.close("interrupted")  # deregister, so the coordinator reassigns our columns at once
         raise typer.Exit(130)
     link.close()
     logging.getLogger("worker").info("stopped: %s", reason)
+
+
+def console_script() -> None:
+    cli.run(app, "worker")

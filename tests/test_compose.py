@@ -1,0 +1,70 @@
+"""docker-compose.yml against the CLIs it runs: valid for docker-compose, and every option it uses exists."""
+
+import shlex
+import shutil
+import subprocess
+
+import pytest
+import typer
+
+from coordinator.cli import app as coordinator_app
+from tests.conftest import COMPOSE_FILE, compose_services
+from worker.cli import app as worker_app
+
+APPS = {"coordinator": coordinator_app, "worker": worker_app}
+WORKER_SERVICES = [f"worker-{letter}" for letter in "abcdefg"]
+
+
+def _parsed(service: dict, monkeypatch) -> tuple:
+    """(program, subcommand, option values) as the CLI parses the service's command and environment."""
+    program, *args = shlex.split(service["command"])
+    command = typer.main.get_command(APPS[program])
+    subcommand = None
+    if hasattr(command, "commands"):
+        subcommand, *args = args
+        command = command.commands[subcommand]
+    environment = {name: str(value) for name, value in service.get("environment", {}).items()}
+    envvars = {param.envvar for param in command.params if param.envvar}
+    assert set(environment) <= envvars, f"not read by {program} {subcommand or ''}: {set(environment) - envvars}"
+    for name in envvars:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    context = command.make_context(program, list(args))  # refuses an unknown option or a bad value
+    return program, subcommand, context.params
+
+
+def test_docker_compose_accepts_the_file():
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (.ci/run installs Debian's package)")
+    done = subprocess.run([binary, "-f", str(COMPOSE_FILE), "config", "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_one_coordinator_for_seven_workers(monkeypatch):
+    services = compose_services()
+    assert sorted(services) == ["coordinator", *WORKER_SERVICES]
+    program, subcommand, options = _parsed(services["coordinator"], monkeypatch)
+    assert (program, subcommand, options["workers"], options["spawn"]) == ("coordinator", "train", 7, None)
+    assert options["bind"].endswith(":5555") and options["run_dir"] is not None
+    names = set()
+    for name in WORKER_SERVICES:
+        program, _, options = _parsed(services[name], monkeypatch)
+        assert (program, options["connect"]) == ("worker", "tcp://coordinator:5555")
+        assert services[name]["restart"] == "on-failure"
+        names.add(options["name"])
+    assert len(names) == 7
+
+
+@pytest.mark.parametrize("name", sorted(compose_services()))
+def test_service_uses_only_options_its_cli_accepts(name, monkeypatch):
+    _parsed(compose_services()[name], monkeypatch)
+
+
+def test_image_holds_every_package():
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11")
+    packages = tomllib.loads((COMPOSE_FILE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    copied = {line.split()[1] for line in (COMPOSE_FILE.parent / "Dockerfile").read_text().splitlines()
+              if line.startswith("COPY ")}
+    assert set(packages) <= copied, f"the Dockerfile does not COPY {set(packages) - copied}"

@@ -1,0 +1,146 @@
+"""Eight hosts made of Linux network namespaces on one bridge: a coordinator and seven workers, each worker
+started as docker-compose.yml starts it. Needs root and `ip`; CI runs it as root."""
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import PROCESS_TIMEOUT, compose_services, lines_of, wait_for_line
+
+SUBNET = "10.77.0"  # only ever assigned inside the test's own namespaces
+COORDINATOR_ADDRESS = f"{SUBNET}.1"
+WORKER_SERVICES = [f"worker-{letter}" for letter in "abcdefg"]
+STOP_GRACE = 5.0  # seconds a process gets after SIGTERM
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    assert done.returncode == 0, f"ip {' '.join(args)}: {done.stderr.strip()}"
+
+
+class Hosts:
+    """Namespaces wired to a bridge that lives in a namespace of its own; processes started in them."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix  # short: interface names are at most 15 characters
+        self.namespaces = []
+        self.processes = []
+        self.switch = None
+
+    def add_switch(self) -> None:
+        self.switch = self._namespace("sw")
+        _ip("-n", self.switch, "link", "add", "name", "bridge0", "type", "bridge")
+        _ip("-n", self.switch, "link", "set", "bridge0", "up")
+
+    def _namespace(self, suffix: str) -> str:
+        name = f"{self.prefix}{suffix}"
+        _ip("netns", "add", name)
+        self.namespaces.append(name)
+        _ip("-n", name, "link", "set", "lo", "up")
+        return name
+
+    def add_host(self, index: int) -> tuple:
+        """A namespace with address 10.77.0.<index + 1> on the bridge: (namespace, its interface)."""
+        namespace, port, interface = self._namespace(f"h{index}"), f"p{index}", f"eth{index}"
+        _ip("-n", self.switch, "link", "add", port, "type", "veth", "peer", "name", interface, "netns", namespace)
+        _ip("-n", self.switch, "link", "set", port, "master", "bridge0", "up")
+        _ip("-n", namespace, "addr", "add", f"{SUBNET}.{index + 1}/24", "dev", interface)
+        _ip("-n", namespace, "link", "set", interface, "up")
+        return namespace, interface
+
+    def start(self, namespace: str, command: list, environment: dict, **kwargs) -> subprocess.Popen:
+        """`command` (a console script of this project) run with this Python inside a namespace."""
+        program, *args = command
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **environment}
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", namespace, sys.executable, "-m", program, *args],  # exec keeps the pid
+            env=env, stdin=subprocess.DEVNULL, text=True, **kwargs,
+        )
+        self.processes.append(process)
+        return process
+
+    def tear_down(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for namespace in reversed(self.namespaces):  # deleting a namespace deletes its veth ends too
+            subprocess.run(["ip", "netns", "delete", namespace], capture_output=True)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A coordinator host and seven worker hosts started as docker-compose.yml starts them."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if shutil.which("ip") is None:
+        pytest.skip("the `ip` command (iproute2) is not installed")
+    hosts = Hosts(f"sp{os.getpid() % 100000}")
+    try:
+        hosts.add_switch()
+        coordinator_namespace, _ = hosts.add_host(0)
+        services = compose_services()
+        links = {}
+        for index, service_name in enumerate(WORKER_SERVICES, start=1):
+            service = services[service_name]
+            namespace, interface = hosts.add_host(index)
+            command = shlex.split(service["command"].replace("tcp://coordinator:", f"tcp://{COORDINATOR_ADDRESS}:"))
+            environment = {name: str(value) for name, value in service["environment"].items()}
+            hosts.start(namespace, command, environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            links[service_name] = (namespace, interface)
+
+        def train(*args):
+            command = ["coordinator", "train", "--workers", "7", "--bind", f"tcp://{COORDINATOR_ADDRESS}:5555",
+                       "--run-dir", str(tmp_path / "run"), *map(str, args)]
+            return hosts.start(coordinator_namespace, command, {}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+        yield train, links
+    finally:
+        hosts.tear_down()
+
+
+def _finish(process: subprocess.Popen, timeout: float) -> str:
+    """Wait for the coordinator; its stderr, for the failure message."""
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    return process.stderr.read()[-3000:]
+
+
+def test_seven_hosts_train_to_completion(cluster):
+    train, _ = cluster
+    coordinator = train("--train-limit", 2000, "--test-limit", 500, "--epochs", 2)
+    lines = lines_of(coordinator.stdout)
+    seen = wait_for_line(lines, "epoch 2/2", time.monotonic() + PROCESS_TIMEOUT)
+    errors = _finish(coordinator, PROCESS_TIMEOUT)
+    assert coordinator.returncode == 0, errors
+    assert [line.split()[1] for line in seen] == ["1/2", "2/2"]
+    for name in "ABCDEFG":
+        assert f"worker {name} joined" in errors
+
+
+def test_run_completes_after_a_worker_link_is_cut(cluster):
+    train, links = cluster
+    # Long enough that the cut after epoch 1 lands well before the end: about 2 s an epoch.
+    coordinator = train("--train-limit", 6000, "--test-limit", 500, "--epochs", 6, "--batch-size", 20)
+    lines = lines_of(coordinator.stdout)
+    seen = wait_for_line(lines, "epoch 1/6", time.monotonic() + PROCESS_TIMEOUT)
+    assert seen and seen[-1].startswith("epoch 1/6") and coordinator.poll() is None, _finish(coordinator, 0)
+    namespace, interface = links["worker-c"]
+    _ip("-n", namespace, "link", "set", interface, "down")
+    # Without recovery the coordinator gives up when the round's reply timeout passes; with it, it goes on.
+    seen += wait_for_line(lines, "epoch 6/6", time.monotonic() + PROCESS_TIMEOUT)
+    errors = _finish(coordinator, PROCESS_TIMEOUT)
+    assert coordinator.returncode == 0, errors
+    assert [line.split()[1] for line in seen] == [f"{epoch}/6" for epoch in range(1, 7)]
