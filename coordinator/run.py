@@ -76,14 +76,15 @@ def train(
         records.append_history(report)
         on_epoch(report)
 
-    with _products(config, data, sizes, cluster, records) as products:
+    with products_backend(config, data, sizes, cluster, records) as products:
         Trainer(config, params, products, labels_of(data)).train(on_epoch_recorded, on_batch)
     records.save_model(params, config.input_divisor)
     return params
 
 
 @contextmanager
-def _products(config, data, sizes, cluster_options, records):
+def products_backend(config, data, sizes, cluster_options, records):
+    """LocalProducts, or ClusterProducts over workers admitted (or spawned) as `cluster_options` say."""
     if cluster_options is None:
         yield LocalProducts({s: model.inputs(images_of(data, s), config.dtype, config.input_divisor) for s in SPLITS})
         return
