@@ -2,6 +2,7 @@
 that hide the order of the columns a worker is sent (see EXPOSURE in the README)."""
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,19 @@ class ExposurePlan:
 
     def columns(self, slot: int) -> np.ndarray:
         """The input columns of a slot, ascending."""
-        return np.flatnonzero(self.column_owners == slot)
+        return self._items_by_slot[0][slot]
 
     def units(self, slot: int) -> np.ndarray:
         """The hidden units of a slot, ascending."""
-        return np.flatnonzero(self.unit_owners == slot)
+        return self._items_by_slot[1][slot]
+
+    @cached_property
+    def _items_by_slot(self) -> tuple:
+        """(columns, units) of every slot, found once: every request of every step asks for them."""
+        return tuple(
+            [_read_only(np.flatnonzero(owners == slot)) for slot in range(self.slots)]
+            for owners in (self.column_owners, self.unit_owners)
+        )
 
     def save(self, path: Path, permutation_seed: int) -> None:
         np.savez(
@@ -49,16 +58,33 @@ class ExposurePlan:
         )
 
 
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False  # shared by every caller
+    return array
+
+
 def permuted(matrix: np.ndarray, permutation: np.ndarray) -> np.ndarray:
     """The matrix with its columns shuffled: M[:, p]."""
     return matrix[:, permutation]
 
 
+def inverse(permutation: np.ndarray) -> np.ndarray:
+    """q with q[p] = arange, so that (M[:, p])[:, q] == M."""
+    undo = np.empty_like(permutation)
+    undo[permutation] = np.arange(len(permutation))
+    return undo
+
+
+def unpermuted(permuted_part: np.ndarray, permutation: np.ndarray) -> np.ndarray:
+    """A part whose columns were shuffled by p, back in natural column order: part[:, q]."""
+    return permuted_part.take(inverse(permutation), axis=1)  # a gather: far cheaper than scattering into [:, p]
+
+
 def place_unpermuted(target: np.ndarray, rows: np.ndarray, permuted_part: np.ndarray, permutation) -> None:
-    """Write back rows whose columns were shuffled by p: target[rows][:, p] = part restores their order."""
-    target[np.ix_(rows, permutation)] = permuted_part
+    """Write back rows whose columns were shuffled by p, in the target's column order."""
+    target[rows] = unpermuted(permuted_part, permutation)
 
 
 def add_unpermuted(total: np.ndarray, permuted_part: np.ndarray, permutation: np.ndarray) -> None:
     """Add a part whose columns were shuffled by p to the total, in the total's column order."""
-    total[:, permutation] += permuted_part
+    np.add(total, unpermuted(permuted_part, permutation), out=total)

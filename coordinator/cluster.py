@@ -121,7 +121,7 @@ class Cluster:
     def _send(self, peer: bytes, message) -> None:
         frame = protocol.encode(message)
         try:
-            self.socket.send_multipart([peer, frame], copy=False)
+            self.socket.send_multipart([peer, frame])
             self.traffic.count(self._known(peer), sent=len(frame))
         except zmq.ZMQError as error:  # the peer went away; its silence is handled by the round
             log.warning("could not send to %s: %s", peer.hex(), error)

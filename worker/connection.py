@@ -49,7 +49,7 @@ class CoordinatorLink:
                 log.warning("ignored a bad frame from the coordinator: %s", error)
 
     def send(self, message) -> None:
-        self.socket.send(protocol.encode(message), copy=False)
+        self.socket.send(protocol.encode(message))
 
     def close(self) -> None:
         self.socket.close(linger=0)
