@@ -38,6 +38,9 @@ def main(
     hidden: Annotated[int, _option("HIDDEN", "Hidden units.", min=1)] = 128,
     dtype: Annotated[str, _option("DTYPE", "float32 or float64.")] = "float32",
     train_limit: Annotated[int | None, _option("TRAIN_LIMIT", "Use only the first N training images.", min=1)] = None,
+    second_layer: Annotated[
+        str, _option("SECOND_LAYER", "Who computes the cluster's second layer, comma-separated: workers, coordinator.")
+    ] = "workers",
     out: Annotated[Path, _option("OUT", "Where to write the JSON results.")] = Path("results.json"),
     time_to_accuracy: Annotated[
         bool, _option("TIME_TO_ACCURACY", "Also train with the default settings, locally and on the largest "
@@ -46,6 +49,10 @@ def main(
 ):
     """Run the floor (one process, plain numpy) and the cluster side by side; write JSON, print Markdown."""
     worker_counts, sizes_of_batches = _numbers(workers), _numbers(batch_sizes)
+    placements = second_layer.split(",")
+    if not set(placements) <= {"workers", "coordinator"}:
+        raise typer.BadParameter(f"second layer {second_layer!r}: choose workers, coordinator or both")
+    clusters = [(count, placement == "coordinator") for placement in placements for count in worker_counts]
     base = TrainingConfig(hidden=hidden, dtype=dtype, train_limit=train_limit, test_limit=0)
     problems = base.problems()
     if problems:
@@ -55,7 +62,7 @@ def main(
     results = []
     for batch_size in sizes_of_batches:
         config = base.with_overrides(batch_size=batch_size)
-        results += speed_rows(config, worker_counts, repeats, epochs, rows, sizes)
+        results += speed_rows(config, clusters, repeats, epochs, rows, sizes)
     if time_to_accuracy:
         accuracy_config = TrainingConfig(dtype=dtype, train_limit=train_limit)
         results += accuracy_rows(accuracy_config, max(worker_counts), ACCURACY_TARGETS)
@@ -66,13 +73,14 @@ def main(
 def markdown(results: list) -> str:
     """The results as Markdown tables: speed, then time to accuracy if measured."""
     lines = [
-        "| mode | workers | batch | s/epoch | x floor | rounds/step | MB/epoch | min MB/epoch | x min | coordinator MB | worker MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | second layer | workers | batch | s/epoch | x floor | rounds/step | MB/epoch | min MB/epoch | x min "
+        "| coordinator MB | worker MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in (r for r in results if r["measure"] == "epoch"):
         over_minimum = row["bytes_per_epoch"] / row["min_bytes_per_epoch"] if row["min_bytes_per_epoch"] else None
         lines.append("| " + " | ".join([
-            row["mode"], str(row["workers"]), str(row["batch_size"]), f"{row['epoch_seconds']:.2f}",
+            row["mode"], row["second_layer"], str(row["workers"]), str(row["batch_size"]), f"{row['epoch_seconds']:.2f}",
             f"{row['ratio_to_floor']:.2f}", f"{row['rounds_per_step']:g}", f"{row['bytes_per_epoch'] / MIB:.1f}",
             f"{row['min_bytes_per_epoch'] / MIB:.1f}", _shown(over_minimum, ".3f"),
             f"{row['coordinator_peak_rss_mb']:.0f}", _shown(row["worker_peak_rss_mb"], ".0f"),

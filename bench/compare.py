@@ -11,12 +11,12 @@ from coordinator.config import TrainingConfig
 MIB = 1024 * 1024
 
 
-def speed_rows(config: TrainingConfig, worker_counts: list, repeats: int, epochs: int, rows: int, sizes: tuple) -> list:
-    """One local row and one row per worker count, for the batch size in `config`."""
+def speed_rows(config: TrainingConfig, clusters: list, repeats: int, epochs: int, rows: int, sizes: tuple) -> list:
+    """One local row and one row per (workers, second layer here) in `clusters`, for the batch size in `config`."""
     floor = Session(config, 0)
     floor_seconds, cluster_rows = [], []
-    for workers in worker_counts:
-        cluster = Session(config, workers)
+    for workers, second_layer_here in clusters:
+        cluster = Session(config, workers, second_layer_here)
         pairs = [(_measured(floor, epochs).seconds, _measured(cluster, epochs)) for _ in range(repeats)]
         memory = cluster.finish()
         floor_seconds += [floor_time for floor_time, _ in pairs]
@@ -26,17 +26,18 @@ def speed_rows(config: TrainingConfig, worker_counts: list, repeats: int, epochs
         itemsize = np.dtype(config.dtype).itemsize
         cluster_rows.append({
             "measure": "epoch", "mode": "cluster", "workers": workers, "batch_size": config.batch_size,
+            "second_layer": "coordinator" if second_layer_here else "workers",
             "epoch_seconds": seconds,
             "ratio_to_floor": seconds / statistics.median(floor_time for floor_time, _ in pairs),
             "rounds_per_step": last.rounds / steps,
             "bytes_per_epoch": last.bytes,
-            "min_bytes_per_epoch": minimum_epoch_bytes(rows, config.batch_size, sizes, workers, itemsize),
+            "min_bytes_per_epoch": minimum_epoch_bytes(rows, config.batch_size, sizes, workers, itemsize, second_layer_here),
             "coordinator_peak_rss_mb": memory.coordinator_mb,
             "worker_peak_rss_mb": memory.worker_mb,
         })
     memory = floor.finish()
     local_row = {
-        "measure": "epoch", "mode": "local", "workers": 0, "batch_size": config.batch_size,
+        "measure": "epoch", "mode": "local", "workers": 0, "batch_size": config.batch_size, "second_layer": "local",
         "epoch_seconds": statistics.median(floor_seconds), "ratio_to_floor": 1.0, "rounds_per_step": 0.0,
         "bytes_per_epoch": 0, "min_bytes_per_epoch": 0,
         "coordinator_peak_rss_mb": memory.coordinator_mb, "worker_peak_rss_mb": None,

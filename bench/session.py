@@ -41,11 +41,11 @@ class PeakMemory:
 class Session:
     """The parent's handle on a trainer running in a child process: local when `workers` is 0."""
 
-    def __init__(self, config: TrainingConfig, workers: int):
-        self.config, self.workers = config, workers
+    def __init__(self, config: TrainingConfig, workers: int, second_layer_here: bool = False):
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited sockets or pages
         self.connection, child_end = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child_end, config, workers), daemon=True)
+        arguments = (child_end, config, workers, second_layer_here)
+        self.process = context.Process(target=_serve, args=arguments, daemon=True)
         self.process.start()
         self._expect(self.connection.recv())  # ready once warmed up
 
@@ -66,18 +66,20 @@ class Session:
         return answer
 
 
-def _serve(connection, config: TrainingConfig, workers: int) -> None:
+def _serve(connection, config: TrainingConfig, workers: int, second_layer_here: bool) -> None:
     try:
-        _run_session(connection, config, workers)
+        _run_session(connection, config, workers, second_layer_here)
     except Exception as error:  # the parent raises it, with the child's text
         connection.send(RuntimeError(f"{'local' if not workers else f'{workers} workers'}: {error}"))
 
 
-def _run_session(connection, config: TrainingConfig, workers: int) -> None:
+def _run_session(connection, config: TrainingConfig, workers: int, second_layer_here: bool) -> None:
     data = run.load_data(config)
     sizes = run.layer_sizes(config, data)
     params = model.initial_params(sizes, config.init, config.seed, config.dtype)
-    options = run.ClusterOptions(LOOPBACK_ANY_PORT, workers, spawn=True, wait_timeout=REGISTER_TIMEOUT) if workers else None
+    options = None
+    if workers:
+        options = run.ClusterOptions(LOOPBACK_ANY_PORT, workers, True, REGISTER_TIMEOUT, second_layer_here)
     with tempfile.TemporaryDirectory() as scratch:
         with run.products_backend(config, data, sizes, options, RunDirectory(Path(scratch))) as products:
             trainer = Trainer(config, params, products, run.labels_of(data))

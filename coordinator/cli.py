@@ -16,6 +16,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 USER_ERRORS = (DataError, ModelError, ClusterError)
 EXIT_USAGE = 2  # what typer itself returns for a bad option
 EXIT_FAILED = 1
+SECOND_LAYER_CHOICES = ("workers", "coordinator")
 
 
 def _option(envvar: str, help: str, **kwargs):
@@ -55,6 +56,10 @@ def train(
     spawn: Annotated[int | None, _option("SPAWN", "Start N local worker processes (sets --workers N).")] = None,
     bind: Annotated[str, _option("BIND", "ZeroMQ address the coordinator binds.")] = "tcp://*:5555",
     wait_timeout: Annotated[float, _option("WAIT_TIMEOUT", "Seconds to wait for the workers.")] = 60.0,
+    second_layer: Annotated[
+        str, _option("SECOND_LAYER", "Who computes the second layer's products: workers, or the coordinator "
+                     "(one round per step instead of three; see Speed in the README).")
+    ] = "workers",
     report_every: Annotated[int | None, _option("REPORT_EVERY", "Print every N epochs.")] = None,
 ):
     """Train the 784-128-10 sigmoid network on MNIST, the matrix products done by workers."""
@@ -68,9 +73,11 @@ def train(
         input_divisor=None if scale is None else (255.0 if scale else 1.0), report_every=report_every,
     )
     problems = config.problems() + ([] if (spawn or workers) >= 1 else ["workers must be at least 1"])
+    problems += [] if second_layer in SECOND_LAYER_CHOICES else ["second layer must be workers or coordinator"]
     if problems:
         _fail("; ".join(problems))
-    cluster = None if local else ClusterOptions(bind, spawn or workers, spawn is not None, wait_timeout)
+    second_layer_here = second_layer == "coordinator"
+    cluster = None if local else ClusterOptions(bind, spawn or workers, spawn is not None, wait_timeout, second_layer_here)
     _configure_logging()
 
     def on_epoch(report):

@@ -7,6 +7,7 @@ from common.exposure import ExposurePlan, add_unpermuted, permuted, place_unperm
 from common.protocol import FirstLayer, SecondBackward, SecondForward
 from common.settings import REPLY_TIMEOUT
 from coordinator.scheduler import Expected
+from coordinator.training import LocalProducts
 
 
 class ClusterProducts:
@@ -77,3 +78,14 @@ class ClusterProducts:
             place_unpermuted(gradient, units, results[slot]["gradient"], shuffle)
             backpropagated[:, units] = results[slot]["error"]
         return gradient, backpropagated
+
+
+class ClusterFirstLayer(ClusterProducts):
+    """The first layer on the workers, the second layer's small products (B x H x O) here: one round per step.
+
+    Workers then see only their pixels, W1 rows and d1, never a1, W2 or d2; the price is that the
+    coordinator does some matrix products itself (see "Speed" in the README).
+    """
+
+    second_forward = LocalProducts.second_forward
+    second_backward = LocalProducts.second_backward

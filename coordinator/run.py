@@ -15,7 +15,7 @@ from common.exposure import ExposurePlan
 from common.protocol import Shard, Welcome
 from coordinator.cluster import Cluster
 from coordinator.config import TrainingConfig
-from coordinator.distributed import ClusterProducts
+from coordinator.distributed import ClusterFirstLayer, ClusterProducts
 from coordinator.rundir import ModelError, RunDirectory, load_model
 from coordinator.scheduler import Scheduler
 from coordinator.spawn import local_address, spawn_workers, stop_workers
@@ -34,6 +34,7 @@ class ClusterOptions:
     workers: int
     spawn: bool  # start the workers as local processes
     wait_timeout: float  # seconds to wait for them to register
+    second_layer_here: bool = False  # the coordinator computes the second layer: one round per step, not three
 
 
 def load_data(config: TrainingConfig) -> Dataset:
@@ -116,7 +117,8 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records: Run
                 "worker %s sees %d input columns and %d hidden units",
                 worker.name, len(plan.columns(worker.slot)), len(plan.units(worker.slot)),
             )
-        yield ClusterProducts(cluster, plan, permutation_seed)
+        products = ClusterFirstLayer if options.second_layer_here else ClusterProducts
+        yield products(cluster, plan, permutation_seed)
         cluster.stop("training finished")
     finally:
         cluster.close()
