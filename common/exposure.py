@@ -65,7 +65,7 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 def permuted(matrix: np.ndarray, permutation: np.ndarray) -> np.ndarray:
     """The matrix with its columns shuffled: M[:, p]."""
-    return matrix[:, permutation]
+    return matrix.take(permutation, axis=1)  # unlike M[:, p], C-contiguous: it is sent without another copy
 
 
 def inverse(permutation: np.ndarray) -> np.ndarray:
