@@ -41,6 +41,9 @@ def main(
     second_layer: Annotated[
         str, _option("SECOND_LAYER", "Who computes the cluster's second layer, comma-separated: workers, coordinator.")
     ] = "workers",
+    floor_threads: Annotated[
+        int | None, _option("FLOOR_THREADS", "BLAS threads of the floor (default: the library's own choice).", min=1)
+    ] = None,
     out: Annotated[Path, _option("OUT", "Where to write the JSON results.")] = Path("results.json"),
     time_to_accuracy: Annotated[
         bool, _option("TIME_TO_ACCURACY", "Also train with the default settings, locally and on the largest "
@@ -62,7 +65,7 @@ def main(
     results = []
     for batch_size in sizes_of_batches:
         config = base.with_overrides(batch_size=batch_size)
-        results += speed_rows(config, clusters, repeats, epochs, rows, sizes)
+        results += speed_rows(config, clusters, repeats, epochs, rows, sizes, floor_threads)
     if time_to_accuracy:
         accuracy_config = TrainingConfig(dtype=dtype, train_limit=train_limit)
         results += accuracy_rows(accuracy_config, max(worker_counts), ACCURACY_TARGETS)

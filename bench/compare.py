@@ -11,9 +11,10 @@ from coordinator.config import TrainingConfig
 MIB = 1024 * 1024
 
 
-def speed_rows(config: TrainingConfig, clusters: list, repeats: int, epochs: int, rows: int, sizes: tuple) -> list:
+def speed_rows(config: TrainingConfig, clusters: list, repeats: int, epochs: int, rows: int, sizes: tuple,
+               floor_threads: int | None) -> list:
     """One local row and one row per (workers, second layer here) in `clusters`, for the batch size in `config`."""
-    floor = Session(config, 0)
+    floor = Session(config, 0, blas_threads=floor_threads)
     floor_seconds, cluster_rows = [], []
     for workers, second_layer_here in clusters:
         cluster = Session(config, workers, second_layer_here)
@@ -38,6 +39,7 @@ def speed_rows(config: TrainingConfig, clusters: list, repeats: int, epochs: int
     memory = floor.finish()
     local_row = {
         "measure": "epoch", "mode": "local", "workers": 0, "batch_size": config.batch_size, "second_layer": "local",
+        "floor_blas_threads": floor_threads,
         "epoch_seconds": statistics.median(floor_seconds), "ratio_to_floor": 1.0, "rounds_per_step": 0.0,
         "bytes_per_epoch": 0, "min_bytes_per_epoch": 0,
         "coordinator_peak_rss_mb": memory.coordinator_mb, "worker_peak_rss_mb": None,

@@ -8,6 +8,7 @@ epochs this way, so a change in the machine's load hits both sides of a ratio al
 import multiprocessing
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from coordinator import run
 from coordinator.config import TrainingConfig
 from coordinator.rundir import RunDirectory
 from coordinator.training import Trainer
+from worker.cli import BLAS_THREAD_VARIABLES
 
 LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"
 REGISTER_TIMEOUT = 120.0  # seconds for spawned workers to start on a loaded machine
@@ -41,12 +43,13 @@ class PeakMemory:
 class Session:
     """The parent's handle on a trainer running in a child process: local when `workers` is 0."""
 
-    def __init__(self, config: TrainingConfig, workers: int, second_layer_here: bool = False):
+    def __init__(self, config: TrainingConfig, workers: int, second_layer_here: bool = False, blas_threads=None):
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited sockets or pages
         self.connection, child_end = context.Pipe()
         arguments = (child_end, config, workers, second_layer_here)
         self.process = context.Process(target=_serve, args=arguments, daemon=True)
-        self.process.start()
+        with _blas_threads(blas_threads):
+            self.process.start()
         self._expect(self.connection.recv())  # ready once warmed up
 
     def epoch(self) -> EpochMeasure:
@@ -64,6 +67,21 @@ class Session:
             self.process.join()
             raise answer
         return answer
+
+
+@contextmanager
+def _blas_threads(threads: int | None):
+    """Start a child with this many BLAS threads (None: the library's default), read when it imports numpy."""
+    saved = {name: os.environ.get(name) for name in BLAS_THREAD_VARIABLES}
+    os.environ.update({name: str(threads) for name in BLAS_THREAD_VARIABLES if threads is not None})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _serve(connection, config: TrainingConfig, workers: int, second_layer_here: bool) -> None:
