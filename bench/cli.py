@@ -6,9 +6,10 @@ from typing import Annotated
 
 import typer
 
+from bench.compare import MIB, accuracy_rows, speed_rows
+from common.data import DataError
 from coordinator import run
 from coordinator.config import TrainingConfig
-from bench.compare import MIB, accuracy_rows, speed_rows
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -60,15 +61,19 @@ def main(
     problems = base.problems()
     if problems:
         raise typer.BadParameter("; ".join(problems))
-    data = run.load_data(base)
-    rows, sizes = len(data.train_labels), run.layer_sizes(base, data)
-    results = []
-    for batch_size in sizes_of_batches:
-        config = base.with_overrides(batch_size=batch_size)
-        results += speed_rows(config, clusters, repeats, epochs, rows, sizes, floor_threads)
-    if time_to_accuracy:
-        accuracy_config = TrainingConfig(dtype=dtype, train_limit=train_limit)
-        results += accuracy_rows(accuracy_config, max(worker_counts), ACCURACY_TARGETS)
+    try:
+        data = run.load_data(base)
+        rows, sizes = len(data.train_labels), run.layer_sizes(base, data)
+        results = []
+        for batch_size in sizes_of_batches:
+            config = base.with_overrides(batch_size=batch_size)
+            results += speed_rows(config, clusters, repeats, epochs, rows, sizes, floor_threads)
+        if time_to_accuracy:
+            accuracy_config = TrainingConfig(dtype=dtype, train_limit=train_limit)
+            results += accuracy_rows(accuracy_config, max(worker_counts), ACCURACY_TARGETS)
+    except (DataError, RuntimeError) as error:  # a session's failure arrives as a RuntimeError with its text
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1)
     out.write_text(json.dumps(results, indent=2) + "\n")
     typer.echo(markdown(results))
 

@@ -4,7 +4,7 @@ import statistics
 
 import numpy as np
 
-from bench.session import EpochMeasure, Session
+from bench.session import EpochMeasure, PeakMemory, Session
 from bench.traffic import minimum_epoch_bytes
 from coordinator.config import TrainingConfig
 
@@ -19,23 +19,12 @@ def speed_rows(config: TrainingConfig, clusters: list, repeats: int, epochs: int
     for workers, second_layer_here in clusters:
         cluster = Session(config, workers, second_layer_here)
         pairs = [(_measured(floor, epochs).seconds, _measured(cluster, epochs)) for _ in range(repeats)]
-        memory = cluster.finish()
         floor_seconds += [floor_time for floor_time, _ in pairs]
-        seconds = statistics.median(measure.seconds for _, measure in pairs)
-        last = pairs[-1][1]
-        steps = -(-rows // config.batch_size)
-        itemsize = np.dtype(config.dtype).itemsize
-        cluster_rows.append({
-            "measure": "epoch", "mode": "cluster", "workers": workers, "batch_size": config.batch_size,
-            "second_layer": "coordinator" if second_layer_here else "workers",
-            "epoch_seconds": seconds,
-            "ratio_to_floor": seconds / statistics.median(floor_time for floor_time, _ in pairs),
-            "rounds_per_step": last.rounds / steps,
-            "bytes_per_epoch": last.bytes,
-            "min_bytes_per_epoch": minimum_epoch_bytes(rows, config.batch_size, sizes, workers, itemsize, second_layer_here),
-            "coordinator_peak_rss_mb": memory.coordinator_mb,
-            "worker_peak_rss_mb": memory.worker_mb,
-        })
+        minimum = minimum_epoch_bytes(rows, config.batch_size, sizes, workers, np.dtype(config.dtype).itemsize,
+                                      second_layer_here)
+        row = _cluster_row(pairs, cluster.finish(), minimum, steps=-(-rows // config.batch_size))
+        cluster_rows.append({"batch_size": config.batch_size, "workers": workers,
+                             "second_layer": "coordinator" if second_layer_here else "workers", **row})
     memory = floor.finish()
     local_row = {
         "measure": "epoch", "mode": "local", "workers": 0, "batch_size": config.batch_size, "second_layer": "local",
@@ -45,6 +34,18 @@ def speed_rows(config: TrainingConfig, clusters: list, repeats: int, epochs: int
         "coordinator_peak_rss_mb": memory.coordinator_mb, "worker_peak_rss_mb": None,
     }
     return [local_row, *cluster_rows]
+
+
+def _cluster_row(pairs: list, memory: PeakMemory, minimum_bytes: int, steps: int) -> dict:
+    """A cluster configuration's figures from its (floor seconds, cluster EpochMeasure) pairs."""
+    seconds = statistics.median(measure.seconds for _, measure in pairs)
+    last = pairs[-1][1]  # traffic is the same every epoch
+    return {
+        "measure": "epoch", "mode": "cluster", "epoch_seconds": seconds,
+        "ratio_to_floor": seconds / statistics.median(floor_time for floor_time, _ in pairs),
+        "rounds_per_step": last.rounds / steps, "bytes_per_epoch": last.bytes, "min_bytes_per_epoch": minimum_bytes,
+        "coordinator_peak_rss_mb": memory.coordinator_mb, "worker_peak_rss_mb": memory.worker_mb,
+    }
 
 
 def accuracy_rows(config: TrainingConfig, workers: int, targets: tuple) -> list:
@@ -68,8 +69,8 @@ def _time_to_accuracy(config: TrainingConfig, workers: int, targets: tuple) -> d
            "batch_size": config.batch_size, "test_accuracy_by_epoch": history}
     for target in targets:
         seconds, epochs = reached.get(target, (None, None))
-        row[f"seconds_to_{target:.0%}".rstrip("%")] = seconds
-        row[f"epochs_to_{target:.0%}".rstrip("%")] = epochs
+        row[f"seconds_to_{round(target * 100)}"] = seconds
+        row[f"epochs_to_{round(target * 100)}"] = epochs
     return row
 
 
