@@ -1,13 +1,9 @@
 """The wire protocol: every message kind, its fields, one encoder and one decoder.
 
 Frames. The coordinator binds a ROUTER, each worker connects a DEALER. Every message is one ZeroMQ
-frame: the length of a header (uint32, little-endian), the header, a msgpack map {"kind": <kind>,
-<field>: <value>, ...}, then the raw bytes of every NumPy array of the message, one after the other
-in the order the header names them. In the header an array is a msgpack extension of type
-ARRAY_EXTENSION holding the msgpack list [dtype, shape], e.g. ["<f4", [rows, cols]]. On the
-coordinator's side the ROUTER puts the worker's identity frame in front of the message's frame.
-Keeping the arrays out of the msgpack bytes saves copies: an array's bytes go straight into the
-frame when sent (not through msgpack's buffer), and it is received as a read-only view of the frame.
+frame holding one msgpack map, {"kind": <kind>, <field>: <value>, ...}; on the coordinator's side the
+ROUTER puts the worker's identity frame in front of it. NumPy arrays inside a message are
+msgpack-numpy maps: {b"nd": True, b"type": "<f4", b"kind": b"", b"shape": [rows, cols], b"data": raw}.
 
     worker -> coordinator   register, result, failure
     coordinator -> worker   welcome, reject, shard, first_layer, second_forward, second_backward, stop
@@ -17,26 +13,24 @@ worker's `shard` of each split once, then compute requests, each answered by a `
 `failure`) carrying the request's number, and finally `stop`.
 
 `decode` is the gate: bytes from a socket become a message only through it. It refuses anything
-that is not a map of a known kind with exactly that kind's fields of the right types, any array
-whose dtype is not on the numeric allow-list or whose bytes do not match its shape, and any byte
-that no array claims. Arrays are built by `np.frombuffer` with an allowed dtype only: nothing from
-a socket is ever unpickled.
+that is not a map of a known kind with exactly that kind's fields of the right types, and any array
+whose dtype is not on the numeric allow-list or whose byte length does not match its shape. Only
+then does msgpack-numpy's decoder (which would unpickle an object array) see the array.
 """
 
 import dataclasses
 import math
-import struct
 import types
 from dataclasses import dataclass
 
 import msgpack
+import msgpack_numpy
 import numpy as np
 
 ALLOWED_DTYPES = frozenset({"|u1", "<i4", "<i8", "<f4", "<f8"})
 MAX_ARRAY_DIMS = 2
 MAX_TEXT_LENGTH = 256  # characters of a name or a reason
-ARRAY_EXTENSION = 1  # msgpack extension type of an array's [dtype, shape] in the header
-HEADER_LENGTH = struct.Struct("<I")  # bytes of the msgpack header that starts a frame
+ARRAY_MAP_KEYS = frozenset({b"nd", b"type", b"kind", b"shape", b"data"})
 
 
 class ProtocolError(ValueError):
@@ -148,80 +142,41 @@ KIND_OF = {cls: kind for kind, cls in MESSAGE_KINDS.items()}
 
 
 def encode(message) -> bytes:
-    """One message as one frame: the header's length, the header, then every array's bytes in header order."""
-    arrays = []
-
-    def array_extension(value):
-        if not isinstance(value, np.ndarray):
-            raise TypeError(f"cannot send a {type(value).__name__}")
-        arrays.append(np.ascontiguousarray(value))
-        return msgpack.ExtType(ARRAY_EXTENSION, msgpack.packb([value.dtype.str, list(value.shape)]))
-
+    """One message as one frame."""
     fields = {field.name: getattr(message, field.name) for field in dataclasses.fields(message)}
-    header = msgpack.packb({"kind": KIND_OF[type(message)], **fields}, default=array_extension)
-    return b"".join([HEADER_LENGTH.pack(len(header)), header, *arrays])  # the one copy of each array
+    return msgpack.packb({"kind": KIND_OF[type(message)], **fields}, default=msgpack_numpy.encode)
 
 
 def decode(frame) -> object:
-    """The message in a frame (a buffer), or ProtocolError: the only way bytes from a socket become a message."""
-    frame = memoryview(frame)
-    if len(frame) < HEADER_LENGTH.size:
-        raise ProtocolError("frame too short for a header")
-    (header_length,) = HEADER_LENGTH.unpack_from(frame)
-    body = HEADER_LENGTH.size + header_length
-    if body > len(frame):
-        raise ProtocolError(f"header of {header_length} bytes does not fit a {len(frame)}-byte frame")
-    arrays = _ArrayArea(frame[body:])
+    """The message in a frame, or ProtocolError: the only way bytes from a socket become a message."""
     try:
-        raw = msgpack.unpackb(frame[HEADER_LENGTH.size : body], object_hook=_checked_map, ext_hook=arrays.take, raw=False)
+        raw = msgpack.unpackb(frame, object_hook=_checked_map, raw=False)
     except ProtocolError:
         raise
     except Exception as error:  # msgpack raises many kinds; any of them means garbage
-        raise ProtocolError(f"not a msgpack header ({type(error).__name__})") from None
-    arrays.check_all_taken()
+        raise ProtocolError(f"not a msgpack frame ({type(error).__name__})") from None
     if not isinstance(raw, dict):
-        raise ProtocolError(f"header holds a {type(raw).__name__}, not a message map")
+        raise ProtocolError(f"frame holds a {type(raw).__name__}, not a message map")
     kind = raw.pop("kind", None)
     if kind not in MESSAGE_KINDS:
         raise ProtocolError(f"unknown message kind {_shown(kind)}")
     return _checked_message(MESSAGE_KINDS[kind], raw)
 
 
-def _checked_map(mapping: dict) -> dict:
-    """Every msgpack map passes here: only text keys (message fields, product names) are allowed."""
-    if not all(isinstance(key, str) for key in mapping):
-        raise ProtocolError("map has a key that is not text")
-    return mapping
-
-
-class _ArrayArea:
-    """The bytes after the header, cut in order into the header's arrays, each checked before it is built."""
-
-    def __init__(self, area: memoryview):
-        self.area = area
-        self.offset = 0
-
-    def take(self, code: int, data: bytes) -> np.ndarray:
-        if code != ARRAY_EXTENSION:
-            raise ProtocolError(f"unknown msgpack extension type {code}")
-        description = msgpack.unpackb(data, raw=False)
-        if not isinstance(description, list) or len(description) != 2:
-            raise ProtocolError("array description is not [dtype, shape]")
-        dtype, shape = description
-        if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
-            raise ProtocolError(f"array dtype {_shown(dtype)} is not allowed")
-        if not _is_shape(shape):
-            raise ProtocolError(f"array shape {_shown(shape)} is not a shape of at most {MAX_ARRAY_DIMS} dims")
-        size = math.prod(shape) * np.dtype(dtype).itemsize
-        if self.offset + size > len(self.area):
-            raise ProtocolError(f"frame too short for a {dtype} array of shape {list(shape)}")
-        data = self.area[self.offset : self.offset + size]
-        self.offset += size
-        return np.frombuffer(data, dtype).reshape(shape)  # a read-only view of the frame: no copy
-
-    def check_all_taken(self) -> None:
-        if self.offset != len(self.area):
-            raise ProtocolError(f"{len(self.area) - self.offset} bytes after the arrays the header names")
+def _checked_map(mapping: dict):
+    """Every msgpack map passes here: arrays are checked and built, message maps pass through."""
+    if all(isinstance(key, str) for key in mapping):
+        return mapping
+    if set(mapping) != ARRAY_MAP_KEYS or mapping[b"nd"] is not True:
+        raise ProtocolError("map is neither a message nor an array")
+    dtype, shape, data = mapping[b"type"], mapping[b"shape"], mapping[b"data"]
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES or mapping[b"kind"] != b"":
+        raise ProtocolError(f"array dtype {_shown(dtype)} is not allowed")
+    if not _is_shape(shape):
+        raise ProtocolError(f"array shape {_shown(shape)} is not a shape of at most {MAX_ARRAY_DIMS} dims")
+    if not isinstance(data, bytes) or len(data) != math.prod(shape) * np.dtype(dtype).itemsize:
+        raise ProtocolError(f"array data does not match dtype {dtype} and shape {list(shape)}")
+    return msgpack_numpy.decode(mapping)
 
 
 def _is_shape(shape) -> bool:
