@@ -10,6 +10,7 @@ COPY pyproject.toml README.md ./
 COPY common common
 COPY coordinator coordinator
 COPY worker worker
+COPY bench bench
 # A plain (not editable) install: the embedded MNIST goes into site-packages with the code.
 RUN pip install . \
     && useradd --create-home --uid 10001 scatterprop \

@@ -116,14 +116,26 @@ def _members(owners: np.ndarray) -> defaultdict:
 
 def permuted(matrix: np.ndarray, permutation: np.ndarray) -> np.ndarray:
     """The matrix with its columns shuffled: M[:, p]."""
-    return matrix[:, permutation]
+    return matrix.take(permutation, axis=1)  # unlike M[:, p], C-contiguous: it is sent without another copy
+
+
+def inverse(permutation: np.ndarray) -> np.ndarray:
+    """q with q[p] = arange, so that (M[:, p])[:, q] == M."""
+    undo = np.empty_like(permutation)
+    undo[permutation] = np.arange(len(permutation))
+    return undo
+
+
+def unpermuted(permuted_part: np.ndarray, permutation: np.ndarray) -> np.ndarray:
+    """A part whose columns were shuffled by p, back in natural column order: part[:, q]."""
+    return permuted_part.take(inverse(permutation), axis=1)  # a gather: far cheaper than scattering into [:, p]
 
 
 def place_unpermuted(target: np.ndarray, rows: np.ndarray, permuted_part: np.ndarray, permutation) -> None:
-    """Write back rows whose columns were shuffled by p: target[rows][:, p] = part restores their order."""
-    target[np.ix_(rows, permutation)] = permuted_part
+    """Write back rows whose columns were shuffled by p, in the target's column order."""
+    target[rows] = unpermuted(permuted_part, permutation)
 
 
 def add_unpermuted(total: np.ndarray, permuted_part: np.ndarray, permutation: np.ndarray) -> None:
     """Add a part whose columns were shuffled by p to the total, in the total's column order."""
-    total[:, permutation] += permuted_part
+    np.add(total, unpermuted(permuted_part, permutation), out=total)

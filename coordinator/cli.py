@@ -33,6 +33,11 @@ class Verify(str, enum.Enum):
     all = "all"
 
 
+class SecondLayer(str, enum.Enum):
+    workers = "workers"
+    coordinator = "coordinator"
+
+
 class LogFormat(str, enum.Enum):
     plain = "plain"
     json = "json"
@@ -84,6 +89,10 @@ def train(
     curve_keys: Annotated[
         Path | None, _option("CURVE_KEYS", "A `coordinator keygen` folder: encrypt, and admit only its workers.")
     ] = None,
+    second_layer: Annotated[
+        SecondLayer, _option("SECOND_LAYER", "Who computes the second layer's products: workers, or the coordinator "
+                             "(one round per step instead of three; see Speed in the README).")
+    ] = SecondLayer.workers,
     report_every: Annotated[int | None, _option("REPORT_EVERY", "Print every N epochs.")] = None,
     checkpoint_epochs: Annotated[int | None, _option("CHECKPOINT_EPOCHS", "Checkpoint after every N epochs.")] = None,
     checkpoint_every: Annotated[
@@ -126,8 +135,9 @@ def train(
     if problems:
         fail("; ".join(problems))
     cluster = None if local else ClusterOptions(
-        bind, worker_count, spawn is not None, wait_timeout, heartbeat_timeout, rebalance is Rebalance.epoch,
-        verify.value, verify_rate, replicas, curve_keys, status_bind,
+        bind, worker_count, spawn is not None, wait_timeout, heartbeat_timeout=heartbeat_timeout,
+        rebalance=rebalance is Rebalance.epoch, verify=verify.value, verify_rate=verify_rate, replicas=replicas,
+        curve_keys=curve_keys, status_bind=status_bind, second_layer_here=second_layer is SecondLayer.coordinator,
     )
     run_dir = run_dir or default_run_dir()
     try:

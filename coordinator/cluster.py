@@ -164,7 +164,7 @@ class Cluster:
     def _send(self, peer: bytes, message) -> None:
         frame = protocol.encode(message)
         try:
-            self.socket.send_multipart([peer, frame], copy=False)
+            self.socket.send_multipart([peer, frame])
             self.traffic.count(self._known(peer), sent=len(frame))
         except zmq.ZMQError:  # with ROUTER_MANDATORY: the peer's connection is gone
             self._carry_out(self.scheduler.handle(Unreachable(peer)))

@@ -15,6 +15,7 @@ from common.exposure import ExposurePlan, add_unpermuted, permuted, place_unperm
 from common.protocol import FirstLayer, SecondBackward, SecondForward, Shard
 from coordinator.cluster import ClusterError, WorkerLost
 from coordinator.scheduler import Expected
+from coordinator.training import LocalProducts
 from coordinator.verify import Verifier
 
 log = logging.getLogger("coordinator")
@@ -24,20 +25,20 @@ class ClusterProducts:
     """The same three product groups as LocalProducts, computed by the workers of a Cluster."""
 
     def __init__(
-        self, cluster, plan: ExposurePlan, images: dict, permutation_seed: int, on_exposure: Callable, rebalance: bool,
-        verifier: Verifier, on_quarantine: Callable,
+        self, cluster, plan: ExposurePlan, images: dict, permutation_seed: int, rebalance: bool, verifier: Verifier,
+        on_exposure: Callable, on_quarantine: Callable,
     ):
         self.cluster = cluster
-        self.verifier = verifier
-        self.on_quarantine = on_quarantine  # (Worker, slot, request kind, Evidence)
-        self.last_second_forward = {}  # slot -> its last SecondForward request, the operands it keeps
-        self.rebalance = rebalance  # admit standbys at epoch boundaries, or keep them for losses only
         self.plan = plan
         self.images = images  # split -> (n, I) uint8: the source of every shard
         self.permutations = np.random.default_rng(permutation_seed)
+        self.rebalance = rebalance  # admit standbys at epoch boundaries, or keep them for losses only
+        self.verifier = verifier
         self.on_exposure = on_exposure  # (slot, worker name, plan, reason): a slot's columns changed hands
+        self.on_quarantine = on_quarantine  # (Worker, slot, request kind, Evidence)
         self.second_permutations = {}  # slot -> the output permutation of its last SecondForward
         self.second_operands = None  # (activations, weights) of the last second-layer forward
+        self.last_second_forward = {}  # slot -> its last SecondForward request, the operands it keeps
         self.next_slot = max(plan.slots) + 1
         for slot in plan.slots:
             self._provision(slot, "initial plan")
@@ -224,3 +225,14 @@ class ClusterProducts:
 
 def _identical(first: dict, second: dict) -> bool:
     return first.keys() == second.keys() and all(np.array_equal(first[name], second[name]) for name in first)
+
+
+class ClusterFirstLayer(ClusterProducts):
+    """The first layer on the workers, the second layer's small products (B x H x O) here: one round per step.
+
+    Workers then see only their pixels, W1 rows and d1, never a1, W2 or d2; the price is that the
+    coordinator does some matrix products itself (see "Speed" in the README).
+    """
+
+    second_forward = LocalProducts.second_forward
+    second_backward = LocalProducts.second_backward

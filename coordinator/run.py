@@ -21,7 +21,7 @@ from coordinator.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from coordinator.checkpoint import latest as latest_checkpoint
 from coordinator.cluster import Cluster, ClusterError
 from coordinator.config import TrainingConfig
-from coordinator.distributed import ClusterProducts
+from coordinator.distributed import ClusterFirstLayer, ClusterProducts
 from coordinator.rundir import ModelError, RunDirectory, load_model
 from coordinator.scheduler import Scheduler
 from coordinator.spawn import local_address, spawn_workers, stop_workers
@@ -42,6 +42,7 @@ class ClusterOptions:
     workers: int
     spawn: bool  # start the workers as local processes
     wait_timeout: float  # seconds to wait for them to register
+    _: dataclasses.KW_ONLY  # the rest by name: they are many, and several share a type
     heartbeat_timeout: float = settings.HEARTBEAT_TIMEOUT
     rebalance: bool = True  # late workers get columns at the next epoch, or wait as standbys
     verify: str = "sample"  # Freivalds-check "all", a secret "sample", or "off"
@@ -49,6 +50,7 @@ class ClusterOptions:
     replicas: int = 1  # workers computing each slot's products, compared with each other
     curve_keys: Path | None = None  # a `coordinator keygen` folder: encrypt, and admit only its workers
     status_bind: str | None = None  # where to serve the read-only status (see coordinator.status); None: nowhere
+    second_layer_here: bool = False  # the coordinator computes the second layer: one round per step, not three
 
 
 def load_data(config: TrainingConfig) -> Dataset:
@@ -114,18 +116,7 @@ def train(
         progress = trainer.progress if trainer else start.progress
         return progress.epoch, progress.step
 
-    def on_exposure(slot, worker, plan, reason):
-        records.append_exposure(*position(), slot, worker, plan, reason)
-
-    def on_quarantine(worker, slot, request_kind, evidence):
-        records.append_quarantine(*position(), worker, slot, request_kind, evidence)
-
-    def on_batch_watched(samples):
-        watch.batch_done(samples)
-        if on_batch:
-            on_batch(samples)
-
-    with _products(config, data, sizes, cluster, records, on_exposure, on_quarantine, start, watch) as products:
+    with products_backend(config, data, sizes, cluster, records, start, watch, position) as products:
         trainer = Trainer(config, start.params, products, labels_of(data), dataclasses.replace(start.progress))
         checkpoints = Checkpointer(records.path / CHECKPOINT_FOLDER, trainer, start)
 
@@ -134,6 +125,11 @@ def train(
             watch.epoch_done(report)
             on_epoch(report)
             checkpoints.after_epoch(report)
+
+        def on_batch_watched(samples):
+            watch.batch_done(samples)
+            if on_batch:
+                on_batch(samples)
 
         with _stop_between_steps(checkpoints):
             trainer.train(on_epoch_recorded, on_batch_watched, checkpoints.after_step)
@@ -159,12 +155,21 @@ def _stop_between_steps(checkpoints: Checkpointer):
 
 
 @contextmanager
-def _products(config, data, sizes, cluster_options, records, on_exposure, on_quarantine, start, watch):
+def products_backend(
+    config, data, sizes, cluster_options, records, start: Checkpoint | None = None, watch: RunWatch | None = None,
+    position: Callable = lambda: (1, 0),
+):
+    """LocalProducts, or ClusterProducts over workers admitted (or spawned) as `cluster_options` say.
+
+    `start` is the checkpoint a resumed run continues from, `watch` follows the workers for the status,
+    and `position` says (epoch, step) for the run directory's exposure and quarantine records.
+    """
     if cluster_options is None:
         yield LocalProducts({s: model.inputs(images_of(data, s), config.dtype, config.input_divisor) for s in SPLITS})
         return
+    watch = watch or RunWatch(RunStatus("training", 1, config.epochs, 0, len(data.train_labels), config.batch_size))
     with _allow_list(cluster_options.curve_keys), _cluster_products(
-        config, data, sizes, cluster_options, records, on_exposure, on_quarantine, start, watch
+        config, data, sizes, cluster_options, records, start, watch, position
     ) as products:
         yield products
 
@@ -179,12 +184,12 @@ def _allow_list(curve_keys: Path | None):
 
 
 @contextmanager
-def _cluster_products(config, data, sizes, options: ClusterOptions, records, on_exposure, on_quarantine, start, watch):
+def _cluster_products(config, data, sizes, options: ClusterOptions, records, start, watch, position):
     """Workers computing the products; a checkpoint's plan and secret shuffles continue where it left off."""
     inputs, hidden, _ = sizes
     permutation_seed = secrets.randbits(128)
     slots = options.workers // options.replicas
-    if start.plan is None:
+    if start is None or start.plan is None:
         plan = ExposurePlan.random(inputs, hidden, slots, config.seed)
         records.save_exposure(plan, permutation_seed)
     else:
@@ -217,10 +222,13 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records, on_
             options.verify, options.verify_rate, np.random.default_rng(secrets.randbits(128)),
             inputs_for(images, config.dtype, config.input_divisor),
         )
-        products = ClusterProducts(
-            cluster, plan, images, permutation_seed, on_exposure, options.rebalance, verifier, on_quarantine
+        kind = ClusterFirstLayer if options.second_layer_here else ClusterProducts
+        products = kind(
+            cluster, plan, images, permutation_seed, options.rebalance, verifier,
+            on_exposure=lambda *change: records.append_exposure(*position(), *change),
+            on_quarantine=lambda *caught: records.append_quarantine(*position(), *caught),
         )
-        if start.permutations is not None:  # the resumed run sends the shuffles the interrupted one would have
+        if start is not None and start.permutations is not None:  # the resumed run sends the shuffles the interrupted one would have
             products.permutations.bit_generator.state = start.permutations
         watch.workers = lambda: worker_statuses(scheduler, products.plan, cluster.traffic)
         yield products

@@ -39,6 +39,12 @@ def test_distributed_matches_local(train_run, local_models, workers):
     assert done.stdout.count("epoch ") == 2
 
 
+def test_second_layer_on_the_coordinator_matches_local(train_run, local_models):
+    local_model, _ = _local(train_run, local_models, SMALL_RUN)
+    _, run_dir = train_run("--spawn", 2, "--bind", LOOPBACK_ANY_PORT, "--second-layer", "coordinator", *SMALL_RUN)
+    assert max_difference(load_model(run_dir), local_model) < TOLERANCE
+
+
 def test_chunked_full_batch_matches_local(train_run, local_models):
     local_model, _ = _local(train_run, local_models, CHUNKED_RUN)
     _, run_dir = train_run("--spawn", 2, "--bind", LOOPBACK_ANY_PORT, *CHUNKED_RUN)

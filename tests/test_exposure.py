@@ -41,7 +41,10 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     """(what each worker received by slot, the natural-order operands the coordinator split up, run dir)."""
-    run_dir = tmp_path_factory.mktemp("exposure")
+    return _recorded_run(tmp_path_factory.mktemp("exposure"), second_layer_here=False)
+
+
+def _recorded_run(run_dir, second_layer_here: bool) -> tuple:
     address = f"tcp://127.0.0.1:{_free_port()}"
     sent = {"first_layer": [], "second_forward": []}
     original_first, original_second = ClusterProducts.first_layer, ClusterProducts.second_forward
@@ -61,7 +64,7 @@ def recorded(tmp_path_factory):
     try:
         for thread in threads:
             thread.start()
-        options = run.ClusterOptions(address, WORKERS, spawn=False, wait_timeout=30)
+        options = run.ClusterOptions(address, WORKERS, False, 30, second_layer_here=second_layer_here)
         run.train(CONFIG, run_dir, options, on_epoch=lambda report: None)
         for thread in threads:
             thread.join(30)
@@ -136,3 +139,11 @@ def test_second_layer_rows_are_shuffled_too(recorded):
             assert sorted(shuffle) == list(range(10)) and not np.array_equal(shuffle, np.arange(10))
             seen.add(shuffle.tobytes())
         assert len(seen) > len(received) // 2  # fresh each time (10! orders, so repeats are rare)
+
+
+def test_with_the_second_layer_on_the_coordinator_workers_get_only_first_layer_requests(tmp_path):
+    by_slot, sent, _ = _recorded_run(tmp_path, second_layer_here=True)
+    for messages in by_slot.values():
+        assert {type(m) for m in messages} == {Welcome, Shard, FirstLayer, Stop}
+        assert len([m for m in messages if isinstance(m, FirstLayer)]) == len(sent["first_layer"]) > 10
+    assert sent["second_forward"] == []

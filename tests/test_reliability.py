@@ -105,7 +105,9 @@ def test_worker_ctrl_c_deregisters(harness, undisturbed):
     workers[0].send_signal(signal.SIGINT)
     assert workers[0].wait(10) == 130
     log = _completes_like_undisturbed(harness, undisturbed)
-    assert "worker A left: interrupted" in log
+    # Its farewell arrives; when the coordinator's next send to it fails first, it is dropped as unreachable.
+    assert "worker A left: interrupted" in log or "sent Deregister without registering" in log
+    assert "worker A silent" not in log  # dropped at once, not after the heartbeat timeout
 
 
 def test_spawned_workers_do_not_outlive_a_killed_coordinator(harness):

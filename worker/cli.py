@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import zmq
 
 from common import cli
 from common.cli import EXIT_FAILED, fail
@@ -38,15 +39,10 @@ def main(
     ] = None,
 ):
     """Connect to a coordinator and compute partial matrix products for it until it says stop."""
-    import zmq
-
     for variable in BLAS_THREAD_VARIABLES:  # read by the BLAS library when numpy is first imported
         os.environ[variable] = str(threads)
-    from common.keys import KeyFileError
     from worker.compute import WorkerState
-    from worker.connection import CoordinatorLink, Rejected
     from worker.faults import FAULTS, FaultyWorkerState
-    from worker.serve import serve
 
     if (curve_secret_key is None) != (curve_server_key is None):
         fail("--curve-secret-key and --curve-server-key go together")
@@ -56,8 +52,20 @@ def main(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s", datefmt="%H:%M:%S")
     curve = None if curve_secret_key is None else (curve_secret_key, curve_server_key)
+    context = zmq.Context()
     try:
-        link = CoordinatorLink(connect, name or f"{socket.gethostname()}-{os.getpid()}", curve=curve)
+        _work(context, connect, name or f"{socket.gethostname()}-{os.getpid()}", curve, make_state)
+    finally:
+        context.term()  # waits, up to its linger, for a last message (a deregistration) to leave
+
+
+def _work(context, connect: str, name: str, curve, make_state) -> None:
+    from common.keys import KeyFileError
+    from worker.connection import CoordinatorLink, Rejected
+    from worker.serve import serve
+
+    try:
+        link = CoordinatorLink(connect, name, context, curve=curve)
     except KeyFileError as error:
         fail(str(error))
     except zmq.ZMQError as error:

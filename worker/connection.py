@@ -50,7 +50,7 @@ class CoordinatorLink:
                 self.send(Heartbeat())
 
     def send(self, message) -> None:
-        self.socket.send(protocol.encode(message), copy=False)
+        self.socket.send(protocol.encode(message))
         self.heartbeat_at = time.monotonic() + settings.HEARTBEAT_INTERVAL  # any message is a sign of life
 
     def close(self, reason: str = "") -> None:

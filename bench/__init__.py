@@ -1,0 +1,1 @@
+"""The speed benchmark: the cluster's epoch time, traffic and memory against the one-process floor."""

@@ -1,0 +1,107 @@
+"""`python -m bench`: epoch time, traffic and memory of the cluster against the one-process floor."""
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bench.compare import MIB, accuracy_rows, speed_rows
+from common.data import DataError
+from coordinator import run
+from coordinator.config import TrainingConfig
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+ACCURACY_TARGETS = (0.97, 0.98)
+
+
+def _option(envvar: str, help: str, **kwargs):
+    return typer.Option(envvar=f"SCATTERPROP_BENCH_{envvar}", help=help, **kwargs)
+
+
+def _numbers(text: str) -> list:
+    try:
+        numbers = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of whole numbers") from None
+    if min(numbers) < 1:
+        raise typer.BadParameter("every number must be at least 1")
+    return numbers
+
+
+@app.command()
+def main(
+    workers: Annotated[str, _option("WORKERS", "Worker counts to run, comma-separated.")] = "1,2,4,7",
+    batch_sizes: Annotated[str, _option("BATCH_SIZES", "Batch sizes to run, comma-separated.")] = "32,128,1024",
+    epochs: Annotated[int, _option("EPOCHS", "Timed epochs per repeat.", min=1)] = 1,
+    repeats: Annotated[int, _option("REPEATS", "Repeats per configuration; the median counts.", min=1)] = 3,
+    hidden: Annotated[int, _option("HIDDEN", "Hidden units.", min=1)] = 128,
+    dtype: Annotated[str, _option("DTYPE", "float32 or float64.")] = "float32",
+    train_limit: Annotated[int | None, _option("TRAIN_LIMIT", "Use only the first N training images.", min=1)] = None,
+    second_layer: Annotated[
+        str, _option("SECOND_LAYER", "Who computes the cluster's second layer, comma-separated: workers, coordinator.")
+    ] = "workers",
+    floor_threads: Annotated[
+        int | None, _option("FLOOR_THREADS", "BLAS threads of the floor (default: the library's own choice).", min=1)
+    ] = None,
+    out: Annotated[Path, _option("OUT", "Where to write the JSON results.")] = Path("results.json"),
+    time_to_accuracy: Annotated[
+        bool, _option("TIME_TO_ACCURACY", "Also train with the default settings, locally and on the largest "
+                      "worker count, until 97% and 98% test accuracy (minutes).")
+    ] = False,
+):
+    """Run the floor (one process, plain numpy) and the cluster side by side; write JSON, print Markdown."""
+    worker_counts, sizes_of_batches = _numbers(workers), _numbers(batch_sizes)
+    placements = second_layer.split(",")
+    if not set(placements) <= {"workers", "coordinator"}:
+        raise typer.BadParameter(f"second layer {second_layer!r}: choose workers, coordinator or both")
+    clusters = [(count, placement == "coordinator") for placement in placements for count in worker_counts]
+    base = TrainingConfig(hidden=hidden, dtype=dtype, train_limit=train_limit, test_limit=0)
+    problems = base.problems()
+    if problems:
+        raise typer.BadParameter("; ".join(problems))
+    try:
+        data = run.load_data(base)
+        rows, sizes = len(data.train_labels), run.layer_sizes(base, data)
+        results = []
+        for batch_size in sizes_of_batches:
+            config = base.with_overrides(batch_size=batch_size)
+            results += speed_rows(config, clusters, repeats, epochs, rows, sizes, floor_threads)
+        if time_to_accuracy:
+            accuracy_config = TrainingConfig(dtype=dtype, train_limit=train_limit)
+            results += accuracy_rows(accuracy_config, max(worker_counts), ACCURACY_TARGETS)
+    except (DataError, RuntimeError) as error:  # a session's failure arrives as a RuntimeError with its text
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    typer.echo(markdown(results))
+
+
+def markdown(results: list) -> str:
+    """The results as Markdown tables: speed, then time to accuracy if measured."""
+    lines = [
+        "| mode | second layer | workers | batch | s/epoch | x floor | rounds/step | MB/epoch | min MB/epoch | x min "
+        "| coordinator MB | worker MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in (r for r in results if r["measure"] == "epoch"):
+        over_minimum = row["bytes_per_epoch"] / row["min_bytes_per_epoch"] if row["min_bytes_per_epoch"] else None
+        lines.append("| " + " | ".join([
+            row["mode"], row["second_layer"], str(row["workers"]), str(row["batch_size"]), f"{row['epoch_seconds']:.2f}",
+            f"{row['ratio_to_floor']:.2f}", f"{row['rounds_per_step']:g}", f"{row['bytes_per_epoch'] / MIB:.1f}",
+            f"{row['min_bytes_per_epoch'] / MIB:.1f}", _shown(over_minimum, ".3f"),
+            f"{row['coordinator_peak_rss_mb']:.0f}", _shown(row["worker_peak_rss_mb"], ".0f"),
+        ]) + " |")
+    accuracy = [r for r in results if r["measure"] == "accuracy"]
+    if accuracy:
+        lines += ["", "| mode | workers | s to 97% | epochs to 97% | s to 98% | epochs to 98% |", "|---|---:|---:|---:|---:|---:|"]
+        for row in accuracy:
+            lines.append(f"| {row['mode']} | {row['workers']} | {_shown(row['seconds_to_97'], '.1f')} | "
+                         f"{_shown(row['epochs_to_97'], 'd')} | {_shown(row['seconds_to_98'], '.1f')} | "
+                         f"{_shown(row['epochs_to_98'], 'd')} |")
+    return "\n".join(lines)
+
+
+def _shown(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
