@@ -38,6 +38,11 @@ class Harness:
         self.coordinator = self._start("coordinator", "train", "--bind", self.address, "--run-dir", self.run_dir, *args)
         return self.coordinator
 
+    def resume_coordinator(self, *args) -> subprocess.Popen:
+        """A new coordinator continuing the run from its last checkpoint, on the same address."""
+        self.coordinator = self._start("coordinator", "train", "--resume", self.run_dir, "--bind", self.address, *args)
+        return self.coordinator
+
     def start_worker(self, name: str, *args) -> subprocess.Popen:
         return self._start("worker", "--connect", self.address, "--name", name, *args)
 

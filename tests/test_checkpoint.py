@@ -19,6 +19,7 @@ from coordinator import checkpoint, run
 from coordinator.checkpoint import Checkpoint, read_chain
 from coordinator.config import PRESETS
 from coordinator.training import Progress
+from tests.cluster_harness import Harness
 from tests.conftest import LOOPBACK_ANY_PORT, PROCESS_TIMEOUT, load_model, max_difference, run_cli
 
 TOLERANCE = 1e-6
@@ -224,3 +225,21 @@ def test_resume_errors_are_one_line(tmp_path, uninterrupted):
     copy = shutil.copytree(uninterrupted, tmp_path / "copy")
     other_plan = run_cli("coordinator", "train", "--resume", copy, "--spawn", "3", "--bind", LOOPBACK_ANY_PORT)
     assert other_plan.returncode == 1 and "has 2 worker slots" in other_plan.stderr
+
+
+def test_workers_reconnect_on_their_own_to_a_resumed_coordinator(tmp_path, uninterrupted):
+    harness = Harness(tmp_path)
+    try:
+        first = harness.start_coordinator("--workers", 2, *RUN)
+        workers = [harness.start_worker(name) for name in "AB"]
+        _when_first_checkpoint_appears(first, harness.run_dir)
+        first.kill()
+        first.wait()
+        harness.resume_coordinator("--workers", 2)
+        assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
+        assert max_difference(load_model(harness.run_dir), load_model(uninterrupted)) < TOLERANCE
+        for worker in workers:  # the same processes, never restarted, registered with the new coordinator
+            assert "registering again" in harness.log(worker)
+            assert harness.log(worker).count("registered as slot") == 2
+    finally:
+        harness.close()
