@@ -10,6 +10,7 @@ from bench.compare import MIB, accuracy_rows, speed_rows
 from common.data import DataError
 from coordinator import run
 from coordinator.config import TrainingConfig
+from coordinator.verify import VERIFY_MODES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -42,6 +43,9 @@ def main(
     second_layer: Annotated[
         str, _option("SECOND_LAYER", "Who computes the cluster's second layer, comma-separated: workers, coordinator.")
     ] = "workers",
+    verify: Annotated[
+        str, _option("VERIFY", "The cluster's Freivalds checks, comma-separated: off, sample, all.")
+    ] = "sample",
     floor_threads: Annotated[
         int | None, _option("FLOOR_THREADS", "BLAS threads of the floor (default: the library's own choice).", min=1)
     ] = None,
@@ -56,7 +60,12 @@ def main(
     placements = second_layer.split(",")
     if not set(placements) <= {"workers", "coordinator"}:
         raise typer.BadParameter(f"second layer {second_layer!r}: choose workers, coordinator or both")
-    clusters = [(count, placement == "coordinator") for placement in placements for count in worker_counts]
+    modes = verify.split(",")
+    if not set(modes) <= set(VERIFY_MODES):
+        raise typer.BadParameter(f"verify {verify!r}: choose from {', '.join(VERIFY_MODES)}")
+    clusters = [
+        (count, placement == "coordinator", mode) for placement in placements for mode in modes for count in worker_counts
+    ]
     base = TrainingConfig(hidden=hidden, dtype=dtype, train_limit=train_limit, test_limit=0)
     problems = base.problems()
     if problems:
@@ -81,14 +90,14 @@ def main(
 def markdown(results: list) -> str:
     """The results as Markdown tables: speed, then time to accuracy if measured."""
     lines = [
-        "| mode | second layer | workers | batch | s/epoch | x floor | rounds/step | MB/epoch | min MB/epoch | x min "
-        "| coordinator MB | worker MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | second layer | verify | workers | batch | s/epoch | x floor | rounds/step | MB/epoch | min MB/epoch "
+        "| x min | coordinator MB | worker MB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in (r for r in results if r["measure"] == "epoch"):
         over_minimum = row["bytes_per_epoch"] / row["min_bytes_per_epoch"] if row["min_bytes_per_epoch"] else None
         lines.append("| " + " | ".join([
-            row["mode"], row["second_layer"], str(row["workers"]), str(row["batch_size"]), f"{row['epoch_seconds']:.2f}",
+            row["mode"], row["second_layer"], row["verify"], str(row["workers"]), str(row["batch_size"]), f"{row['epoch_seconds']:.2f}",
             f"{row['ratio_to_floor']:.2f}", f"{row['rounds_per_step']:g}", f"{row['bytes_per_epoch'] / MIB:.1f}",
             f"{row['min_bytes_per_epoch'] / MIB:.1f}", _shown(over_minimum, ".3f"),
             f"{row['coordinator_peak_rss_mb']:.0f}", _shown(row["worker_peak_rss_mb"], ".0f"),

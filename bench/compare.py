@@ -13,21 +13,23 @@ MIB = 1024 * 1024
 
 def speed_rows(config: TrainingConfig, clusters: list, repeats: int, epochs: int, rows: int, sizes: tuple,
                floor_threads: int | None) -> list:
-    """One local row and one row per (workers, second layer here) in `clusters`, for the batch size in `config`."""
+    """One local row and one row per (workers, second layer here, verify mode) in `clusters`, for the batch size
+    in `config`."""
     floor = Session(config, 0, blas_threads=floor_threads)
     floor_seconds, cluster_rows = [], []
-    for workers, second_layer_here in clusters:
-        cluster = Session(config, workers, second_layer_here)
+    for workers, second_layer_here, verify in clusters:
+        cluster = Session(config, workers, second_layer_here, verify=verify)
         pairs = [(_measured(floor, epochs).seconds, _measured(cluster, epochs)) for _ in range(repeats)]
         floor_seconds += [floor_time for floor_time, _ in pairs]
         minimum = minimum_epoch_bytes(rows, config.batch_size, sizes, workers, np.dtype(config.dtype).itemsize,
                                       second_layer_here)
         row = _cluster_row(pairs, cluster.finish(), minimum, steps=-(-rows // config.batch_size))
-        cluster_rows.append({"batch_size": config.batch_size, "workers": workers,
+        cluster_rows.append({"batch_size": config.batch_size, "workers": workers, "verify": verify,
                              "second_layer": "coordinator" if second_layer_here else "workers", **row})
     memory = floor.finish()
     local_row = {
         "measure": "epoch", "mode": "local", "workers": 0, "batch_size": config.batch_size, "second_layer": "local",
+        "verify": "-",
         "floor_blas_threads": floor_threads,
         "epoch_seconds": statistics.median(floor_seconds), "ratio_to_floor": 1.0, "rounds_per_step": 0.0,
         "bytes_per_epoch": 0, "min_bytes_per_epoch": 0,

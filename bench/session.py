@@ -43,10 +43,13 @@ class PeakMemory:
 class Session:
     """The parent's handle on a trainer running in a child process: local when `workers` is 0."""
 
-    def __init__(self, config: TrainingConfig, workers: int, second_layer_here: bool = False, blas_threads=None):
+    def __init__(
+        self, config: TrainingConfig, workers: int, second_layer_here: bool = False, blas_threads=None,
+        verify: str = "sample",
+    ):
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited sockets or pages
         self.connection, child_end = context.Pipe()
-        arguments = (child_end, config, workers, second_layer_here)
+        arguments = (child_end, config, workers, second_layer_here, verify)
         self.process = context.Process(target=_serve, args=arguments, daemon=True)
         with _blas_threads(blas_threads):
             self.process.start()
@@ -84,21 +87,21 @@ def _blas_threads(threads: int | None):
                 os.environ[name] = value
 
 
-def _serve(connection, config: TrainingConfig, workers: int, second_layer_here: bool) -> None:
+def _serve(connection, config: TrainingConfig, workers: int, second_layer_here: bool, verify: str) -> None:
     try:
-        _run_session(connection, config, workers, second_layer_here)
+        _run_session(connection, config, workers, second_layer_here, verify)
     except Exception as error:  # the parent raises it, with the child's text
         connection.send(RuntimeError(f"{'local' if not workers else f'{workers} workers'}: {error}"))
 
 
-def _run_session(connection, config: TrainingConfig, workers: int, second_layer_here: bool) -> None:
+def _run_session(connection, config: TrainingConfig, workers: int, second_layer_here: bool, verify: str) -> None:
     data = run.load_data(config)
     sizes = run.layer_sizes(config, data)
     params = model.initial_params(sizes, config.init, config.seed, config.dtype)
     options = None
     if workers:
         options = run.ClusterOptions(
-            LOOPBACK_ANY_PORT, workers, True, REGISTER_TIMEOUT, second_layer_here=second_layer_here
+            LOOPBACK_ANY_PORT, workers, True, REGISTER_TIMEOUT, second_layer_here=second_layer_here, verify=verify
         )
     with tempfile.TemporaryDirectory() as scratch:
         with run.products_backend(config, data, sizes, options, RunDirectory(Path(scratch))) as products:
