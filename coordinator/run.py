@@ -189,16 +189,20 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records, sta
     inputs, hidden, _ = sizes
     permutation_seed = secrets.randbits(128)
     slots = options.workers // options.replicas
+    former_slots = {}
     if start is None or start.plan is None:
         plan = ExposurePlan.random(inputs, hidden, slots, config.seed)
         records.save_exposure(plan, permutation_seed)
     else:
         plan = start.plan.renumbered()
+        holders = records.last_holders()
+        former_slots = {holders[old]: new for new, old in enumerate(start.plan.slots) if old in holders}
         if len(plan.slots) != slots:
             workers = len(plan.slots) * options.replicas
             raise ClusterError(f"the run's exposure plan has {len(plan.slots)} worker slots; resume with {workers} workers")
     scheduler = Scheduler(
-        options.workers, settings.PROTOCOL_VERSION, np.dtype(config.dtype), options.heartbeat_timeout, options.replicas
+        options.workers, settings.PROTOCOL_VERSION, np.dtype(config.dtype), options.heartbeat_timeout, options.replicas,
+        former_slots,
     )
     cluster = Cluster(
         options.bind, scheduler, _largest_reply_bytes(config, inputs),

@@ -57,6 +57,12 @@ class RunDirectory:
             exposure.write(json.dumps(record) + "\n")
         log.info("worker %s sees %d input columns and %d hidden units (%s)", worker, len(record["columns"]), len(record["units"]), reason)
 
+    def last_holders(self) -> dict:
+        """slot -> the name of the worker that last took it over, from exposure.jsonl ({} without one)."""
+        path = self.path / "exposure.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return {record["slot"]: record["worker"] for record in map(json.loads, lines)}
+
     def append_quarantine(self, epoch: int, step: int, worker, slot: int, request_kind: str, evidence) -> None:
         """Record a worker caught returning a wrong product, with the evidence."""
         record = {"epoch": epoch, "step": step, "worker": worker.name, "answers": worker.answered, "slot": slot,

@@ -107,6 +107,7 @@ class Scheduler:
     dtype: np.dtype
     heartbeat_timeout: float = settings.HEARTBEAT_TIMEOUT
     replicas: int = 1
+    former_slots: dict = field(default_factory=dict)  # name -> the slot it held before a resume
     workers: dict = field(default_factory=dict)  # peer -> Worker
     outstanding: dict = field(default_factory=dict)  # request number -> Outstanding
     results: dict = field(default_factory=dict)  # slot -> [(peer, products)] of the current round
@@ -193,9 +194,20 @@ class Scheduler:
             return [Send(peer, Reject("quarantined")), Disconnect(peer, f"{message.name} is quarantined")]
         if len(self.standbys) >= settings.MAX_STANDBY_WORKERS:
             return [Send(peer, Reject("no room for more workers")), Disconnect(peer, "arrived when full")]
-        slot = self.open_slots.pop(0) if self.open_slots else None
+        slot = self._open_slot_for(message.name)
         self.workers[peer] = Worker(message.name, slot, last_seen=now, key=key)
         return [Admit(peer, slot, message.name)]
+
+    def _open_slot_for(self, name: str) -> int | None:
+        """A free slot: the one this worker held before a resume (so it sees no new columns), else one that
+        no returning worker will want, else any."""
+        if not self.open_slots:
+            return None
+        unclaimed = [slot for slot in self.open_slots if slot not in self.former_slots.values()]
+        former = self.former_slots.get(name)
+        slot = former if former in self.open_slots else (unclaimed or self.open_slots)[0]
+        self.open_slots.remove(slot)
+        return slot
 
     def _tick(self, now: float) -> list:
         actions = []

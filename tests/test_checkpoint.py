@@ -241,5 +241,9 @@ def test_workers_reconnect_on_their_own_to_a_resumed_coordinator(tmp_path, unint
         for worker in workers:  # the same processes, never restarted, registered with the new coordinator
             assert "registering again" in harness.log(worker)
             assert harness.log(worker).count("registered as slot") == 2
+        seen = {}
+        for record in harness.exposure_records():  # each got back the very columns it held: nobody saw more
+            seen.setdefault(record["worker"], set()).add(tuple(record["columns"]))
+        assert {name: len(columns) for name, columns in seen.items()} == {"A": 1, "B": 1}
     finally:
         harness.close()

@@ -129,3 +129,9 @@ def test_a_quarantined_workers_name_and_key_are_refused():
         actions = scheduler.handle(Arrived(peer, Register(name, 1), key=key))
         assert isinstance(actions[0].message, Reject) and peer not in scheduler.workers
     assert scheduler.handle(Arrived(b"new", Register("new", 1), key="NEW")) == [Admit(b"new", 0, "new")]
+
+
+def test_returning_workers_get_back_the_slots_they_held():
+    scheduler = Scheduler(capacity=3, version=1, dtype=F32, former_slots={"A": 0, "B": 2})
+    admitted = [scheduler.handle(Arrived(name.encode(), Register(name, 1)))[0].slot for name in ("B", "new", "A")]
+    assert admitted == [2, 1, 0]  # the newcomer takes the slot nobody returns to
