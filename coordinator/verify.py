@@ -3,8 +3,8 @@
 For a product P = A B that a worker returns, draw a secret random vector r and compare P r with A (B r):
 two matrix-vector products instead of a matrix product. The comparison allows the worst-case rounding
 of computing P in the run's dtype, gamma_k |A| |B| |r| with gamma_k = k u / (1 - k u) for an inner
-dimension k and unit roundoff u (plus the rounding of the check itself, done in float64), so honest
-arithmetic never fails it. A wrong element delta at (i, j)
+dimension k and unit roundoff u (plus the rounding of the check itself, done in the same dtype to avoid
+copies), so honest arithmetic never fails it. A wrong element delta at (i, j)
 escapes one check only if |delta r_j| falls under row i's allowance t_i; with r_j standard normal that
 happens with probability about 0.8 t_i / |delta|, so an error well above the rounding level is caught
 almost surely, and each further check multiplies the escape odds again.
@@ -18,7 +18,7 @@ from common import model
 from common.protocol import FirstLayer, SecondBackward, SecondForward
 
 VERIFY_MODES = ("off", "sample", "all")
-SAFETY = 2.0  # on top of the worst-case bounds, which already count our own float64 rounding
+SAFETY = 2.0  # on top of the worst-case bounds, which already count the check's own rounding
 
 
 @dataclass(frozen=True)
@@ -74,16 +74,17 @@ class Verifier:
 
     def _compare(self, name: str, product: np.ndarray, left: np.ndarray, right) -> Evidence | None:
         """Evidence that product != left @ right, or None."""
-        r = self.rng.standard_normal(product.shape[1])
+        dtype = product.dtype  # checked in the run's own dtype: no copies to float64, its rounding allowed for
+        r = self.rng.standard_normal(product.shape[1]).astype(dtype)
         right = right if isinstance(right, _Operand) else _Operand(right)
         depth, width = left.shape[1] + right.depth, product.shape[1]
-        expected = left.astype(np.float64) @ right.times(r)
-        actual = product.astype(np.float64) @ r
+        expected = left @ right.times(r)
+        actual = product @ r
         scale = np.abs(left) @ right.magnitude_times(np.abs(r))  # |A| (|B| |r|)
-        # the worker's rounding in its dtype, then ours in float64 over both sides of the comparison
-        allowance = (_gamma(depth, product.dtype) + _gamma(depth + width + 2, np.float64)) * scale
-        allowance += _gamma(width, np.float64) * (np.abs(product) @ np.abs(r))
-        allowance = SAFETY * allowance + np.finfo(product.dtype).tiny
+        # the worker's rounding of P, then ours of both sides of the comparison
+        allowance = (_gamma(depth, dtype) + _gamma(depth + width + 2, dtype)) * scale
+        allowance += _gamma(width, dtype) * (np.abs(product) @ np.abs(r))
+        allowance = SAFETY * allowance + np.finfo(dtype).tiny
         excess = np.abs(actual - expected) - allowance
         worst = int(np.argmax(excess)) if excess.size else 0
         if excess.size and excess[worst] > 0:
@@ -99,15 +100,15 @@ class _Operand:
         self.depth = 0 if inputs_t is None else inputs_t.shape[1] + 1  # the rounding the step adds
 
     def times(self, r: np.ndarray) -> np.ndarray:
-        product = self.weights.astype(np.float64) @ r  # (k, H) @ (H,) -> (k,)
+        product = self.weights @ r  # (k, H) @ (H,) -> (k,)
         if self.inputs_t is not None:
-            product -= self.learning_rate * (self.inputs_t.astype(np.float64) @ (self.error.astype(np.float64) @ r))
+            product = product - r.dtype.type(self.learning_rate) * (self.inputs_t @ (self.error @ r))
         return product
 
     def magnitude_times(self, r: np.ndarray) -> np.ndarray:
         magnitude = np.abs(self.weights) @ r
         if self.inputs_t is not None:
-            magnitude = magnitude + abs(self.learning_rate) * (np.abs(self.inputs_t) @ (np.abs(self.error) @ r))
+            magnitude = magnitude + r.dtype.type(abs(self.learning_rate)) * (np.abs(self.inputs_t) @ (np.abs(self.error) @ r))
         return magnitude
 
 
@@ -121,6 +122,6 @@ def inputs_for(images: dict, dtype: str, divisor: float):
     """The (split, rows, columns) -> inputs function a Verifier needs, from the coordinator's own images."""
 
     def inputs(split, rows, columns):
-        return model.inputs(images[split][np.ix_(rows, columns)], dtype, divisor)
+        return model.inputs(images[split][rows][:, columns], dtype, divisor)  # rows first: a 4x faster gather
 
     return inputs
