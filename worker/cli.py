@@ -55,8 +55,8 @@ def main(
     context = zmq.Context()
     try:
         _work(context, connect, name or f"{socket.gethostname()}-{os.getpid()}", curve, make_state)
-    finally:
-        context.term()  # waits, up to its linger, for a last message (a deregistration) to leave
+    finally:  # closes what a failed start left open, and waits (up to its linger) for a deregistration to leave
+        context.destroy(linger=0)
 
 
 def _work(context, connect: str, name: str, curve, make_state) -> None:
