@@ -2,20 +2,12 @@
 
 PROTOCOL_VERSION = 1  # bump on any change to a message's fields
 
-DEFAULT_PORT = 5555
-
 MAX_CHUNK_ROWS = 4096
 """Rows of one partial product (rows): a batch larger than this is sent in chunks whose gradients are
 summed, so the full-batch preset needs neither huge messages nor huge memory (4096 x 128 float64 = 4 MiB)."""
 
 MAX_HIDDEN_UNITS = 4096
-"""Largest hidden layer (units) the message size limit is computed for."""
-
-MAX_ROWS_PER_SPLIT = 1_000_000
-"""Most images (rows) a worker accepts in one split of its shard."""
-
-MAX_INPUT_COLUMNS = 4096
-"""Most input columns (pixels) a network may have."""
+"""Largest hidden layer (units) a run may have: it bounds every message and the coordinator's memory."""
 
 HEARTBEAT_INTERVAL = 0.5
 """Seconds between heartbeats from an idle side: six fit in the default timeout, so one late packet
