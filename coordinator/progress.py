@@ -36,8 +36,8 @@ def workers_table(workers) -> Table:
     for worker in workers:
         round_trip = "-" if worker.last_round_trip is None else f"{worker.last_round_trip * 1000:.1f} ms"
         table.add_row(
-            worker.name, "standby" if worker.slot is None else str(worker.slot), str(worker.columns), str(worker.hidden_units), str(worker.answered),
-            round_trip, f"{worker.busy_seconds:.1f} s", f"{worker.sent_bytes / MEGABYTE:.1f} MB",
+            worker.name, "standby" if worker.slot is None else str(worker.slot), str(worker.columns),
+            str(worker.hidden_units), str(worker.answered), round_trip, f"{worker.busy_seconds:.1f} s", f"{worker.sent_bytes / MEGABYTE:.1f} MB",
             f"{worker.received_bytes / MEGABYTE:.1f} MB",
         )
     return table
