@@ -132,8 +132,9 @@ class ClusterProducts:
         activations, weights = self.second_operands
         built = {}
         for slot in self.plan.slots:
-            units, self.second_permutations[slot] = self.plan.units(slot), self.permutations.permutation(weights.shape[1])
-            request = SecondForward(request=0, activations=activations[:, units], weights=permuted(weights[units], self.second_permutations[slot]))
+            units, shuffle = self.plan.units(slot), self.permutations.permutation(weights.shape[1])
+            request = SecondForward(request=0, activations=activations[:, units], weights=permuted(weights[units], shuffle))
+            self.second_permutations[slot], self.last_second_forward[slot] = shuffle, request
             built[slot] = (request, Expected({"partial": (len(activations), weights.shape[1])}))
         return built
 
@@ -156,8 +157,6 @@ class ClusterProducts:
         """slot -> one trusted answer; raises WorkerLost when quarantines leave a slot with no worker."""
         settled = {}
         for slot, (request, _) in built.items():
-            if isinstance(request, SecondForward):
-                self.last_second_forward[slot] = request
             trusted = self._trusted_answer(slot, request, results[slot])
             if trusted is not None:
                 settled[slot] = trusted

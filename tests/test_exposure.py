@@ -76,9 +76,11 @@ def _recorded_run(run_dir, second_layer_here: bool) -> tuple:
     return by_slot, sent, run_dir
 
 
-def _recovered_permutation(shuffled: np.ndarray, natural: np.ndarray) -> np.ndarray:
-    """p such that shuffled == natural[:, p], found by matching whole columns."""
-    return np.array([np.flatnonzero((natural == column[:, None]).all(axis=0))[0] for column in shuffled.T])
+def _shuffle_of(shuffled: np.ndarray, natural: np.ndarray) -> np.ndarray:
+    """p such that shuffled == natural[:, p], found by matching whole columns; it must not be the identity."""
+    shuffle = np.array([np.flatnonzero((natural == column[:, None]).all(axis=0))[0] for column in shuffled.T])
+    assert sorted(shuffle) == list(range(natural.shape[1])) and not np.array_equal(shuffle, np.arange(len(shuffle)))
+    return shuffle
 
 
 def test_workers_receive_only_their_own_columns(recorded):
@@ -116,9 +118,7 @@ def test_weight_rows_always_arrive_freshly_shuffled(recorded):
         for message, (weights, error) in zip(received, sent["first_layer"]):
             if message.weights is None:
                 continue
-            shuffle = _recovered_permutation(message.weights, weights[columns])
-            assert sorted(shuffle) == list(range(CONFIG.hidden))
-            assert not np.array_equal(shuffle, np.arange(CONFIG.hidden))
+            shuffle = _shuffle_of(message.weights, weights[columns])
             if error is not None:  # the hidden error travels in the same shuffled order
                 assert np.array_equal(message.error, error[:, shuffle])
             seen.add(shuffle.tobytes())
@@ -135,8 +135,7 @@ def test_second_layer_rows_are_shuffled_too(recorded):
         seen = set()
         for message, (activations, weights) in zip(received, sent["second_forward"]):
             assert np.array_equal(message.activations, activations[:, units])  # only its own hidden units
-            shuffle = _recovered_permutation(message.weights, weights[units])
-            assert sorted(shuffle) == list(range(10)) and not np.array_equal(shuffle, np.arange(10))
+            shuffle = _shuffle_of(message.weights, weights[units])
             seen.add(shuffle.tobytes())
         assert len(seen) > len(received) // 2  # fresh each time (10! orders, so repeats are rare)
 
