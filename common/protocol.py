@@ -155,12 +155,12 @@ MESSAGE_KINDS = {
     "heartbeat": Heartbeat,
 }
 KIND_OF = {cls: kind for kind, cls in MESSAGE_KINDS.items()}
+FIELD_TYPES = {cls: {field.name: field.type for field in dataclasses.fields(cls)} for cls in KIND_OF}
 
 
 def encode(message) -> bytes:
     """One message as one frame."""
-    fields = {field.name: getattr(message, field.name) for field in dataclasses.fields(message)}
-    return msgpack.packb({"kind": KIND_OF[type(message)], **fields}, default=msgpack_numpy.encode)
+    return msgpack.packb({"kind": KIND_OF[type(message)], **vars(message)}, default=msgpack_numpy.encode)
 
 
 def decode(frame) -> object:
@@ -204,7 +204,7 @@ def _is_shape(shape) -> bool:
 
 
 def _checked_message(cls, fields: dict):
-    expected = {field.name: field.type for field in dataclasses.fields(cls)}
+    expected = FIELD_TYPES[cls]
     if set(fields) != set(expected):
         missing, extra = sorted(set(expected) - set(fields)), sorted(set(fields) - set(expected))
         raise ProtocolError(f"{KIND_OF[cls]} message fields wrong (missing {missing}, unexpected {extra})")

@@ -73,6 +73,9 @@ class Cluster:
             self.socket.close()
             raise ClusterError(f"cannot bind {bind}: {error}") from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.authenticates = curve_keys is not None
+        self.poller = zmq.Poller()  # kept: socket.poll() would build one for every frame
+        self.poller.register(self.socket, zmq.POLLIN)
         self.traffic = Traffic()
 
     def admit_workers(self, timeout: float) -> None:
@@ -130,19 +133,30 @@ class Cluster:
                 self._carry_out(self.scheduler.handle(Tick(now)))
             if now >= deadline:
                 return False
-            if self.socket.poll(math.ceil((min(deadline, self.next_tick) - now) * 1000)):
-                self._handle_frame()
+            frames = self._receive(math.ceil((min(deadline, self.next_tick) - now) * 1000))
+            if frames:
+                self._handle_frame(frames)
                 return True
 
-    def _handle_frame(self) -> None:
-        frames = self.socket.recv_multipart(copy=False)
+    def _receive(self, timeout_ms: int) -> list | None:
+        """The next frames, taken without polling when they are already here (answers come in bursts)."""
+        try:
+            return self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            pass
+        if self.poller.poll(timeout_ms):
+            return self.socket.recv_multipart(copy=False)
+        return None
+
+    def _handle_frame(self, frames: list) -> None:
         peer = frames[0].bytes
         self.traffic.count(self._known(peer), received=sum(len(frame) for frame in frames[1:]))
         if len(frames) != 2:
             event = Garbled(peer, f"{len(frames) - 1} frames instead of 1")
         else:
             try:
-                event = Arrived(peer, protocol.decode(frames[1].buffer), time.monotonic(), _curve_key(frames[1]))
+                key = _curve_key(frames[1]) if self.authenticates else None
+                event = Arrived(peer, protocol.decode(frames[1].buffer), time.monotonic(), key)
             except protocol.ProtocolError as error:
                 event = Garbled(peer, str(error))
         self._carry_out(self.scheduler.handle(event))
@@ -171,8 +185,5 @@ class Cluster:
 
 
 def _curve_key(frame: zmq.Frame) -> str | None:
-    """The sender's CURVE public key, as pyzmq's authenticator names it (z85), or None without CURVE."""
-    try:
-        return frame.get("User-Id") or None
-    except zmq.ZMQError:  # the socket does no authentication
-        return None
+    """The sender's CURVE public key, as pyzmq's authenticator names it (z85)."""
+    return frame.get("User-Id") or None

@@ -25,7 +25,7 @@ class CoordinatorLink:
         self.name = name
         self.context = context or zmq.Context.instance()
         self.curve = curve
-        self.socket = None
+        self.socket = self.poller = None
         self.welcomed = False
         self.backoff = settings.RECONNECT_BACKOFF[0]
         self._connect()
@@ -39,7 +39,7 @@ class CoordinatorLink:
             next_duty = self.last_heard + settings.HEARTBEAT_TIMEOUT  # give up on this connection
             if self.welcomed:
                 next_duty = min(next_duty, self.heartbeat_at)
-            if self.socket.poll(max(0.0, next_duty - time.monotonic()) * 1000):
+            if self.poller.poll(max(0.0, next_duty - time.monotonic()) * 1000):
                 message = self._read()
                 if message is not None:
                     return message
@@ -79,6 +79,8 @@ class CoordinatorLink:
         if self.curve is not None:
             keys.make_client(self.socket, *self.curve)
         self.socket.connect(self.address)
+        self.poller = zmq.Poller()  # kept: socket.poll() would build one for every message
+        self.poller.register(self.socket, zmq.POLLIN)
         self.welcomed = False
         self.last_heard = time.monotonic()
         self.send(Register(self.name, settings.PROTOCOL_VERSION))
