@@ -1,7 +1,11 @@
-"""`python -m bench` on a tiny configuration: it runs, and its JSON holds every key with sane values."""
+"""`python -m bench` on a tiny configuration: it runs, and its JSON holds every key with sane values; the least
+traffic per round."""
 
 import json
 
+import pytest
+
+from bench.traffic import ROW_NUMBER_BYTES, minimum_step_bytes, round_bytes
 from tests.conftest import run_cli
 
 KEYS = {"mode", "workers", "batch_size", "epoch_seconds", "ratio_to_floor", "rounds_per_step", "bytes_per_epoch",
@@ -28,3 +32,19 @@ def test_bench_writes_json_for_floor_and_cluster(tmp_path):
         assert row["rounds_per_step"] == ROUNDS_PER_STEP[row["second_layer"]]
         assert row["worker_peak_rss_mb"] > 0
     assert "| cluster | coordinator | all | 2 | 64 |" in done.stdout
+
+
+@pytest.mark.parametrize("batch, sizes, workers, itemsize", [
+    (128, (784, 128, 10), 7, 4), (1000, (784, 128, 10), 7, 8), (17, (784, 100, 10), 3, 4), (1, (13, 5, 3), 7, 4),
+])
+@pytest.mark.parametrize("second_layer_here", [False, True])
+def test_rounds_add_up_to_the_minimum_step(batch, sizes, workers, itemsize, second_layer_here):
+    inputs, hidden, outputs = sizes
+    formula = 2 * inputs * hidden + 2 * workers * batch * hidden  # the docstring's, term by term
+    if not second_layer_here:
+        formula += 2 * batch * hidden + 2 * hidden * outputs + 2 * workers * batch * outputs
+    formula = formula * itemsize + ROW_NUMBER_BYTES * workers * batch
+    rounds = round_bytes(batch, sizes, workers, itemsize, second_layer_here)
+    assert len(rounds) == (1 if second_layer_here else 3)
+    assert round(workers * sum(request + reply for request, reply in rounds)) == formula
+    assert minimum_step_bytes(batch, sizes, workers, itemsize, second_layer_here) == formula
