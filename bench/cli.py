@@ -49,13 +49,18 @@ def main(
     floor_threads: Annotated[
         int | None, _option("FLOOR_THREADS", "BLAS threads of the floor (default: the library's own choice).", min=1)
     ] = None,
+    transport: Annotated[
+        bool, _option("TRANSPORT", "Also time each cluster configuration's messages alone, through echo workers "
+                      "that do nothing else: what ZeroMQ by itself costs.")
+    ] = True,
     out: Annotated[Path, _option("OUT", "Where to write the JSON results.")] = Path("results.json"),
     time_to_accuracy: Annotated[
         bool, _option("TIME_TO_ACCURACY", "Also train with the default settings, locally and on the largest "
                       "worker count, until 97% and 98% test accuracy (minutes).")
     ] = False,
 ):
-    """Run the floor (one process, plain numpy) and the cluster side by side; write JSON, print Markdown."""
+    """Run the floor (one process, plain numpy), the cluster and its bare transport side by side; write JSON, print
+    Markdown."""
     worker_counts, sizes_of_batches = _numbers(workers), _numbers(batch_sizes)
     placements = second_layer.split(",")
     if not set(placements) <= {"workers", "coordinator"}:
@@ -76,7 +81,7 @@ def main(
         results = []
         for batch_size in sizes_of_batches:
             config = base.with_overrides(batch_size=batch_size)
-            results += speed_rows(config, clusters, repeats, epochs, rows, sizes, floor_threads)
+            results += speed_rows(config, clusters, repeats, epochs, rows, sizes, floor_threads, transport)
         if time_to_accuracy:
             accuracy_config = TrainingConfig(dtype=dtype, train_limit=train_limit)
             results += accuracy_rows(accuracy_config, max(worker_counts), ACCURACY_TARGETS)

@@ -4,28 +4,39 @@ import statistics
 
 import numpy as np
 
-from bench.session import EpochMeasure, PeakMemory, Session
-from bench.traffic import minimum_epoch_bytes
+from bench.session import EpochMeasure, PeakMemory, Session, training_session, transport_session
+from bench.traffic import epoch_batches, minimum_epoch_bytes
 from coordinator.config import TrainingConfig
 
 MIB = 1024 * 1024
 
 
 def speed_rows(config: TrainingConfig, clusters: list, repeats: int, epochs: int, rows: int, sizes: tuple,
-               floor_threads: int | None) -> list:
+               floor_threads: int | None, transport: bool) -> list:
     """One local row and one row per (workers, second layer here, verify mode) in `clusters`, for the batch size
-    in `config`."""
-    floor = Session(config, 0, blas_threads=floor_threads)
-    floor_seconds, cluster_rows = [], []
+    in `config`; with `transport`, after the first cluster row of each (workers, second layer here) its bare
+    transport row (the same messages through echo workers, see bench.echo)."""
+    floor = training_session(config, 0, blas_threads=floor_threads)
+    itemsize, steps = np.dtype(config.dtype).itemsize, len(epoch_batches(rows, config.batch_size))
+    floor_seconds, measured_rows, echoed = [], [], set()
     for workers, second_layer_here, verify in clusters:
-        cluster = Session(config, workers, second_layer_here, verify=verify)
-        pairs = [(_measured(floor, epochs).seconds, _measured(cluster, epochs)) for _ in range(repeats)]
-        floor_seconds += [floor_time for floor_time, _ in pairs]
-        minimum = minimum_epoch_bytes(rows, config.batch_size, sizes, workers, np.dtype(config.dtype).itemsize,
-                                      second_layer_here)
-        row = _cluster_row(pairs, cluster.finish(), minimum, steps=-(-rows // config.batch_size))
-        cluster_rows.append({"batch_size": config.batch_size, "workers": workers, "verify": verify,
-                             "second_layer": "coordinator" if second_layer_here else "workers", **row})
+        sessions = {"cluster": training_session(config, workers, second_layer_here, verify=verify)}
+        if transport and (workers, second_layer_here) not in echoed:
+            echoed.add((workers, second_layer_here))
+            sessions["transport"] = transport_session(rows, config.batch_size, sizes, workers, itemsize,
+                                                      second_layer_here)
+        turns = [  # the floor, then each session: load changes hit every side of a ratio alike
+            (_measured(floor, epochs).seconds, {mode: _measured(session, epochs) for mode, session in sessions.items()})
+            for _ in range(repeats)
+        ]
+        floor_seconds += [floor_time for floor_time, _ in turns]
+        minimum = minimum_epoch_bytes(rows, config.batch_size, sizes, workers, itemsize, second_layer_here)
+        for mode, session in sessions.items():
+            pairs = [(floor_time, measures[mode]) for floor_time, measures in turns]
+            row = _measured_row(mode, pairs, session.finish(), minimum, steps)
+            measured_rows.append({"batch_size": config.batch_size, "workers": workers,
+                                  "verify": verify if mode == "cluster" else "-",
+                                  "second_layer": "coordinator" if second_layer_here else "workers", **row})
     memory = floor.finish()
     local_row = {
         "measure": "epoch", "mode": "local", "workers": 0, "batch_size": config.batch_size, "second_layer": "local",
@@ -35,15 +46,15 @@ def speed_rows(config: TrainingConfig, clusters: list, repeats: int, epochs: int
         "bytes_per_epoch": 0, "min_bytes_per_epoch": 0,
         "coordinator_peak_rss_mb": memory.coordinator_mb, "worker_peak_rss_mb": None,
     }
-    return [local_row, *cluster_rows]
+    return [local_row, *measured_rows]
 
 
-def _cluster_row(pairs: list, memory: PeakMemory, minimum_bytes: int, steps: int) -> dict:
-    """A cluster configuration's figures from its (floor seconds, cluster EpochMeasure) pairs."""
+def _measured_row(mode: str, pairs: list, memory: PeakMemory, minimum_bytes: int, steps: int) -> dict:
+    """A cluster or transport configuration's figures from its (floor seconds, EpochMeasure) pairs."""
     seconds = statistics.median(measure.seconds for _, measure in pairs)
     last = pairs[-1][1]  # traffic is the same every epoch
     return {
-        "measure": "epoch", "mode": "cluster", "epoch_seconds": seconds,
+        "measure": "epoch", "mode": mode, "epoch_seconds": seconds,
         "ratio_to_floor": seconds / statistics.median(floor_time for floor_time, _ in pairs),
         "rounds_per_step": last.rounds / steps, "bytes_per_epoch": last.bytes, "min_bytes_per_epoch": minimum_bytes,
         "coordinator_peak_rss_mb": memory.coordinator_mb, "worker_peak_rss_mb": memory.worker_mb,
@@ -56,7 +67,7 @@ def accuracy_rows(config: TrainingConfig, workers: int, targets: tuple) -> list:
 
 
 def _time_to_accuracy(config: TrainingConfig, workers: int, targets: tuple) -> dict:
-    session, elapsed, reached, history = Session(config, workers), 0.0, {}, []
+    session, elapsed, reached, history = training_session(config, workers), 0.0, {}, []
     for epoch in range(1, config.epochs + 1):
         measure = session.epoch()
         elapsed += measure.seconds

@@ -1,19 +1,24 @@
-"""One trainer kept alive in its own process between timed epochs, so each mode's memory is its own.
+"""One measured mode kept alive in its own process between timed epochs, so each mode's memory is its own.
 
 The parent drives it over a pipe: every "epoch" command runs one epoch and answers with an EpochMeasure;
 "finish" answers with the peak memory and ends the session. The floor and the cluster run alternate
-epochs this way, so a change in the machine's load hits both sides of a ratio alike.
+epochs this way, so a change in the machine's load hits both sides of a ratio alike. A mode is a context
+manager, run in the child, that warms up and yields the function that times one epoch.
 """
 
 import multiprocessing
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from bench import echo
+from bench.traffic import epoch_batches, round_bytes
 from common import model
 from coordinator import run
 from coordinator.config import TrainingConfig
@@ -41,16 +46,13 @@ class PeakMemory:
 
 
 class Session:
-    """The parent's handle on a trainer running in a child process: local when `workers` is 0."""
+    """The parent's handle on a mode running in a child process; `label` names it in the child's errors."""
 
-    def __init__(
-        self, config: TrainingConfig, workers: int, second_layer_here: bool = False, blas_threads=None,
-        verify: str = "sample",
-    ):
+    def __init__(self, label: str, mode: Callable, arguments: tuple, blas_threads: int | None = None):
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited sockets or pages
+        self.label = label
         self.connection, child_end = context.Pipe()
-        arguments = (child_end, config, workers, second_layer_here, verify)
-        self.process = context.Process(target=_serve, args=arguments, daemon=True)
+        self.process = context.Process(target=_serve, args=(child_end, mode, arguments), daemon=True)
         with _blas_threads(blas_threads):
             self.process.start()
         self._expect(self.connection.recv())  # ready once warmed up
@@ -68,8 +70,23 @@ class Session:
     def _expect(self, answer):
         if isinstance(answer, BaseException):
             self.process.join()
-            raise answer
+            raise RuntimeError(f"{self.label}: {answer}")
         return answer
+
+
+def training_session(
+    config: TrainingConfig, workers: int, second_layer_here: bool = False, blas_threads=None, verify: str = "sample",
+) -> Session:
+    """A trainer: local when `workers` is 0, else a cluster of that many spawned workers."""
+    label = f"{workers} workers" if workers else "local"
+    return Session(label, _trained_epochs, (config, workers, second_layer_here, verify), blas_threads)
+
+
+def transport_session(rows: int, batch_size: int, sizes: tuple, workers: int, itemsize: int,
+                      second_layer_here: bool) -> Session:
+    """Only the messages a cluster's epoch moves, with their sizes, through echo workers (see bench.echo)."""
+    arguments = (rows, batch_size, sizes, workers, itemsize, second_layer_here)
+    return Session(f"transport, {workers} workers", _echoed_epochs, arguments)
 
 
 @contextmanager
@@ -87,14 +104,19 @@ def _blas_threads(threads: int | None):
                 os.environ[name] = value
 
 
-def _serve(connection, config: TrainingConfig, workers: int, second_layer_here: bool, verify: str) -> None:
+def _serve(connection, mode: Callable, arguments: tuple) -> None:
     try:
-        _run_session(connection, config, workers, second_layer_here, verify)
-    except Exception as error:  # the parent raises it, with the child's text
-        connection.send(RuntimeError(f"{'local' if not workers else f'{workers} workers'}: {error}"))
+        with mode(*arguments) as timed_epoch:
+            connection.send("ready")
+            while connection.recv() == "epoch":
+                connection.send(timed_epoch())
+            connection.send(PeakMemory(_peak_rss_mb(os.getpid()), _largest_worker_rss_mb()))
+    except Exception as error:  # the parent raises it, with the child's text and the session's label
+        connection.send(RuntimeError(str(error)))
 
 
-def _run_session(connection, config: TrainingConfig, workers: int, second_layer_here: bool, verify: str) -> None:
+@contextmanager
+def _trained_epochs(config: TrainingConfig, workers: int, second_layer_here: bool, verify: str):
     data = run.load_data(config)
     sizes = run.layer_sizes(config, data)
     params = model.initial_params(sizes, config.init, config.seed, config.dtype)
@@ -109,10 +131,7 @@ def _run_session(connection, config: TrainingConfig, workers: int, second_layer_
             warmup_rows = np.arange(min(WARMUP_STEPS * config.batch_size, len(data.train_labels)), dtype=np.int32)
             for start in range(0, len(warmup_rows), config.batch_size):
                 trainer.train_batch(warmup_rows[start : start + config.batch_size])
-            connection.send("ready")
-            while connection.recv() == "epoch":
-                connection.send(_timed_epoch(trainer, getattr(products, "cluster", None)))
-            connection.send(PeakMemory(_peak_rss_mb(os.getpid()), _largest_worker_rss_mb()))
+            yield lambda: _timed_epoch(trainer, getattr(products, "cluster", None))
 
 
 def _timed_epoch(trainer: Trainer, cluster) -> EpochMeasure:
@@ -121,6 +140,28 @@ def _timed_epoch(trainer: Trainer, cluster) -> EpochMeasure:
     report = trainer.run_epoch()
     after = (traffic.sent + traffic.received, traffic.rounds) if traffic else (0, 0)
     return EpochMeasure(report.seconds, report.test_accuracy, after[0] - before[0], after[1] - before[1])
+
+
+@contextmanager
+def _echoed_epochs(rows: int, batch_size: int, sizes: tuple, workers: int, itemsize: int, second_layer_here: bool):
+    batches = epoch_batches(rows, batch_size)
+    steps = {  # batch size -> its step's rounds of request frames, made before any timing
+        batch: [echo.requests(request, reply, workers)
+                for request, reply in round_bytes(batch, sizes, workers, itemsize, second_layer_here)]
+        for batch in set(batches)
+    }
+    epoch = [steps[batch] for batch in batches]
+    with echo.EchoRouter(LOOPBACK_ANY_PORT, workers, REGISTER_TIMEOUT) as router:
+        for rounds in epoch[:WARMUP_STEPS]:
+            router.run_step(rounds)
+        yield lambda: _timed_echo_epoch(router, epoch)
+
+
+def _timed_echo_epoch(router: echo.EchoRouter, epoch: list) -> EpochMeasure:
+    """`epoch`: each step's rounds of request frames."""
+    start = time.perf_counter()
+    moved = sum(router.run_step(rounds) for rounds in epoch)
+    return EpochMeasure(time.perf_counter() - start, None, moved, sum(map(len, epoch)))
 
 
 def _peak_rss_mb(pid: int) -> float:

@@ -3,6 +3,21 @@
 ROW_NUMBER_BYTES = 4  # a batch row travels as one int32
 
 
+def round_bytes(batch: int, sizes: tuple, workers: int, itemsize: int, second_layer_here: bool) -> list:
+    """(request, reply) payload bytes of one worker in each synchronous round of a step, as the average of the
+    workers' shares; `minimum_step_bytes` spells out each term."""
+    inputs, hidden, outputs = sizes
+    w1_rows = inputs * hidden * itemsize / workers  # W1 rows out and dW1 rows back alike
+    hidden_rows = batch * hidden * itemsize  # d1 out, a z1 partial back
+    rounds = [(w1_rows + hidden_rows + ROW_NUMBER_BYTES * batch, w1_rows + hidden_rows)]  # the first layer
+    if not second_layer_here:
+        w2_rows = hidden * outputs * itemsize / workers  # W2 rows out, dW2 rows back
+        unit_columns = batch * hidden * itemsize / workers  # a1[:, J_w] out, e1[:, J_w] back
+        output_rows = batch * outputs * itemsize  # a z2 partial back, d2 out
+        rounds += [(unit_columns + w2_rows, output_rows), (output_rows, w2_rows + unit_columns)]  # forward, backward
+    return rounds
+
+
 def minimum_step_bytes(batch: int, sizes: tuple, workers: int, itemsize: int, second_layer_here: bool) -> int:
     """Payload bytes one training step of `batch` rows must move between the coordinator and its workers.
 
@@ -19,16 +34,19 @@ def minimum_step_bytes(batch: int, sizes: tuple, workers: int, itemsize: int, se
 
     Input shards are sent once per run and are not part of an epoch; nor is message framing.
     """
-    inputs, hidden, outputs = sizes
-    numbers = 2 * inputs * hidden + 2 * workers * batch * hidden
-    if not second_layer_here:
-        numbers += 2 * batch * hidden + 2 * hidden * outputs + 2 * workers * batch * outputs
-    return numbers * itemsize + ROW_NUMBER_BYTES * workers * batch
+    per_worker = sum(request + reply for request, reply in round_bytes(batch, sizes, workers, itemsize,
+                                                                       second_layer_here))
+    return round(workers * per_worker)  # the shares were averages: whole bytes again
+
+
+def epoch_batches(rows: int, batch_size: int) -> list:
+    """The batch sizes of an epoch's steps in order: full ones, then the rest, if any, in a short last one."""
+    full, rest = divmod(rows, batch_size)
+    return [batch_size] * full + ([rest] if rest else [])
 
 
 def minimum_epoch_bytes(rows: int, batch_size: int, sizes: tuple, workers: int, itemsize: int,
                         second_layer_here: bool) -> int:
-    """The sum of `minimum_step_bytes` over an epoch's batches, the last one possibly short."""
-    full, rest = divmod(rows, batch_size)
-    step = lambda batch: minimum_step_bytes(batch, sizes, workers, itemsize, second_layer_here)  # noqa: E731
-    return full * step(batch_size) + (step(rest) if rest else 0)
+    """The sum of `minimum_step_bytes` over an epoch's batches."""
+    return sum(minimum_step_bytes(batch, sizes, workers, itemsize, second_layer_here)
+               for batch in epoch_batches(rows, batch_size))

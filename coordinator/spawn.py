@@ -24,7 +24,7 @@ def local_address(endpoint: str) -> str:
     return endpoint.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
 
 
-def _child_of_coordinator() -> None:
+def child_of_coordinator() -> None:
     """Die with the coordinator, and leave a terminal's Ctrl-C to it: it finishes the step and checkpoints first."""
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # kept across exec; Python then leaves SIGINT ignored
@@ -41,7 +41,7 @@ def spawn_workers(count: int, address: str, curve_keys: Path | None = None) -> l
             server_file = keys.server_public_file(curve_keys)
             command += ["--curve-secret-key", str(secret_file), "--curve-server-key", str(server_file)]
     return [
-        subprocess.Popen(command, preexec_fn=_child_of_coordinator, stdin=subprocess.DEVNULL) for command in commands
+        subprocess.Popen(command, preexec_fn=child_of_coordinator, stdin=subprocess.DEVNULL) for command in commands
     ]
 
 

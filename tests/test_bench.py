@@ -1,30 +1,79 @@
-"""`python -m bench` on a tiny configuration: it runs, and its JSON holds every key with sane values."""
+"""`python -m bench` on a tiny configuration: it runs, and its JSON holds every key with sane values; the least
+traffic per round, and the echo workers that move it."""
 
 import json
 
-from tests.conftest import run_cli
+import pytest
+
+from bench import echo
+from bench.traffic import ROW_NUMBER_BYTES, minimum_step_bytes, round_bytes
+from tests.conftest import LOOPBACK_ANY_PORT, run_cli
 
 KEYS = {"mode", "workers", "batch_size", "epoch_seconds", "ratio_to_floor", "rounds_per_step", "bytes_per_epoch",
         "min_bytes_per_epoch", "coordinator_peak_rss_mb", "worker_peak_rss_mb"}
 # first layer (with the last step's gradient), second forward, second backward; or the first layer alone
 ROUNDS_PER_STEP = {"workers": 3, "coordinator": 1}
+ECHO_TIMEOUT = 60.0  # seconds; echo workers that take longer to start or answer are hung
 
 
-def test_bench_writes_json_for_floor_and_cluster(tmp_path):
+def test_bench_writes_json_for_floor_cluster_and_transport(tmp_path):
     out = tmp_path / "results.json"
     done = run_cli("bench", "--workers", "2", "--batch-sizes", "64", "--epochs", "1", "--repeats", "1",
                    "--train-limit", "640", "--second-layer", "workers,coordinator", "--verify", "off,all", "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
     placements = [(r["mode"], r["second_layer"], r["verify"], r["workers"]) for r in rows]
-    assert placements == [("local", "local", "-", 0), ("cluster", "workers", "off", 2), ("cluster", "workers", "all", 2),
-                          ("cluster", "coordinator", "off", 2), ("cluster", "coordinator", "all", 2)]
+    assert placements == [
+        ("local", "local", "-", 0),
+        ("cluster", "workers", "off", 2), ("transport", "workers", "-", 2), ("cluster", "workers", "all", 2),
+        ("cluster", "coordinator", "off", 2), ("transport", "coordinator", "-", 2),
+        ("cluster", "coordinator", "all", 2),
+    ]
     for row in rows:
         assert KEYS <= set(row) and row["batch_size"] == 64
         assert row["epoch_seconds"] > 0 and row["coordinator_peak_rss_mb"] > 0
-    for row in rows[1:]:
+    for row in rows[1:]:  # the transport moves what the cluster moves, in as many rounds
         assert row["bytes_per_epoch"] >= row["min_bytes_per_epoch"] > 0
         assert row["bytes_per_epoch"] <= 1.05 * row["min_bytes_per_epoch"]
         assert row["rounds_per_step"] == ROUNDS_PER_STEP[row["second_layer"]]
         assert row["worker_peak_rss_mb"] > 0
     assert "| cluster | coordinator | all | 2 | 64 |" in done.stdout
+    assert "| transport | workers | - | 2 | 64 |" in done.stdout
+
+
+def test_bench_without_transport(tmp_path):
+    out = tmp_path / "results.json"
+    done = run_cli("bench", "--workers", "1", "--batch-sizes", "64", "--repeats", "1", "--train-limit", "128",
+                   "--no-transport", "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [row["mode"] for row in json.loads(out.read_text())] == ["local", "cluster"]
+
+
+@pytest.mark.parametrize("batch, sizes, workers, itemsize", [
+    (128, (784, 128, 10), 7, 4), (1000, (784, 128, 10), 7, 8), (17, (784, 100, 10), 3, 4), (1, (13, 5, 3), 7, 4),
+])
+@pytest.mark.parametrize("second_layer_here", [False, True])
+def test_rounds_add_up_to_the_minimum_step(batch, sizes, workers, itemsize, second_layer_here):
+    inputs, hidden, outputs = sizes
+    formula = 2 * inputs * hidden + 2 * workers * batch * hidden  # the docstring's, term by term
+    if not second_layer_here:
+        formula += 2 * batch * hidden + 2 * hidden * outputs + 2 * workers * batch * outputs
+    formula = formula * itemsize + ROW_NUMBER_BYTES * workers * batch
+    rounds = round_bytes(batch, sizes, workers, itemsize, second_layer_here)
+    assert len(rounds) == (1 if second_layer_here else 3)
+    assert round(workers * sum(request + reply for request, reply in rounds)) == formula
+    assert minimum_step_bytes(batch, sizes, workers, itemsize, second_layer_here) == formula
+
+
+def test_echo_requests_share_whole_bytes_and_ask_for_their_reply():
+    frames = echo.requests(9362.3, 731.4, 7)  # 65536 and 5120 bytes in all
+    assert sum(map(len, frames)) == 65536 and max(map(len, frames)) - min(map(len, frames)) <= 1
+    assert sum(int.from_bytes(frame[:echo.HEADER], "little") for frame in frames) == 5120
+    assert [len(frame) for frame in echo.requests(2.0, 40.0, 3)] == [echo.HEADER] * 3  # never shorter than the header
+
+
+def test_echo_workers_answer_with_the_asked_size_and_leave():
+    frames = echo.requests(1000.0, 333.5, 3)
+    with echo.EchoRouter(LOOPBACK_ANY_PORT, 3, ECHO_TIMEOUT) as router:
+        assert router.run_step([frames, frames]) == 2 * (3000 + round(3 * 333.5))
+    assert [process.returncode for process in router.processes] == [0, 0, 0]  # each left on STOP, none killed
