@@ -3,7 +3,9 @@
 The parent drives it over a pipe: every "epoch" command runs one epoch and answers with an EpochMeasure;
 "finish" answers with the peak memory and ends the session. The floor and the cluster run alternate
 epochs this way, so a change in the machine's load hits both sides of a ratio alike. A mode is a context
-manager, run in the child, that warms up and yields the function that times one epoch.
+manager, run in the child, that warms up and yields the function that times one epoch and the one that
+waits between epochs (a cluster's coordinator must keep its heartbeats going meanwhile, or its workers,
+hearing nothing while the other modes take their turns, would register again).
 """
 
 import multiprocessing
@@ -29,6 +31,7 @@ from worker.cli import BLAS_THREAD_VARIABLES
 LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"
 REGISTER_TIMEOUT = 120.0  # seconds for spawned workers to start on a loaded machine
 WARMUP_STEPS = 20  # steps before timing: imports, first allocations and BLAS start-up are paid here
+COMMAND_WAIT = 0.05  # seconds between looks for the parent's next command
 
 
 @dataclass(frozen=True)
@@ -106,13 +109,19 @@ def _blas_threads(threads: int | None):
 
 def _serve(connection, mode: Callable, arguments: tuple) -> None:
     try:
-        with mode(*arguments) as timed_epoch:
+        with mode(*arguments) as (timed_epoch, wait):
             connection.send("ready")
-            while connection.recv() == "epoch":
+            while _next_command(connection, wait) == "epoch":
                 connection.send(timed_epoch())
             connection.send(PeakMemory(_peak_rss_mb(os.getpid()), _largest_worker_rss_mb()))
     except Exception as error:  # the parent raises it, with the child's text and the session's label
         connection.send(RuntimeError(str(error)))
+
+
+def _next_command(connection, wait: Callable) -> str:
+    while not connection.poll():
+        wait(COMMAND_WAIT)
+    return connection.recv()
 
 
 @contextmanager
@@ -131,7 +140,8 @@ def _trained_epochs(config: TrainingConfig, workers: int, second_layer_here: boo
             warmup_rows = np.arange(min(WARMUP_STEPS * config.batch_size, len(data.train_labels)), dtype=np.int32)
             for start in range(0, len(warmup_rows), config.batch_size):
                 trainer.train_batch(warmup_rows[start : start + config.batch_size])
-            yield lambda: _timed_epoch(trainer, getattr(products, "cluster", None))
+            cluster = getattr(products, "cluster", None)
+            yield lambda: _timed_epoch(trainer, cluster), cluster.idle if cluster else time.sleep
 
 
 def _timed_epoch(trainer: Trainer, cluster) -> EpochMeasure:
@@ -154,7 +164,7 @@ def _echoed_epochs(rows: int, batch_size: int, sizes: tuple, workers: int, items
     with echo.EchoRouter(LOOPBACK_ANY_PORT, workers, REGISTER_TIMEOUT) as router:
         for rounds in epoch[:WARMUP_STEPS]:
             router.run_step(rounds)
-        yield lambda: _timed_echo_epoch(router, epoch)
+        yield lambda: _timed_echo_epoch(router, epoch), time.sleep  # echo workers keep no heartbeat
 
 
 def _timed_echo_epoch(router: echo.EchoRouter, epoch: list) -> EpochMeasure:

@@ -102,6 +102,12 @@ class Cluster:
             raise WorkerLost(self.scheduler.take_lost())
         return self.scheduler.results
 
+    def idle(self, seconds: float) -> None:
+        """Keep heartbeats going both ways for a while with no round under way."""
+        deadline = time.monotonic() + seconds
+        while self._pump(deadline):
+            pass
+
     def send(self, peer: bytes, message) -> None:
         self._send(peer, message)
 

@@ -2,10 +2,14 @@
 traffic per round, and the echo workers that move it."""
 
 import json
+import time
 
 import pytest
 
 from bench import echo
+from bench.session import training_session
+from common import settings
+from coordinator.config import TrainingConfig
 from bench.traffic import ROW_NUMBER_BYTES, minimum_step_bytes, round_bytes
 from tests.conftest import LOOPBACK_ANY_PORT, run_cli
 
@@ -47,6 +51,17 @@ def test_bench_without_transport(tmp_path):
                    "--no-transport", "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [row["mode"] for row in json.loads(out.read_text())] == ["local", "cluster"]
+
+
+def test_a_cluster_session_keeps_its_workers_through_a_long_wait_between_epochs():
+    """While the other modes take their turns the cluster's coordinator waits; its workers must not give it up."""
+    session = training_session(TrainingConfig(batch_size=64, train_limit=640, test_limit=0), 2)
+    try:
+        session.epoch()
+        time.sleep(settings.HEARTBEAT_TIMEOUT + 1)
+        assert session.epoch().rounds == 3 * 10
+    finally:
+        session.finish()
 
 
 @pytest.mark.parametrize("batch, sizes, workers, itemsize", [
