@@ -163,8 +163,8 @@ def _exposure_map(pyplot, column_owners: np.ndarray, handovers: list, names: dic
 
 
 def _worker_load(pyplot, workers: list):
-    workers = sorted(workers, key=lambda worker: worker["slot"])
-    names = [worker["name"] for worker in workers]
+    """Bars per worker, in the order of workers.json: by slot, standbys last."""
+    names = [worker["name"] if worker["slot"] is not None else f"{worker['name']} (standby)" for worker in workers]
     positions = np.arange(len(workers))
     figure, (busy, traffic) = pyplot.subplots(1, 2, figsize=(10, 4), layout="constrained")
     busy.bar(positions, [worker["busy_seconds"] for worker in workers])

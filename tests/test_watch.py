@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.cluster_harness import Harness
 from tests.conftest import LOOPBACK_ANY_PORT, PROCESS_TIMEOUT, lines_of, run_cli, wait_for_line
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -119,6 +120,24 @@ def _status_once_training(address: str) -> dict:
             return status
         time.sleep(0.2)
     raise AssertionError("the coordinator never reported training")
+
+
+def test_report_of_a_run_that_kept_a_standby(tmp_path):
+    """A spare worker that never got a slot is in workers.json, and its bar in the report says so."""
+    harness = Harness(tmp_path)
+    try:
+        harness.start_coordinator("--workers", "2", "--rebalance", "never", *SHORT_RUN)
+        for name in ("A", "B", "C"):
+            harness.start_worker(name)
+        assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
+    finally:
+        harness.close()
+    workers = json.loads((harness.run_dir / "workers.json").read_text())
+    assert [worker["slot"] for worker in workers] == [0, 1, None]
+    pytest.importorskip("matplotlib", reason="the plot extra is not installed")
+    done = run_cli("coordinator", "report", harness.run_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (harness.run_dir / "report" / "workers.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_report_without_matplotlib_says_how_to_install_it(tmp_path, train_run):
