@@ -163,8 +163,8 @@ def _exposure_map(pyplot, column_owners: np.ndarray, handovers: list, names: dic
 
 
 def _worker_load(pyplot, workers: list):
-    """Bars per worker, in the order of workers.json: by slot, standbys last."""
-    names = [worker["name"] if worker["slot"] is not None else f"{worker['name']} (standby)" for worker in workers]
+    """Bars per worker, in the order of workers.json: by slot, then standbys, then those that left."""
+    names = [_bar_name(worker) for worker in workers]
     positions = np.arange(len(workers))
     figure, (busy, traffic) = pyplot.subplots(1, 2, figsize=(10, 4), layout="constrained")
     busy.bar(positions, [worker["busy_seconds"] for worker in workers])
@@ -181,3 +181,9 @@ def _worker_load(pyplot, workers: list):
         axes.set_xlabel("worker")
         axes.grid(axis="y", alpha=0.3)
     return figure
+
+
+def _bar_name(worker: dict) -> str:
+    if worker.get("left"):
+        return f"{worker['name']} (left)"
+    return worker["name"] if worker["slot"] is not None else f"{worker['name']} (standby)"

@@ -236,7 +236,7 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records, sta
             products.permutations.bit_generator.state = start.permutations
         watch.workers = lambda: worker_statuses(scheduler, products.plan, cluster.traffic)
         yield products
-        records.save_workers(watch.workers())
+        records.save_workers(worker_statuses(scheduler, products.plan, cluster.traffic, departed=True))
         cluster.stop("training finished")
     except (Interrupted, KeyboardInterrupt):
         cluster.stop("the coordinator was interrupted")

@@ -87,6 +87,7 @@ class Worker:
     answered: int = 0
     last_round_trip: float | None = None  # seconds from sending its last request to its answer
     busy_seconds: float = 0.0  # all its round trips added up
+    left: str | None = None  # why it was dropped, once it was
 
 
 @dataclass
@@ -109,6 +110,7 @@ class Scheduler:
     replicas: int = 1
     former_slots: dict = field(default_factory=dict)  # name -> the slot it held before a resume
     workers: dict = field(default_factory=dict)  # peer -> Worker
+    departed: dict = field(default_factory=dict)  # peer -> Worker dropped after answering, for the records
     outstanding: dict = field(default_factory=dict)  # request number -> Outstanding
     results: dict = field(default_factory=dict)  # slot -> [(peer, products)] of the current round
     lost: dict = field(default_factory=dict)  # slot -> why its worker was dropped, until taken
@@ -255,6 +257,9 @@ class Scheduler:
         if worker is None:
             return [Disconnect(peer, reason)]
         reason = f"worker {worker.name} {reason}"
+        worker.left = reason
+        if worker.answered:  # peers that never computed anything, hostile ones included, leave no record
+            self.departed[peer] = worker
         self.outstanding = {n: o for n, o in self.outstanding.items() if o.peer != peer}
         if worker.slot is not None and not self.started:
             self.open_slots.insert(0, worker.slot)

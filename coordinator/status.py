@@ -35,6 +35,7 @@ class WorkerStatus:
     busy_seconds: float  # summed round trips: time the coordinator waited on this worker's answers
     sent_bytes: int  # coordinator -> worker
     received_bytes: int  # worker -> coordinator
+    left: str | None = None  # why it was dropped; it then holds no columns
 
 
 @dataclass(frozen=True)
@@ -73,17 +74,22 @@ class RunStatus:
             raise ValueError(f"not a status: {error}") from None
 
 
-def worker_statuses(scheduler, plan, traffic) -> tuple:
-    """Each admitted worker's numbers, by slot (standbys last), from the scheduler, the plan and the traffic."""
-    statuses = []
+def worker_statuses(scheduler, plan, traffic, departed: bool = False) -> tuple:
+    """Each admitted worker's numbers, by slot (standbys last), from the scheduler, the plan and the traffic;
+    with `departed`, then those dropped during the run, in the order they left."""
     by_slot = sorted(scheduler.workers.items(), key=lambda item: (item[1].slot is None, item[1].slot or 0))
-    for peer, worker in by_slot:
-        sent, received = traffic.by_peer.get(peer, (0, 0))
-        statuses.append(WorkerStatus(
-            worker.name, worker.slot, len(plan.columns(worker.slot)), len(plan.units(worker.slot)), worker.answered,
-            worker.last_round_trip, worker.busy_seconds, sent, received,
-        ))
+    statuses = [_status(peer, worker, plan, traffic) for peer, worker in by_slot]
+    if departed:
+        statuses += [_status(peer, worker, None, traffic) for peer, worker in scheduler.departed.items()]
     return tuple(statuses)
+
+
+def _status(peer: bytes, worker, plan, traffic) -> WorkerStatus:
+    """One worker's numbers; without a plan (a departed worker) it holds no columns or units."""
+    sent, received = traffic.by_peer.get(peer, (0, 0))
+    columns, units = (len(plan.columns(worker.slot)), len(plan.units(worker.slot))) if plan else (0, 0)
+    return WorkerStatus(worker.name, worker.slot, columns, units, worker.answered, worker.last_round_trip,
+                        worker.busy_seconds, sent, received, worker.left)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Workers die, stall, leave and arrive mid-run; the run completes with the undisturbed run's weights."""
 
+import json
 import os
 import re
 import signal
@@ -64,6 +65,12 @@ def test_two_workers_killed_at_different_times(harness, undisturbed):
     lost_columns = next(set(r["columns"]) for r in records if r["worker"] == "C")
     handed_over = set().union(*(r["columns"] for r in takeovers if r["epoch"] == 2))
     assert lost_columns <= handed_over and all(r["worker"] != "C" for r in takeovers)
+    workers = json.loads((harness.run_dir / "workers.json").read_text())
+    survivors, departed = workers[:5], workers[5:]  # admitted workers by slot, then those that left
+    assert sorted(w["name"] for w in survivors) == ["A", "B", "D", "E", "G"]
+    assert all(w["answered"] > 0 and w["columns"] > 0 and w["left"] is None for w in survivors)
+    assert [w["name"] for w in departed] == ["C", "F"]  # in the order they were lost
+    assert all(w["answered"] > 0 and w["columns"] == 0 and w["left"].startswith(f"worker {w['name']} ") for w in departed)
 
 
 def test_stalled_worker_is_declared_lost_within_the_timeout(harness, undisturbed):

@@ -94,6 +94,17 @@ def test_a_round_numbers_requests_and_completes_on_valid_results():
     assert scheduler.round_done and scheduler.results[1][0][1]["error"][0, 0] == 1
 
 
+def test_workers_that_answered_are_kept_on_record_when_they_leave():
+    scheduler = _scheduler_with(3)
+    sends = _round(scheduler)
+    scheduler.handle(Arrived(sends[0].peer, Result(sends[0].message.request, {"error": np.zeros((2, 3), F32)})))
+    scheduler.handle(Unreachable(sends[0].peer))  # answered once, then gone
+    scheduler.handle(Garbled(sends[1].peer, "not msgpack"))  # gone without answering
+    departed = scheduler.departed[sends[0].peer]
+    assert list(scheduler.departed) == [sends[0].peer] and sends[0].peer not in scheduler.workers
+    assert (departed.slot, departed.answered, departed.left) == (0, 1, "worker w0 cannot be reached")
+
+
 def _answer_is_refused(products: dict, request_offset: int = 0) -> str:
     scheduler = _scheduler_with(1)
     send = _round(scheduler)[0]
