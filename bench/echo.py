@@ -13,11 +13,10 @@ import sys
 
 import zmq
 
-from coordinator.spawn import child_of_coordinator
+from coordinator.spawn import child_of_coordinator, wait_or_kill
 
 HEADER = 8  # bytes: the reply size a request asks for
 READY = STOP = b""  # shorter than any request
-STOP_GRACE = 5.0  # seconds an echo worker gets to leave after STOP before it is killed
 
 
 def requests(request_bytes: float, reply_bytes: float, workers: int) -> list:
@@ -78,12 +77,7 @@ class EchoRouter:
                 self.socket.send_multipart([peer, STOP])
             except zmq.ZMQError:  # its connection is gone: the wait below finds out why
                 pass
-        for process in self.processes:
-            try:
-                process.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        wait_or_kill(self.processes)
         self.context.destroy(linger=0)
 
     def __enter__(self):

@@ -10,7 +10,7 @@ from pathlib import Path
 from common import keys
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies
-STOP_GRACE = 5.0  # seconds a spawned worker gets to exit after SIGTERM before SIGKILL
+STOP_GRACE = 5.0  # seconds a stopped worker gets to exit before SIGKILL
 
 
 def worker_names(count: int) -> list:
@@ -48,6 +48,11 @@ def spawn_workers(count: int, address: str, curve_keys: Path | None = None) -> l
 def stop_workers(processes: list) -> None:
     for process in processes:
         process.terminate()
+    wait_or_kill(processes)
+
+
+def wait_or_kill(processes: list) -> None:
+    """Give processes told to stop STOP_GRACE seconds each, then kill the late ones."""
     for process in processes:
         try:
             process.wait(STOP_GRACE)

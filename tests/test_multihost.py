@@ -10,12 +10,12 @@ import time
 
 import pytest
 
+from coordinator.spawn import stop_workers
 from tests.conftest import PROCESS_TIMEOUT, compose_services, lines_of, wait_for_line
 
 SUBNET = "10.77.0"  # only ever assigned inside the test's own namespaces
 COORDINATOR_ADDRESS = f"{SUBNET}.1"
 WORKER_SERVICES = [f"worker-{letter}" for letter in "abcdefg"]
-STOP_GRACE = 5.0  # seconds a process gets after SIGTERM
 
 
 def _ip(*args: str) -> None:
@@ -65,14 +65,7 @@ class Hosts:
         return process
 
     def tear_down(self) -> None:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_workers(self.processes)  # the coordinator's way with its spawned workers: SIGTERM, then SIGKILL
         for namespace in reversed(self.namespaces):  # deleting a namespace deletes its veth ends too
             subprocess.run(["ip", "netns", "delete", namespace], capture_output=True)
 
