@@ -6,13 +6,15 @@ ROUTER puts the worker's identity frame in front of it. NumPy arrays inside a me
 msgpack-numpy maps: {b"nd": True, b"type": "<f4", b"kind": b"", b"shape": [rows, cols], b"data": raw}.
 
     worker -> coordinator   register, result, failure, deregister, heartbeat
-    coordinator -> worker   welcome, reject, shard, first_layer, second_forward, second_backward, stop,
-                            heartbeat
+    coordinator -> worker   welcome, reject, register_again, shard, first_layer, second_forward,
+                            second_backward, stop, heartbeat
 
 A session: the worker sends `register`; the coordinator answers `welcome` (or `reject`), sends the
-worker's `shard` of each split (once, and again whenever its columns change), then compute requests,
-each answered by a `result` (or a `failure`) carrying the request's number, and finally `stop`.
-Both sides send `heartbeat` while idle; any message counts as a sign of life (see settings).
+worker's columns of each split as `shard` chunks (once, and again whenever its columns change), then
+compute requests. Every numbered request, a shard chunk included, is answered by a `result` (an empty
+one for a chunk) or a `failure` carrying the request's number, and finally `stop` ends the session.
+Both sides send `heartbeat` while idle; any message counts as a sign of life (see settings). A peer
+the coordinator does not know (it restarted, say) is told `register_again`.
 
 `decode` is the gate: bytes from a socket become a message only through it. It refuses anything
 that is not a map of a known kind with exactly that kind's fields of the right types, and any array
@@ -64,11 +66,25 @@ class Reject:
 
 
 @dataclass(frozen=True)
-class Shard:
-    """The worker's own columns of one split's images; replaces what it held for that split."""
+class RegisterAgain:
+    """The coordinator does not know this peer (it restarted, or dropped the worker): register afresh."""
 
+    reason: str
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows `offset` onwards of the worker's own columns of one split's images.
+
+    A chunk at offset 0 starts the split afresh (replacing what the worker held); the others follow in
+    order, so a large split crosses a slow link as many small messages, each a sign of life.
+    """
+
+    request: int
     split: str  # "train" or "test"
-    images: np.ndarray  # (n, k) uint8
+    offset: int  # the first row of the chunk
+    total: int  # rows of the whole split
+    images: np.ndarray  # (n, k) uint8, rows offset .. offset + n - 1
 
 
 @dataclass(frozen=True)
@@ -144,6 +160,7 @@ MESSAGE_KINDS = {
     "register": Register,
     "welcome": Welcome,
     "reject": Reject,
+    "register_again": RegisterAgain,
     "shard": Shard,
     "first_layer": FirstLayer,
     "second_forward": SecondForward,

@@ -1,10 +1,17 @@
 """Tuning constants shared by the coordinator and the workers, each with its unit and its reason."""
 
-PROTOCOL_VERSION = 1  # bump on any change to a message's fields
+PROTOCOL_VERSION = 2  # bump on any change to a message's fields
 
 MAX_CHUNK_ROWS = 4096
 """Rows of one partial product (rows): a batch larger than this is sent in chunks whose gradients are
 summed, so the full-batch preset needs neither huge messages nor huge memory (4096 x 128 float64 = 4 MiB)."""
+
+SHARD_CHUNK_BYTES = 256 * 1024
+"""Bytes of images in one shard chunk: one chunk for each of 7 workers crosses a 20 Mbit/s link in under
+a second, well inside the heartbeat timeout, so a worker waiting for its pixels keeps hearing from us."""
+
+MAX_SHARD_ROWS = 10_000_000
+"""Largest split (images) a worker accepts: bounds what one shard chunk can make it allocate."""
 
 MAX_HIDDEN_UNITS = 4096
 """Largest hidden layer (units) a run may have: it bounds every message and the coordinator's memory."""
@@ -30,6 +37,9 @@ MAX_STANDBY_WORKERS = 16
 VERIFY_RATE = 0.05
 """Fraction of results the coordinator Freivalds-checks with `--verify sample`: a persistent liar is
 caught after 1 / 0.05 = 20 answers on average, for two matrix-vector products per checked result."""
+
+REFUSAL_LOG_INTERVAL = 10.0
+"""Seconds between summary lines about frames dropped from strangers: readable under a flood of garbage."""
 
 STATUS_POLL_INTERVAL = 0.1
 """Seconds between the status thread's looks at whether it should stop: how long closing it may take."""

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import zmq
 
-from common import keys, protocol
+from common import keys, protocol, settings
 from common.protocol import Stop
-from coordinator.scheduler import Admit, Arrived, Disconnect, Garbled, Scheduler, Send, Tick, Unreachable
+from coordinator.scheduler import Admit, Arrived, Disconnect, Garbled, Refused, Scheduler, Send, Tick, Unreachable
 
 log = logging.getLogger("coordinator")
 
 STOP_LINGER_MS = 500  # time for the last stop messages to leave before the socket closes
 TICK_INTERVAL = 0.1  # seconds between liveness checks: a tenth of a heartbeat interval is plenty
+MAX_COUNTED_PEERS = 100_000  # distinct strangers counted for one summary line; past that the count saturates
+MAX_FRAMES_BEFORE_TICK = 1000  # frames read before a due liveness check: a flood cannot stop the clock
 
 
 class ClusterError(RuntimeError):
@@ -77,6 +79,7 @@ class Cluster:
         self.poller = zmq.Poller()  # kept: socket.poll() would build one for every frame
         self.poller.register(self.socket, zmq.POLLIN)
         self.traffic = Traffic()
+        self.refusals = RefusalLog()
 
     def admit_workers(self, timeout: float) -> None:
         """Wait until every slot has a worker."""
@@ -92,10 +95,17 @@ class Cluster:
 
         Raises WorkerLost as soon as any slot's worker is lost; the caller reassigns and sends again.
         """
+        self.traffic.rounds += 1
+        return self._settle(lambda now: self.scheduler.start_round(requests, now))
+
+    def run_sends(self, sends: dict) -> dict:
+        """A round of one request to each of some workers (peer -> (slot, message, Expected)), as run_round."""
+        return self._settle(lambda now: self.scheduler.start_sends(sends, now))
+
+    def _settle(self, start: Callable) -> dict:
         if self.scheduler.lost:  # lost between rounds, when nothing was outstanding
             raise WorkerLost(self.scheduler.take_lost())
-        self.traffic.rounds += 1
-        self._carry_out(self.scheduler.start_round(requests, time.monotonic()))
+        self._carry_out(start(time.monotonic()))
         while not self.scheduler.round_done and not self.scheduler.lost:
             self._pump(time.monotonic() + TICK_INTERVAL)
         if self.scheduler.lost:
@@ -108,26 +118,24 @@ class Cluster:
         while self._pump(deadline):
             pass
 
-    def send(self, peer: bytes, message) -> None:
-        self._send(peer, message)
-
     def assign(self, peer: bytes, slot: int) -> None:
         """Give a standby a slot (its shards are the caller's to send)."""
         self.scheduler.assign(peer, slot)
         log.info("standby %s now serves slot %d", self.scheduler.workers[peer].name, slot)
 
-    def quarantine(self, peer: bytes, reason: str):
-        """Drop a worker for the rest of the run, refusing its name from now on; returns the Worker."""
-        worker = self.scheduler.workers[peer]
-        self._carry_out(self.scheduler.quarantine(peer, reason))
-        self._send(peer, Stop(f"quarantined: {reason}"))
-        return worker
+    def quarantine(self, worker, reason: str) -> None:
+        """Drop a Worker for the rest of the run (if it is still here) and refuse its name from now on."""
+        peer = self.scheduler.peer_of(worker)
+        self._carry_out(self.scheduler.quarantine(worker, reason))
+        if peer is not None:
+            self._send(peer, Stop(f"quarantined: {reason}"))
 
     def stop(self, reason: str) -> None:
         for peer in list(self.scheduler.workers):
             self._send(peer, Stop(reason))
 
     def close(self) -> None:
+        self.refusals.flush(time.monotonic())
         self.socket.close(linger=STOP_LINGER_MS)
 
     def _pump(self, deadline: float) -> bool:
@@ -135,8 +143,10 @@ class Cluster:
         while True:
             now = time.monotonic()
             if now >= self.next_tick:
-                self.next_tick = now + TICK_INTERVAL
-                self._carry_out(self.scheduler.handle(Tick(now)))
+                handled = self._drain()
+                self._tick(time.monotonic())
+                if handled:
+                    return True
             if now >= deadline:
                 return False
             frames = self._receive(math.ceil((min(deadline, self.next_tick) - now) * 1000))
@@ -144,13 +154,27 @@ class Cluster:
                 self._handle_frame(frames)
                 return True
 
+    def _drain(self) -> bool:
+        """Handle the frames already waiting, so that a busy spell of ours is not taken for our workers' silence."""
+        for handled in range(MAX_FRAMES_BEFORE_TICK):
+            frames = self._receive(0)
+            if frames is None:
+                return handled > 0
+            self._handle_frame(frames)
+        return True
+
+    def _tick(self, now: float) -> None:
+        self.next_tick = now + TICK_INTERVAL
+        self._carry_out(self.scheduler.handle(Tick(now)))
+        self.refusals.summarise(now)
+
     def _receive(self, timeout_ms: int) -> list | None:
         """The next frames, taken without polling when they are already here (answers come in bursts)."""
         try:
             return self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             pass
-        if self.poller.poll(timeout_ms):
+        if timeout_ms > 0 and self.poller.poll(timeout_ms):
             return self.socket.recv_multipart(copy=False)
         return None
 
@@ -173,21 +197,61 @@ class Cluster:
                 self._send(action.peer, action.message)
             elif isinstance(action, Admit):
                 role = "a standby" if action.slot is None else f"slot {action.slot}"
-                log.info("worker %s joined as %s", action.name, role)
+                log.info("worker %s %s as %s", action.name, "registered again" if action.again else "joined", role)
                 self._send(action.peer, self.welcome(-1 if action.slot is None else action.slot))
             elif isinstance(action, Disconnect):
-                log.warning("dropped peer %s: %s", action.peer.hex(), action.reason)
+                log.warning("dropped %s", action.reason)
+            elif isinstance(action, Refused):
+                self.refusals.add(action, time.monotonic())
 
     def _known(self, peer: bytes) -> bytes | None:
         return peer if peer in self.scheduler.workers else None
 
     def _send(self, peer: bytes, message) -> None:
         frame = protocol.encode(message)
-        try:
-            self.socket.send_multipart([peer, frame])
+        try:  # never blocks: a peer whose queue is full is as unreachable as one whose connection is gone
+            self.socket.send_multipart([peer, frame], zmq.NOBLOCK)
             self.traffic.count(self._known(peer), sent=len(frame))
-        except zmq.ZMQError:  # with ROUTER_MANDATORY: the peer's connection is gone
+        except zmq.ZMQError:  # with ROUTER_MANDATORY: gone (EHOSTUNREACH) or its queue is full (EAGAIN)
             self._carry_out(self.scheduler.handle(Unreachable(peer)))
+
+
+class RefusalLog:
+    """Frames dropped from peers that are not workers: the first of a spell in full, then one summary line
+    per interval, so that a flood of garbage cannot flood the log."""
+
+    def __init__(self, interval: float = settings.REFUSAL_LOG_INTERVAL):
+        self.interval = interval
+        self.spell_started = float("-inf")
+        self.frames, self.peers = 0, set()
+
+    def add(self, refused: Refused, now: float) -> None:
+        if now - self.spell_started >= self.interval:
+            self.summarise(now)
+            self.spell_started = now
+            log.warning("dropped a frame from peer %s: %s", short_id(refused.peer), refused.reason)
+            return
+        self.frames += 1
+        if len(self.peers) < MAX_COUNTED_PEERS:
+            self.peers.add(refused.peer)
+
+    def summarise(self, now: float) -> None:
+        """The summary line, once per interval."""
+        if now - self.spell_started >= self.interval:
+            self.flush(now)
+
+    def flush(self, now: float) -> None:
+        if self.frames:
+            log.warning(
+                "dropped %s more bad frames from %s peers in the last %.0f s",
+                f"{self.frames:,}", f"{len(self.peers):,}", now - self.spell_started,
+            )
+            self.frames, self.peers, self.spell_started = 0, set(), now
+
+
+def short_id(peer: bytes) -> str:
+    """A peer's ZeroMQ identity as 8 hex digits: enough to tell peers apart in a log."""
+    return peer.hex()[:8]
 
 
 def _curve_key(frame: zmq.Frame) -> str | None:

@@ -4,13 +4,19 @@ the columns shuffled by a fresh secret permutation, and the partial products com
 When a worker is lost mid-round, its slot goes to a standby if one waits (which widens nobody's view),
 or else its columns and units are spread over the survivors, who get the extra columns of the images;
 then the round is sent again. The math does not depend on who computed what.
+
+Recovery only changes the plan and who holds which slot; before every round, each worker that lacks its
+slot's current columns is sent them, in chunks (see ShardTransfer). So a peer may vanish at any moment,
+in the middle of a transfer included, and the next attempt simply starts from what is true then.
 """
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
+from common import settings
 from common.exposure import ExposurePlan, add_unpermuted, permuted, place_unpermuted
 from common.protocol import FirstLayer, SecondBackward, SecondForward, Shard
 from coordinator.cluster import ClusterError, WorkerLost
@@ -40,8 +46,9 @@ class ClusterProducts:
         self.second_operands = None  # (activations, weights) of the last second-layer forward
         self.last_second_forward = {}  # slot -> its last SecondForward request, the operands it keeps
         self.next_slot = max(plan.slots) + 1
-        for slot in plan.slots:
-            self._provision(slot, "initial plan")
+        self.holding = {}  # peer -> the slot whose current columns it holds in full
+        self.transfers = {}  # peer -> its ShardTransfer under way
+        self.reasons = {slot: "initial plan" for slot in plan.slots}  # why a slot's columns last moved
 
     def first_layer(self, weights, split, rows, error_rows, error, learning_rate) -> tuple:
         hidden = weights.shape[1]
@@ -124,9 +131,8 @@ class ClusterProducts:
             for _ in range(scheduler.replicas - len(scheduler.peers_of(slot))):
                 if not scheduler.standbys:
                     return
-                standby = scheduler.standbys[0]
-                self.cluster.assign(standby, slot)
-                self._provision(slot, "replaces a lost replica", [standby])
+                self.cluster.assign(scheduler.standbys[0], slot)
+                self.reasons[slot] = "replaces a lost replica"
 
     def _second_forward_requests(self) -> dict:
         activations, weights = self.second_operands
@@ -145,8 +151,9 @@ class ClusterProducts:
     def _round(self, requests: Callable, after_recovery: Callable | None = None) -> dict:
         """Run a round until every slot has a trusted answer, recovering from lost or lying workers."""
         while True:
-            built = requests()
             try:
+                self._deliver_shards()
+                built = requests()
                 return self._settled(built, self.cluster.run_round(built))
             except WorkerLost as lost:
                 self._recover(lost.lost)
@@ -174,29 +181,32 @@ class ClusterProducts:
         first = answers[0][1]
         if all(_identical(first, products) for _, products in answers[1:]):
             evidence = self._caught(slot, request, first) if self.verifier.chosen() else None
-            verdicts = [(peer, products, evidence) for peer, products in answers]
+            verdicts = [(worker, products, evidence) for worker, products in answers]
         else:
-            verdicts = [(peer, products, self._caught(slot, request, products)) for peer, products in answers]
-        for peer, _, evidence in verdicts:
+            verdicts = [(worker, products, self._caught(slot, request, products)) for worker, products in answers]
+        for worker, _, evidence in verdicts:
             if evidence is not None:
-                self._quarantine(peer, slot, request, evidence)
+                self._quarantine(worker, slot, request, evidence)
         return next((products for _, products, evidence in verdicts if evidence is None), None)
 
     def _caught(self, slot: int, request, products: dict):
         """The Freivalds evidence against one answer, or None."""
         return self.verifier.check(request, products, self.plan.columns(slot), self.last_second_forward.get(slot))
 
-    def _quarantine(self, peer: bytes, slot: int, request, evidence) -> None:
-        worker = self.cluster.quarantine(peer, str(evidence))
+    def _quarantine(self, worker, slot: int, request, evidence) -> None:
+        self.cluster.quarantine(worker, str(evidence))
         self.on_quarantine(worker, slot, type(request).__name__, evidence)
 
     def _recover(self, lost: dict) -> None:
+        """Reassign lost slots; no messages here: the next attempt's shard transfers carry out the change."""
         for slot, reason in lost.items():
+            if self.cluster.scheduler.peers_of(slot):  # its worker registered again: it only needs its shards
+                continue
             log.warning("%s; reassigning slot %d", reason, slot)
             standbys = self.cluster.scheduler.standbys
             if standbys:
                 self.cluster.assign(standbys[0], slot)
-                self._provision(slot, f"took over a lost worker's slot ({reason})")
+                self.reasons[slot] = f"took over a lost worker's slot ({reason})"
                 continue
             try:
                 plan = self.plan.without(slot, self.permutations)
@@ -205,21 +215,66 @@ class ClusterProducts:
             self._change_plan(plan, f"took over columns of a lost worker ({reason})")
 
     def _change_plan(self, plan: ExposurePlan, reason: str) -> None:
+        """Adopt a new plan; the workers of every slot whose columns or units changed must be sent them again."""
         changed, self.plan = self.plan.changed_slots(plan), plan
         for slot in changed:
-            self._provision(slot, reason)
+            self.reasons[slot] = reason
+            for peer in self.cluster.scheduler.peers_of(slot):
+                self.holding.pop(peer, None)
+                self.transfers.pop(peer, None)
 
-    def _provision(self, slot: int, reason: str, peers: list | None = None) -> None:
-        """Send a slot's workers (or some of them) its columns of every split, replacing what they held,
-        and record who now sees them."""
-        columns = self.plan.columns(slot)
-        peers = self.cluster.scheduler.peers_of(slot) if peers is None else peers
-        for split, images in self.images.items():
-            shard = Shard(split, np.ascontiguousarray(images[:, columns]))
-            for peer in peers:
-                self.cluster.send(peer, shard)
-        for peer in peers:
-            self.on_exposure(slot, self.cluster.scheduler.workers[peer].name, self.plan, reason)
+    def _deliver_shards(self) -> None:
+        """Send each worker of the plan that lacks its slot's current columns its shards, one chunk per worker
+        per round, so that every worker hears from us often however slow the link (raises WorkerLost)."""
+        while True:
+            sends = {}
+            for slot in self.plan.slots:
+                for peer in self.cluster.scheduler.peers_of(slot):
+                    if self.holding.get(peer) != slot:
+                        sends[peer] = (slot, self._transfer_to(peer, slot).next_chunk(), Expected({}))
+            if not sends:
+                return
+            self.cluster.run_sends(sends)
+            for peer in sends:
+                transfer = self.transfers[peer]
+                transfer.sent += 1
+                if transfer.done:
+                    self.holding[peer] = self.transfers.pop(peer).slot
+
+    def _transfer_to(self, peer: bytes, slot: int) -> "ShardTransfer":
+        """The peer's transfer under way, or a new one of its slot's columns, recorded as exposed from now on."""
+        transfer = self.transfers.get(peer)
+        if transfer is None or transfer.slot != slot:
+            transfer = self.transfers[peer] = ShardTransfer(slot, self.images, self.plan.columns(slot))
+            self.on_exposure(slot, self.cluster.scheduler.workers[peer].name, self.plan, self.reasons[slot])
+        return transfer
+
+
+@dataclass
+class ShardTransfer:
+    """One worker's columns of every split, as Shard chunks of about SHARD_CHUNK_BYTES sent one at a time."""
+
+    slot: int
+    images: dict  # split -> (n, I) uint8
+    columns: np.ndarray  # the slot's input columns
+    sent: int = 0  # chunks answered so far
+
+    def __post_init__(self):
+        rows_per_chunk = max(1, settings.SHARD_CHUNK_BYTES // max(1, len(self.columns)))
+        self.chunks = [
+            (split, offset, min(offset + rows_per_chunk, len(images)))
+            for split, images in self.images.items()
+            for offset in range(0, len(images), rows_per_chunk)
+        ]
+
+    @property
+    def done(self) -> bool:
+        return self.sent == len(self.chunks)
+
+    def next_chunk(self) -> Shard:
+        split, start, stop = self.chunks[self.sent]
+        images = self.images[split]
+        return Shard(0, split, start, len(images), np.ascontiguousarray(images[start:stop][:, self.columns]))
 
 
 def _identical(first: dict, second: dict) -> bool:

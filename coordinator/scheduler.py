@@ -4,7 +4,9 @@ outstanding where.
 Events in, actions out, no sockets: the transport turns frames and clock ticks into events and
 carries out the actions. A worker is lost when it falls silent for the heartbeat timeout, leaves a
 request unanswered past its deadline, cannot be reached, deregisters, or sends anything that is not
-a valid answer; its slot is then reported in `lost` for the caller to reassign.
+a valid answer; its slot is then reported in `lost` for the caller to reassign. A worker that
+registers again under its own name (it heard nothing from us for a while) keeps its slot on the new
+connection; a request it had outstanding is reported in `lost` too, so the round is sent again.
 """
 
 import dataclasses
@@ -13,7 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common import settings
-from common.protocol import Deregister, Failure, Heartbeat, Register, Reject, Result
+from common.protocol import Deregister, Failure, Heartbeat, Register, RegisterAgain, Reject, Result
+
+
+MAX_REMEMBERED_PEERS = 10_000  # connections kept in the replaced and told-to-register sets before they are cleared
 
 
 @dataclass(frozen=True)
@@ -56,16 +61,25 @@ class Send:
 
 @dataclass(frozen=True)
 class Admit:
-    """Welcome a worker; with a slot, also give it that slot's shards (a standby has none yet)."""
+    """Welcome a worker into a slot (None: as a standby); `again` when it registered again on a new connection."""
 
     peer: bytes
     slot: int | None
     name: str
+    again: bool = False
 
 
 @dataclass(frozen=True)
 class Disconnect:
-    """Forget a peer, for a reason worth logging."""
+    """A worker was dropped, for a reason worth logging."""
+
+    peer: bytes
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A frame from a peer that is not an admitted worker was dropped (strangers can send many: summarise)."""
 
     peer: bytes
     reason: str
@@ -112,7 +126,7 @@ class Scheduler:
     workers: dict = field(default_factory=dict)  # peer -> Worker
     departed: dict = field(default_factory=dict)  # peer -> Worker dropped after answering, for the records
     outstanding: dict = field(default_factory=dict)  # request number -> Outstanding
-    results: dict = field(default_factory=dict)  # slot -> [(peer, products)] of the current round
+    results: dict = field(default_factory=dict)  # slot -> [(Worker, products)] of the current round
     lost: dict = field(default_factory=dict)  # slot -> why its worker was dropped, until taken
     next_request: int = 1
     round_first_request: int = 1  # answers to requests before this one belong to abandoned rounds
@@ -123,6 +137,8 @@ class Scheduler:
         slots = self.capacity // self.replicas
         self.open_slots = [slot for _ in range(self.replicas) for slot in range(slots)]  # one of each first
         self.banned = set()  # names and CURVE keys of quarantined workers
+        self.replaced = set()  # old connections of workers that registered again
+        self.told_to_register = set()  # strangers already told to register again, so each is told once
 
     @property
     def ready(self) -> bool:
@@ -142,10 +158,16 @@ class Scheduler:
     def assign(self, peer: bytes, slot: int) -> None:
         self.workers[peer].slot = slot
 
-    def quarantine(self, peer: bytes, reason: str) -> list:
-        """Drop a worker caught computing wrongly and refuse its name for the rest of the run."""
-        self.banned |= {self.workers[peer].name, self.workers[peer].key} - {None}
-        return self._drop(peer, f"is quarantined: {reason}")
+    def peer_of(self, worker: Worker) -> bytes | None:
+        """The connection a worker uses now (it may have registered again since it answered), or None if it left."""
+        return next((peer for peer, admitted in self.workers.items() if admitted is worker), None)
+
+    def quarantine(self, worker: Worker, reason: str) -> list:
+        """Drop a worker caught computing wrongly, if it has not left already, and refuse its name and key for
+        the rest of the run."""
+        self.banned |= {worker.name, worker.key} - {None}
+        peer = self.peer_of(worker)
+        return [] if peer is None else self._drop(peer, f"is quarantined: {reason}")
 
     def take_lost(self) -> dict:
         lost, self.lost = self.lost, {}
@@ -154,13 +176,19 @@ class Scheduler:
     def start_round(self, requests: dict, now: float) -> list:
         """Number each slot's request and send it to each of the slot's workers; `requests` maps
         slot -> (message, Expected)."""
+        return self.start_sends(
+            {peer: (slot, message, expected) for slot, (message, expected) in requests.items() for peer in self.peers_of(slot)},
+            now,
+        )
+
+    def start_sends(self, sends: dict, now: float) -> list:
+        """A round of one numbered request to each of some workers; `sends` maps peer -> (slot, message, Expected)."""
         self.results, self.outstanding, actions = {}, {}, []
         self.round_first_request = self.next_request
-        for slot, (message, expected) in requests.items():
-            for peer in self.peers_of(slot):
-                self.outstanding[self.next_request] = Outstanding(peer, slot, expected, now)
-                actions.append(Send(peer, dataclasses.replace(message, request=self.next_request)))
-                self.next_request += 1
+        for peer, (slot, message, expected) in sends.items():
+            self.outstanding[self.next_request] = Outstanding(peer, slot, expected, now)
+            actions.append(Send(peer, dataclasses.replace(message, request=self.next_request)))
+            self.next_request += 1
         return actions
 
     def handle(self, event) -> list:
@@ -174,7 +202,7 @@ class Scheduler:
         if isinstance(message, Register):
             return self._register(event.peer, message, event.at, event.key)
         if event.peer not in self.workers:
-            return [Disconnect(event.peer, f"sent {type(message).__name__} without registering")]
+            return self._stranger(event.peer, f"sent {type(message).__name__} without registering")
         self.workers[event.peer].last_seen = event.at
         if isinstance(message, Heartbeat):
             return []
@@ -190,15 +218,46 @@ class Scheduler:
         if peer in self.workers:
             return []  # a repeated registration that crossed our welcome
         if message.version != self.version:
-            reason = f"protocol version {message.version} is not the coordinator's {self.version}"
-            return [Send(peer, Reject(reason)), Disconnect(peer, reason)]
+            return self._refuse(peer, f"protocol version {message.version} is not the coordinator's {self.version}")
         if message.name in self.banned or key in self.banned:
-            return [Send(peer, Reject("quarantined")), Disconnect(peer, f"{message.name} is quarantined")]
+            return self._refuse(peer, f"{message.name} is quarantined")
+        same_name = next((held for held, worker in self.workers.items() if worker.name == message.name), None)
+        if same_name is not None and self.workers[same_name].key != key:
+            return self._refuse(peer, f"a worker named {message.name} with another key is already admitted")
+        if same_name is not None:
+            return self._replace(same_name, peer, now)
         if len(self.standbys) >= settings.MAX_STANDBY_WORKERS:
-            return [Send(peer, Reject("no room for more workers")), Disconnect(peer, "arrived when full")]
+            return self._refuse(peer, "no room for more workers")
         slot = self._open_slot_for(message.name)
         self.workers[peer] = Worker(message.name, slot, last_seen=now, key=key)
         return [Admit(peer, slot, message.name)]
+
+    def _replace(self, old: bytes, peer: bytes, now: float) -> list:
+        """The same worker on a new connection: it keeps its slot and its record, and starts afresh (new shards,
+        and any request it had outstanding is sent again)."""
+        worker = self.workers.pop(old)
+        worker.last_seen = now
+        self.workers[peer] = worker
+        _remember(self.replaced, old)
+        unanswered = [number for number, pending in self.outstanding.items() if pending.peer == old]
+        for number in unanswered:
+            del self.outstanding[number]
+        if unanswered:
+            self.lost[worker.slot] = f"worker {worker.name} registered again"
+        return [Admit(peer, worker.slot, worker.name, again=True)]
+
+    def _refuse(self, peer: bytes, reason: str) -> list:
+        return [Send(peer, Reject(reason)), Refused(peer, f"refused a registration: {reason}")]
+
+    def _stranger(self, peer: bytes, reason: str) -> list:
+        """A message from a peer that is not admitted: a replaced connection is refused, others are told once
+        to register again (the coordinator restarted, or dropped them)."""
+        if peer in self.replaced:
+            return [Send(peer, Reject("this worker registered again on another connection")), Refused(peer, reason)]
+        if peer in self.told_to_register:
+            return [Refused(peer, reason)]
+        _remember(self.told_to_register, peer)
+        return [Send(peer, RegisterAgain("the coordinator does not know this connection")), Refused(peer, reason)]
 
     def _open_slot_for(self, name: str) -> int | None:
         """A free slot: the one this worker held before a resume (so it sees no new columns), else one that
@@ -234,11 +293,12 @@ class Scheduler:
         if problem:
             return self._drop(peer, f"request {message.request}: {problem}")
         del self.outstanding[message.request]
-        self.results.setdefault(pending.slot, []).append((peer, message.products))
         worker = self.workers[peer]
-        worker.answered += 1
-        worker.last_round_trip = at - pending.sent_at
-        worker.busy_seconds += worker.last_round_trip
+        self.results.setdefault(pending.slot, []).append((worker, message.products))
+        if pending.expected.shapes:  # a receipt for a shard chunk is no computed answer
+            worker.answered += 1
+            worker.last_round_trip = at - pending.sent_at
+            worker.busy_seconds += worker.last_round_trip
         return []
 
     def _invalid(self, products: dict, expected: Expected) -> str:
@@ -255,7 +315,7 @@ class Scheduler:
     def _drop(self, peer: bytes, reason: str) -> list:
         worker = self.workers.pop(peer, None)
         if worker is None:
-            return [Disconnect(peer, reason)]
+            return [Refused(peer, reason)]
         reason = f"worker {worker.name} {reason}"
         worker.left = reason
         if worker.answered:  # peers that never computed anything, hostile ones included, leave no record
@@ -266,3 +326,10 @@ class Scheduler:
         elif worker.slot is not None and not self.peers_of(worker.slot):  # its replicas carry on otherwise
             self.lost[worker.slot] = reason
         return [Disconnect(peer, reason)]
+
+
+def _remember(peers: set, peer: bytes) -> None:
+    """Add a peer to a set that strangers could otherwise grow without bound."""
+    if len(peers) >= MAX_REMEMBERED_PEERS:
+        peers.clear()
+    peers.add(peer)

@@ -104,7 +104,7 @@ def test_a_quarantined_key_stays_out_under_another_name(tmp_path, key_folder):
         assert liar.wait(60) == 0  # it was told to stop
         disguised = harness.start_worker("innocent", *curve("B"))
         assert disguised.wait(60) == 1
-        assert "refused this worker: quarantined" in harness.log(disguised)
+        assert "is quarantined" in harness.log(disguised)
         assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
     finally:
         harness.close()

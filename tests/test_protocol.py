@@ -9,8 +9,8 @@ import pytest
 
 from common import protocol
 from common.protocol import (
-    Deregister, Failure, FirstLayer, Heartbeat, ProtocolError, Register, Reject, Result, SecondBackward, SecondForward, Shard, Stop,
-    Welcome,
+    Deregister, Failure, FirstLayer, Heartbeat, ProtocolError, Register, RegisterAgain, Reject, Result, SecondBackward,
+    SecondForward, Shard, Stop, Welcome,
 )
 
 ARRAY = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -18,7 +18,8 @@ EVERY_KIND = [
     Register("A", 1),
     Welcome(3, "float32", 255.0),
     Reject("no"),
-    Shard("train", np.zeros((5, 2), np.uint8)),
+    RegisterAgain("unknown connection"),
+    Shard(8, "train", 5, 10, np.zeros((5, 2), np.uint8)),
     FirstLayer(1, ARRAY, "test", np.arange(3, dtype=np.int32), None, None, 0.5),
     FirstLayer(2, None, "train", None, np.arange(3, dtype=np.int32), ARRAY, 1.0),
     SecondForward(4, ARRAY, ARRAY.T.copy()),
@@ -75,7 +76,7 @@ def test_object_array_is_refused_without_unpickling(tmp_path):
     frame = _frame(kind="stop", reason=_array_map(payload, "|O", [1], kind=b"O"))
     with pytest.raises(ProtocolError, match="dtype"):
         protocol.decode(frame)
-    frame = _frame(kind="shard", split="train", images=_array_map(payload, "|O", [1], kind=b"O"))
+    frame = _frame(kind="shard", request=1, split="train", offset=0, total=1, images=_array_map(payload, "|O", [1], kind=b"O"))
     with pytest.raises(ProtocolError, match="dtype"):
         protocol.decode(frame)
     assert not os.path.exists(marker)
@@ -97,7 +98,7 @@ def test_object_array_is_refused_without_unpickling(tmp_path):
 )
 def test_bad_arrays_are_refused(array_map, reason):
     with pytest.raises(ProtocolError, match=reason):
-        protocol.decode(_frame(kind="shard", split="train", images=array_map))
+        protocol.decode(_frame(kind="shard", request=1, split="train", offset=0, total=1, images=array_map))
 
 
 @pytest.mark.parametrize(
@@ -116,7 +117,7 @@ def test_bad_arrays_are_refused(array_map, reason):
         (_frame(kind="first_layer", request=1, weights=None, split="train", rows=None, error_rows=None,
                 error=None, learning_rate=float("nan")), "learning_rate"),
         (_frame(kind="result", request=1, products={"partial": 3}), "result.products"),
-        (_frame(kind="shard", split="train", images=b"raw bytes"), "shard.images"),
+        (_frame(kind="shard", request=1, split="train", offset=0, total=1, images=b"raw bytes"), "shard.images"),
         (msgpack.packb({"kind": "stop", "reason": "x"}) + b"\x00", "not a msgpack frame"),  # trailing data
         (b"\x91" * 5000, "not a msgpack frame"),  # nesting deeper than the decoder's stack
     ],

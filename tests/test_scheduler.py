@@ -3,9 +3,11 @@
 import numpy as np
 
 from common import settings
-from common.protocol import Deregister, Failure, Heartbeat, Register, Reject, Result, SecondBackward, Stop
+from common.protocol import (
+    Deregister, Failure, Heartbeat, Register, RegisterAgain, Reject, Result, SecondBackward, Stop,
+)
 from coordinator.scheduler import (
-    Admit, Arrived, Disconnect, Expected, Garbled, Scheduler, Send, Tick, Unreachable,
+    Admit, Arrived, Disconnect, Expected, Garbled, Refused, Scheduler, Send, Tick, Unreachable,
 )
 
 F32 = np.dtype("float32")
@@ -32,7 +34,7 @@ def test_registration_fills_slots_then_keeps_a_bounded_number_of_standbys():
     assert scheduler.handle(Arrived(b"late", Register("late", 1))) == [Admit(b"late", None, "late")]
     assert scheduler.standbys == [b"late"]
     for index in range(settings.MAX_STANDBY_WORKERS - 1):
-        scheduler.handle(Arrived(b"spare%d" % index, Register("spare", 1)))
+        scheduler.handle(Arrived(b"spare%d" % index, Register(f"spare{index}", 1)))
     actions = scheduler.handle(Arrived(b"one too many", Register("x", 1)))
     assert isinstance(actions[0], Send) and isinstance(actions[0].message, Reject)
     assert len(scheduler.standbys) == settings.MAX_STANDBY_WORKERS
@@ -92,6 +94,7 @@ def test_a_round_numbers_requests_and_completes_on_valid_results():
     for index, send in enumerate(sends):
         scheduler.handle(Arrived(send.peer, Result(send.message.request, {"error": np.full((2, 3), index, F32)})))
     assert scheduler.round_done and scheduler.results[1][0][1]["error"][0, 0] == 1
+    assert scheduler.results[1][0][0] is scheduler.workers[sends[1].peer]
 
 
 def test_workers_that_answered_are_kept_on_record_when_they_leave():
@@ -128,14 +131,43 @@ def test_failures_garbage_and_strangers():
     assert isinstance(scheduler.handle(Arrived(b"\x00", Failure(1, "no")))[0], Disconnect)
     assert isinstance(scheduler.handle(Garbled(b"\x01", "not msgpack"))[0], Disconnect)
     assert not scheduler.workers and not scheduler.outstanding and set(scheduler.lost) == {0, 1}
-    assert isinstance(scheduler.handle(Arrived(b"stranger", Stop("x")))[0], Disconnect)
-    assert isinstance(scheduler.handle(Arrived(b"stranger", Result(1, {})))[0], Disconnect)
+    assert isinstance(scheduler.handle(Garbled(b"stranger", "not msgpack"))[0], Refused)
+
+
+def test_a_stranger_is_told_once_to_register_again():
+    scheduler = _scheduler_with(1)
+    first = scheduler.handle(Arrived(b"stranger", Heartbeat()))
+    assert isinstance(first[0], Send) and isinstance(first[0].message, RegisterAgain)
+    assert isinstance(first[1], Refused) and "Heartbeat without registering" in first[1].reason
+    assert [type(a) for a in scheduler.handle(Arrived(b"stranger", Result(1, {})))] == [Refused]
+    assert list(scheduler.workers) == [b"\x00"]
+
+
+def test_a_worker_that_registers_again_keeps_its_slot_and_its_round_is_sent_again():
+    scheduler = _scheduler_with(2)
+    sends = _round(scheduler)
+    worker = scheduler.workers[b"\x01"]
+    actions = scheduler.handle(Arrived(b"new", Register("w1", 1), at=1.0))
+    assert actions == [Admit(b"new", 1, "w1", again=True)]
+    assert scheduler.workers[b"new"] is worker and b"\x01" not in scheduler.workers
+    assert scheduler.take_lost() == {1: "worker w1 registered again"}  # its request went with the old connection
+    assert [o.peer for o in scheduler.outstanding.values()] == [sends[0].peer]
+    refused = scheduler.handle(Arrived(b"\x01", Heartbeat()))  # the old connection is refused, not welcomed back
+    assert isinstance(refused[0].message, Reject) and b"\x01" not in scheduler.workers
+
+
+def test_a_name_held_under_another_key_is_refused():
+    scheduler = Scheduler(capacity=2, version=1, dtype=F32)
+    scheduler.handle(Arrived(b"a", Register("A", 1), key="KEY"))
+    actions = scheduler.handle(Arrived(b"b", Register("A", 1), key="OTHER"))
+    assert isinstance(actions[0].message, Reject) and "another key" in actions[0].message.reason
+    assert list(scheduler.workers) == [b"a"]
 
 
 def test_a_quarantined_workers_name_and_key_are_refused():
     scheduler = Scheduler(capacity=1, version=1, dtype=F32)
     scheduler.handle(Arrived(b"liar", Register("liar", 1), key="KEY"))
-    scheduler.quarantine(b"liar", "lied")
+    scheduler.quarantine(scheduler.workers[b"liar"], "lied")
     for peer, name, key in ((b"same name", "liar", "OTHER"), (b"same key", "innocent", "KEY")):
         actions = scheduler.handle(Arrived(peer, Register(name, 1), key=key))
         assert isinstance(actions[0].message, Reject) and peer not in scheduler.workers
@@ -146,3 +178,14 @@ def test_returning_workers_get_back_the_slots_they_held():
     scheduler = Scheduler(capacity=3, version=1, dtype=F32, former_slots={"A": 0, "B": 2})
     admitted = [scheduler.handle(Arrived(name.encode(), Register(name, 1)))[0].slot for name in ("B", "new", "A")]
     assert admitted == [2, 1, 0]  # the newcomer takes the slot nobody returns to
+
+
+def test_a_worker_that_left_can_still_be_quarantined():
+    scheduler = _scheduler_with(2)
+    send = _round(scheduler)[0]
+    scheduler.handle(Arrived(send.peer, Result(send.message.request, {"error": np.zeros((2, 3), F32)})))
+    liar = scheduler.results[0][0][0]
+    scheduler.handle(Unreachable(send.peer))  # gone before its answer was checked
+    assert scheduler.quarantine(liar, "lied") == []
+    actions = scheduler.handle(Arrived(b"back", Register(liar.name, 1)))
+    assert isinstance(actions[0].message, Reject)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from common import model
-from common.protocol import FirstLayer, SecondBackward, SecondForward
+from common.protocol import FirstLayer, SecondBackward, SecondForward, Shard
 from coordinator.verify import Verifier
 from tests.cluster_harness import Harness
 from tests.conftest import load_model, max_difference
@@ -34,7 +34,7 @@ def _requests(dtype: str) -> list:
 
 
 def _answers(state: WorkerState, dtype: str):
-    state.load_shard(type("Shard", (), {"split": "train", "images": IMAGES})())
+    state.load_shard(Shard(0, "train", 0, len(IMAGES), IMAGES))
     for request in _requests(dtype):
         yield request, state.compute(request).products
 
@@ -180,7 +180,7 @@ def test_a_slot_outlives_one_of_its_replicas(tmp_path, honest):
         workers[0].kill()
         assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
         log = harness.log(harness.coordinator)
-        assert re.search(r"dropped peer \w+: worker A ", log), "the kill came after the run"
+        assert "dropped worker A " in log, "the kill came after the run"
         assert "reassigning" not in log  # its replica carried the slot on
         assert max_difference(load_model(harness.run_dir), honest["model"]) < 1e-6
     finally:

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from common import model
+from common import model, settings
 from common.protocol import FirstLayer, Result, SecondBackward, SecondForward, Shard
 
 
@@ -17,17 +17,33 @@ class WorkerState:
         self.dtype = np.dtype(dtype)
         self.input_divisor = input_divisor
         self.inputs: dict[str, np.ndarray] = {}  # split -> (n, k) floats
+        self.rows_loaded: dict[str, int] = {}  # split -> rows of `inputs` filled so far by shard chunks
         self.second_operands: tuple | None = None  # (activations (B, j), weights (j, O))
         self.handlers = {
+            Shard: self.load_shard,
             FirstLayer: self.first_layer,
             SecondForward: self.second_forward,
             SecondBackward: self.second_backward,
         }
 
-    def load_shard(self, shard: Shard) -> None:
-        if shard.images.dtype != np.uint8 or shard.images.ndim != 2:
+    def load_shard(self, shard: Shard) -> dict:
+        """Take one chunk of a split's columns; a chunk at offset 0 starts the split afresh."""
+        images = shard.images
+        if images.dtype != np.uint8 or images.ndim != 2:
             raise RequestError("a shard must be a 2-d uint8 array")
-        self.inputs[shard.split] = model.inputs(shard.images, self.dtype, self.input_divisor)
+        if shard.offset == 0:
+            if not 0 < shard.total <= settings.MAX_SHARD_ROWS:
+                raise RequestError(f"a split of {shard.total} rows is not 1..{settings.MAX_SHARD_ROWS}")
+            self.inputs[shard.split] = np.empty((shard.total, images.shape[1]), self.dtype)
+            self.rows_loaded[shard.split] = 0
+        held = self.inputs.get(shard.split)
+        if held is None or shard.total != len(held) or images.shape[1] != held.shape[1]:
+            raise RequestError(f"shard chunk does not continue split {shard.split!r}")
+        if not 0 < shard.offset + len(images) <= shard.total or shard.offset > self.rows_loaded[shard.split]:
+            raise RequestError(f"shard chunk at row {shard.offset} is out of order")
+        held[shard.offset : shard.offset + len(images)] = model.inputs(images, self.dtype, self.input_divisor)
+        self.rows_loaded[shard.split] = max(self.rows_loaded[shard.split], shard.offset + len(images))
+        return {}
 
     def compute(self, request) -> Result:
         """The result of one compute request, or RequestError."""
@@ -65,19 +81,22 @@ class WorkerState:
         return {"gradient": gradient, "error": error}
 
     def _columns(self) -> int:
-        if "train" not in self.inputs:
-            raise RequestError("compute request before the training shard")
-        return self.inputs["train"].shape[1]
+        return self._loaded("train").shape[1]
+
+    def _loaded(self, split: str) -> np.ndarray:
+        """A split's inputs, once every chunk of its shard has come."""
+        if split not in self.inputs or self.rows_loaded[split] < len(self.inputs[split]):
+            raise RequestError(f"compute request before the whole {split!r} shard")
+        return self.inputs[split]
 
     def _rows_of(self, split: str, rows) -> np.ndarray:
         """The inputs of some rows of a split: (B,) -> (B, k)."""
-        if split not in self.inputs:
-            raise RequestError(f"no shard for split {split!r}")
+        inputs = self._loaded(split)
         if rows is None or rows.ndim != 1 or rows.dtype.kind != "i":
             raise RequestError("rows must be a 1-d integer array")
-        if rows.size and (rows.min() < 0 or rows.max() >= len(self.inputs[split])):
+        if rows.size and (rows.min() < 0 or rows.max() >= len(inputs)):
             raise RequestError(f"rows out of range for split {split!r}")
-        return self.inputs[split][rows]
+        return inputs[rows]
 
     def _check(self, array, shape: tuple, name: str) -> None:
         """Refuse an operand of the wrong dtype or shape (None in `shape` accepts any size)."""

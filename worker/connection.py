@@ -7,7 +7,7 @@ import time
 import zmq
 
 from common import keys, protocol, settings
-from common.protocol import Deregister, Heartbeat, Register, Reject, Welcome
+from common.protocol import Deregister, Heartbeat, Register, RegisterAgain, Reject, Welcome
 
 log = logging.getLogger("worker")
 
@@ -70,6 +70,11 @@ class CoordinatorLink:
             return None
         if isinstance(message, Reject):
             raise Rejected(message.reason)
+        if isinstance(message, RegisterAgain):
+            log.info("registering again: %s", message.reason)
+            self.welcomed = False
+            self.send(Register(self.name, settings.PROTOCOL_VERSION))
+            return None
         self.welcomed = self.welcomed or isinstance(message, Welcome)
         return None if isinstance(message, Heartbeat) else message
 

@@ -2,17 +2,17 @@
 
 import logging
 
-from common.protocol import Failure, Shard, Stop, Welcome
+from common.protocol import Failure, Stop, Welcome
 from worker.compute import RequestError, WorkerState
 from worker.connection import CoordinatorLink
 
 log = logging.getLogger("worker")
 
 
-def serve(link: CoordinatorLink, max_requests: int | None = None, make_state=WorkerState) -> str:
-    """Work for the coordinator until it says stop (or after `max_requests`); returns its reason."""
-    state, answered = None, 0
-    while max_requests is None or answered < max_requests:
+def serve(link: CoordinatorLink, make_state=WorkerState) -> str:
+    """Work for the coordinator until it says stop; returns its reason."""
+    state = None
+    while True:
         message = link.receive()
         if isinstance(message, Stop):
             return message.reason
@@ -21,19 +21,8 @@ def serve(link: CoordinatorLink, max_requests: int | None = None, make_state=Wor
             state = make_state(message.dtype, message.input_divisor)
         elif state is None:
             log.warning("ignored a %s that came before the welcome", type(message).__name__)
-        elif isinstance(message, Shard):
-            _load(state, message)
         else:
             link.send(_answer(state, message))
-            answered += 1
-    return f"answered {answered} requests"
-
-
-def _load(state: WorkerState, shard: Shard) -> None:
-    try:
-        state.load_shard(shard)
-    except RequestError as error:
-        log.warning("refused a shard: %s", error)
 
 
 def _answer(state: WorkerState, request):
