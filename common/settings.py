@@ -6,9 +6,9 @@ MAX_CHUNK_ROWS = 4096
 """Rows of one partial product (rows): a batch larger than this is sent in chunks whose gradients are
 summed, so the full-batch preset needs neither huge messages nor huge memory (4096 x 128 float64 = 4 MiB)."""
 
-SHARD_CHUNK_BYTES = 256 * 1024
-"""Bytes of images in one shard chunk: one chunk for each of 7 workers crosses a 20 Mbit/s link in under
-a second, well inside the heartbeat timeout, so a worker waiting for its pixels keeps hearing from us."""
+SHARD_CHUNK_BYTES = 64 * 1024
+"""Bytes of images in one shard chunk: one chunk for each of 7 workers crosses a 5 Mbit/s link in under a
+second, well inside the heartbeat timeout, so a worker waiting for its pixels keeps hearing from us."""
 
 MAX_SHARD_ROWS = 10_000_000
 """Largest split (images) a worker accepts: bounds what one shard chunk can make it allocate."""

@@ -10,6 +10,7 @@ import pytest
 
 from tests.cluster_harness import Harness, wait_for
 from tests.conftest import load_model, max_difference
+from worker.faults import EXIT_CODE
 
 TOLERANCE = 1e-6
 # float64 so that "same weights" can be checked tightly; 3 epochs of 300 steps each.
@@ -71,6 +72,41 @@ def test_two_workers_killed_at_different_times(harness, undisturbed):
     assert all(w["answered"] > 0 and w["columns"] > 0 and w["left"] is None for w in survivors)
     assert [w["name"] for w in departed] == ["C", "F"]  # in the order they were lost
     assert all(w["answered"] > 0 and w["columns"] == 0 and w["left"].startswith(f"worker {w['name']} ") for w in departed)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.005, 0.05])
+def test_a_worker_leaves_and_another_is_killed_just_after(harness, undisturbed, delay):
+    """Ctrl-C on one worker (it deregisters), kill -9 on another a moment later: the recovery of the first
+    must survive the loss of the second, whenever it comes."""
+    workers = _start_cluster(harness, 7)
+    harness.wait_for_epoch(1)
+    workers[1].send_signal(signal.SIGINT)
+    time.sleep(delay)
+    workers[4].kill()
+    log = _completes_like_undisturbed(harness, undisturbed)
+    assert "worker B " in log and "worker E " in log
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        {"B": "exit-in-transfer:1"},
+        {"B": "exit-at-request:40", "E": "exit-in-transfer:2"},
+        {"B": "exit-at-request:40", "E": "exit-at-request:40"},
+    ],
+    ids=["during-provisioning", "during-a-recovery", "two-in-one-round"],
+)
+def test_workers_that_vanish_at_any_point_of_the_protocol(harness, undisturbed, faults):
+    """Workers that die as kill -9 leaves them: mid shard transfer at the start, mid transfer of the columns
+    they take over from a lost worker, or two in the same round."""
+    harness.start_coordinator("--workers", 7, *RUN)
+    workers = {name: harness.start_worker(name, *(("--fault", faults[name]) if name in faults else ())) for name in "ABCDEFG"}
+    log = _completes_like_undisturbed(harness, undisturbed)
+    for name in faults:
+        assert workers[name].wait(10) == EXIT_CODE, f"the fault of {name} never fired"
+        assert f"worker {name} " in log
+    survivors = json.loads((harness.run_dir / "workers.json").read_text())[: 7 - len(faults)]
+    assert sorted(w["name"] for w in survivors) == sorted(set("ABCDEFG") - set(faults))
 
 
 def test_stalled_worker_is_declared_lost_within_the_timeout(harness, undisturbed):

@@ -28,7 +28,7 @@ def main(
     threads: Annotated[
         int, typer.Option(envvar="SCATTERPROP_THREADS", min=1, help="BLAS threads for the matrix products.")
     ] = 1,
-    fault: Annotated[str | None, typer.Option(hidden=True, help="Answer wrongly on purpose (tests only).")] = None,
+    fault: Annotated[str | None, typer.Option(hidden=True, help="Answer wrongly, or die, on purpose (tests only).")] = None,
     curve_secret_key: Annotated[
         Path | None,
         typer.Option(envvar="SCATTERPROP_CURVE_SECRET_KEY", help="This worker's key pair file (.key_secret)."),
@@ -42,13 +42,14 @@ def main(
     for variable in BLAS_THREAD_VARIABLES:  # read by the BLAS library when numpy is first imported
         os.environ[variable] = str(threads)
     from worker.compute import WorkerState
-    from worker.faults import FAULTS, FaultyWorkerState
+    from worker.faults import faulty_state
 
     if (curve_secret_key is None) != (curve_server_key is None):
         fail("--curve-secret-key and --curve-server-key go together")
-    if fault is not None and fault not in FAULTS:
-        fail(f"unknown fault {fault!r}; choose one of {', '.join(FAULTS)}")
-    make_state = (lambda dtype, divisor: FaultyWorkerState(dtype, divisor, fault)) if fault else WorkerState
+    try:
+        make_state = faulty_state(fault) if fault else WorkerState
+    except ValueError as error:
+        fail(str(error))
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s", datefmt="%H:%M:%S")
     curve = None if curve_secret_key is None else (curve_secret_key, curve_server_key)

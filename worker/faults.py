@@ -1,8 +1,10 @@
-"""Deliberately wrong workers, for testing that the coordinator's checks catch them (`worker --fault MODE`)."""
+"""Deliberately wrong or dying workers, for testing that the coordinator copes (`worker --fault MODE[:N]`)."""
+
+import os
 
 import numpy as np
 
-from common.protocol import Result
+from common.protocol import Result, Shard
 from worker.compute import WorkerState
 
 FLIP_EVERY = 7  # answers between two wrong elements: "once in a while", yet several times per epoch
@@ -57,4 +59,37 @@ class FaultyWorkerState(WorkerState):
         return {name: np.zeros_like(array) for name, array in products.items()}
 
 
+class ExitingWorkerState(WorkerState):
+    """A worker that dies the way kill -9 leaves it, at a chosen point of the protocol: on its `count`-th
+    compute request, or in the middle (the second chunk) of its `count`-th shard transfer."""
+
+    def __init__(self, dtype: str, input_divisor: float, point: str, count: int):
+        super().__init__(dtype, input_divisor)
+        self.point, self.count = point, count
+        self.requests = self.transfers = 0
+
+    def compute(self, request) -> Result:
+        if isinstance(request, Shard):
+            self.transfers += request.offset == 0 and request.split == "train"
+            reached = self.point == "exit-in-transfer" and self.transfers == self.count and request.offset > 0
+        else:
+            self.requests += 1
+            reached = self.point == "exit-at-request" and self.requests == self.count
+        if reached:
+            os._exit(EXIT_CODE)
+        return super().compute(request)
+
+
 FAULTS = ("skew", "flip", "permute", "stale", "zeros")
+EXITS = ("exit-at-request", "exit-in-transfer")
+EXIT_CODE = 9  # as if killed: not 0, so a test can tell the fault fired
+
+
+def faulty_state(fault: str):
+    """The make_state of `worker --fault`: MODE for a wrong answer, EXIT:N for a death; ValueError otherwise."""
+    mode, _, count = fault.partition(":")
+    if mode in FAULTS and not count:
+        return lambda dtype, divisor: FaultyWorkerState(dtype, divisor, mode)
+    if mode in EXITS and count.isdigit() and int(count) >= 1:
+        return lambda dtype, divisor: ExitingWorkerState(dtype, divisor, mode, int(count))
+    raise ValueError(f"unknown fault {fault!r}; choose one of {', '.join(FAULTS)}, or {':N, '.join(EXITS)}:N")
