@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import logging
+import zipfile
 from datetime import datetime
 from pathlib import Path
 
@@ -81,6 +82,8 @@ class RunDirectory:
 
 def load_model(path: Path) -> tuple:
     """(Params, input divisor) from a model.npz, refusing anything that is not plain arrays of the right shapes."""
+    if Path(path).is_file() and not zipfile.is_zipfile(path):  # numpy would try to unpickle it, and advise allow_pickle
+        raise ModelError(f"{path} is not a model file (a model.npz written by `coordinator train`)")
     try:
         with np.load(path, allow_pickle=False) as saved:
             arrays = {name: saved[name] for name in (*MODEL_ARRAYS, "input_divisor")}

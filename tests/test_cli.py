@@ -1,14 +1,33 @@
 """The command lines as a user meets them: real processes, real sockets, and one-line errors."""
 
 import json
+import re
 import socket
 
 import numpy as np
 import pytest
 
 from common import model
+from coordinator.config import PRESETS
 from coordinator.run import XOR_LABELS, XOR_ROWS
+from tests.cli_reference import README
 from tests.conftest import LOOPBACK_ANY_PORT, load_model, run_cli
+
+# What keeps each preset's documented command short here; the options come after the README's, so they win.
+PRESET_SHORTENINGS = {
+    "default": ("--epochs", "1", "--train-limit", "2000", "--test-limit", "500"),
+    "seed": ("--epochs", "1", "--train-limit", "2000", "--test-limit", "500"),  # full batch of 60,000 float64
+    "xor": (),  # 5000 one-step epochs of four rows: quick, and the only way to see it learn
+}
+
+
+def documented_commands() -> dict:
+    """preset -> the arguments after `coordinator train` of the README's first command line with that preset."""
+    commands = {}
+    for line in re.findall(r"^coordinator train ([^#\n]*)", README.read_text(), re.MULTILINE):
+        preset = re.search(r"--preset (\w+)", line)
+        commands.setdefault(preset[1] if preset else "default", line.split())
+    return commands
 
 
 def _one_line_error(done, code: int, *words: str) -> None:
@@ -40,12 +59,42 @@ def test_train_on_two_spawned_workers_then_evaluate(train_run):
     assert evaluated.stdout.strip() == f"test accuracy {history[-1]['test_accuracy']:.2%}"
 
 
-def test_xor_preset_learns_xor_on_two_workers(train_run):
-    done, run_dir = train_run("--preset", "xor", "--spawn", 2, "--bind", LOOPBACK_ANY_PORT)
-    assert done.stdout.count("epoch ") == 10  # every 500th of 5000 epochs
-    p = model.Params(**load_model(run_dir))
-    outputs = model.activate(model.activate(XOR_ROWS @ p.w1, p.b1) @ p.w2, p.b2)[:, 0]
-    assert ((outputs > 0.5) == XOR_LABELS).all(), outputs
+@pytest.mark.parametrize("preset", PRESETS)
+def test_each_preset_runs_as_documented(train_run, preset):
+    arguments = documented_commands().get(preset)
+    assert arguments, f"the README has no `coordinator train --preset {preset}` line"
+    done, run_dir = train_run(*arguments, *PRESET_SHORTENINGS[preset])
+    assert "epoch " in done.stdout
+    if preset == "xor":
+        assert done.stdout.count("epoch ") == 10  # every 500th of 5000 epochs
+        p = model.Params(**load_model(run_dir))
+        outputs = model.activate(model.activate(XOR_ROWS @ p.w1, p.b1) @ p.w2, p.b2)[:, 0]
+        assert ((outputs > 0.5) == XOR_LABELS).all(), outputs
+
+
+def test_xor_preset_waits_for_its_two_workers(train_run):
+    done, _ = train_run("--preset", "xor", "--bind", LOOPBACK_ANY_PORT, "--wait-timeout", "0.5", expect_ok=False)
+    _one_line_error(done, 1, "only 0 of 2 workers registered")
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("--preset", "xor", "--spawn", "3"), ("3 workers cannot share 2 input columns", "at most 2")),
+        (("--hidden", "4", "--workers", "5"), ("5 workers cannot share 784 input columns and 4 hidden units",)),
+        (("--preset", "xor", "--workers", "6", "--replicas", "2"), ("6 workers cannot share", "at most 4")),
+        (("--spawn", "0"), ("--spawn",)),
+        (("--workers", "0"), ("--workers",)),
+        (("--bind", "tcp://127.0.0.1:99999"), ("--bind", "99999", "65535")),
+        (("--bind", "tcp://127.0.0.1:0"), ("--bind", "65535")),
+        (("--bind", "tcp://127.0.0.1"), ("--bind", "65535")),
+        (("--status-bind", "tcp://127.0.0.1:70000"), ("--status-bind", "65535")),
+    ],
+)
+def test_worker_counts_and_addresses_refused_in_one_line(train_run, args, words):
+    done, run_dir = train_run(*args, expect_ok=False)
+    _one_line_error(done, 2, *words)
+    assert not run_dir.exists()
 
 
 def test_seed_preset_settings(train_run):
@@ -112,6 +161,14 @@ def test_evaluate_a_missing_or_bogus_model(tmp_path):
     np.savez(tmp_path / "pickled.npz", w1=np.array([object()]), b1=np.zeros(6), w2=np.zeros((5, 10)),
              b2=np.zeros(10), input_divisor=np.array(255.0))
     _one_line_error(run_cli("coordinator", "evaluate", "--model", tmp_path / "pickled.npz"), 2, "cannot read")
+    assert run_cli("coordinator", "keygen", tmp_path / "keys", "--workers", "1").returncode == 0
+    done = run_cli("coordinator", "evaluate", "--model", tmp_path / "keys" / "coordinator.key")
+    _one_line_error(done, 2, "not a model file")
+    assert "pickle" not in done.stderr
+
+
+def test_verify_chain_of_a_missing_directory(tmp_path):
+    _one_line_error(run_cli("coordinator", "verify-chain", tmp_path / "absent"), 2, "does not exist")
 
 
 def test_worker_that_finds_no_coordinator_keeps_trying():
