@@ -13,7 +13,7 @@ from common.keys import KeyFileError
 from coordinator.checkpoint import CheckpointError, Interrupted
 from coordinator.cluster import ClusterError
 from coordinator.config import INPUT_COLUMNS, PRESETS
-from coordinator.rundir import ModelError, default_run_dir
+from coordinator.rundir import LOG_FILE, ModelError, default_run_dir, discard_if_unstarted, logging_into
 from coordinator.status import StatusError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -147,16 +147,22 @@ def train(
         curve_keys=curve_keys, status_bind=status_bind, second_layer_here=second_layer is SecondLayer.coordinator,
     )
     run_dir = run_dir or default_run_dir()
+    fresh = not run_dir.exists()
     try:
-        with output_for(quiet, log_format.value, config.epochs, config.report_every) as output:
+        with output_for(quiet, log_format.value, config.epochs, config.report_every) as output, logging_into(run_dir):
             run_training(config, run_dir, cluster, output.epoch, start=start, on_status=output.status)
     except USER_ERRORS as error:
+        if fresh:  # a start that failed (a port in use, no workers) leaves no directory to wonder about
+            discard_if_unstarted(run_dir)
         fail(str(error), EXIT_USAGE if isinstance(error, DataError) else EXIT_FAILED)
     except Interrupted as stop:
         typer.echo(f"interrupted: {stop}; continue with `coordinator train --resume {run_dir}`", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED)
+    except Exception as error:  # a bug: one line here, the traceback in the run's log
+        text = str(error).partition("\n")[0]
+        fail(f"internal: {type(error).__name__}: {text} (traceback in {run_dir / LOG_FILE})", EXIT_FAILED)
 
 
 def _worker_problems(config, workers: int, replicas: int) -> list:

@@ -204,10 +204,13 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records, sta
         options.workers, settings.PROTOCOL_VERSION, np.dtype(config.dtype), options.heartbeat_timeout, options.replicas,
         former_slots,
     )
-    cluster = Cluster(
-        options.bind, scheduler, _largest_reply_bytes(config, inputs),
-        welcome=lambda slot: Welcome(slot, config.dtype, config.input_divisor), curve_keys=options.curve_keys,
-    )
+    try:
+        cluster = Cluster(
+            options.bind, scheduler, _largest_reply_bytes(config, inputs),
+            welcome=lambda slot: Welcome(slot, config.dtype, config.input_divisor), curve_keys=options.curve_keys,
+        )
+    except ClusterError as error:  # only binding fails here
+        raise ClusterError(f"{error}; is another coordinator running? choose another address with --bind") from None
     address = local_address(cluster.endpoint)
     processes = spawn_workers(options.workers, address, options.curve_keys) if options.spawn else []
     status_server = None

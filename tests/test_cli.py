@@ -40,10 +40,13 @@ def _one_line_error(done, code: int, *words: str) -> None:
 
 
 def test_train_on_two_spawned_workers_then_evaluate(train_run):
-    done, run_dir = train_run("--spawn", 2, "--bind", LOOPBACK_ANY_PORT, "--train-limit", "1000", "--epochs", "2",
-                              "--dtype", "float64")
+    done, run_dir = train_run("--spawn", 2, "--train-limit", "1000", "--epochs", "2", "--dtype", "float64")
     assert [line.split()[:2] for line in done.stdout.splitlines()] == [["epoch", "1/2"], ["epoch", "2/2"]]
     assert "sees 392 input columns" in done.stderr
+    endpoint = re.search(r"waiting for 2 workers on (\S+)", done.stderr)[1]
+    assert endpoint.startswith("tcp://127.0.0.1:") and not endpoint.endswith(":5555"), endpoint  # not every interface
+    log = (run_dir / "coordinator.log").read_text()
+    assert "INFO coordinator: worker A joined as slot" in log and "sees 392 input columns" in log
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
     assert {"epoch", "cost", "train_accuracy", "test_accuracy", "seconds"} <= set(history[0])
@@ -140,8 +143,9 @@ def test_corrupt_data_folder(train_run, tmp_path):
 
 
 def test_no_workers_arrive(train_run):
-    done, _ = train_run("--workers", "2", "--bind", LOOPBACK_ANY_PORT, "--wait-timeout", "0.5", expect_ok=False)
+    done, run_dir = train_run("--workers", "2", "--bind", LOOPBACK_ANY_PORT, "--wait-timeout", "0.5", expect_ok=False)
     _one_line_error(done, 1, "only 0 of 2 workers registered")
+    assert not run_dir.exists()  # a failed start leaves nothing behind
 
 
 def test_port_in_use(train_run):
@@ -149,8 +153,28 @@ def test_port_in_use(train_run):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done, _ = train_run("--workers", "1", "--bind", f"tcp://127.0.0.1:{port}", expect_ok=False)
-    _one_line_error(done, 1, "cannot bind", str(port))
+        done, run_dir = train_run("--workers", "1", "--bind", f"tcp://127.0.0.1:{port}", expect_ok=False)
+    _one_line_error(done, 1, "cannot bind", str(port), "--bind")
+    assert not run_dir.exists()
+
+
+def test_an_internal_error_is_one_line_and_a_traceback_in_the_log(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from coordinator import run
+    from coordinator.cli import app
+
+    def broken_training(*args, **kwargs):
+        run.log.warning("about to fail")  # (in pytest the root logger stays at WARNING)
+        raise KeyError("gone")
+
+    monkeypatch.setattr(run, "train", broken_training)
+    result = CliRunner().invoke(app, ["train", "--local", "--quiet", "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith("error: internal: KeyError: 'gone' (traceback in ")
+    assert "Traceback" not in result.output
+    log = (tmp_path / "run" / "coordinator.log").read_text()
+    assert "about to fail" in log and "Traceback" in log and 'raise KeyError("gone")' in log
 
 
 def test_evaluate_a_missing_or_bogus_model(tmp_path):
