@@ -227,38 +227,6 @@ def test_workers_table_fits_80_columns():
     assert len(lines) == 2 + len(workers) and max(map(len, lines)) <= 80
 
 
-def test_live_display_on_an_80_column_terminal(tmp_path):
-    """On a terminal: log levels once, spawned workers' lines in their own files, not on the screen."""
-    import os
-    import pty
-    import subprocess
-    import sys
-
-    controller, terminal = pty.openpty()
-    env = {**os.environ, "COLUMNS": "80", "LINES": "30", "TERM": "xterm"}
-    command = [sys.executable, "-m", "coordinator", "train", "--spawn", "2", "--train-limit", "500", "--test-limit",
-               "100", "--epochs", "1", "--run-dir", str(tmp_path / "run")]
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env=env)
-    os.close(terminal)
-    screen = b""
-    while True:
-        try:
-            chunk = os.read(controller, 65536)
-        except OSError:  # the terminal closed: every process writing to it has exited
-            break
-        if not chunk:
-            break
-        screen += chunk
-    assert process.wait(60) == 0, screen[-2000:]
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
-    assert "joined as slot" in text and "epoch 1/1" in text
-    assert "INFO:coordinator" not in text  # the level is printed once, by the display
-    assert "registered as" not in text  # what a worker logs when it joins
-    assert "recv MB" in text and "answe…" not in text
-    for name in "AB":
-        assert f"{name} registered as slot" in (tmp_path / "run" / "workers" / f"{name}.log").read_text()
-
-
 def test_a_spawned_worker_that_fails_shows_its_last_lines(train_run, tmp_path):
     assert run_cli("coordinator", "keygen", tmp_path / "keys", "--workers", "2").returncode == 0
     (tmp_path / "keys" / "workers" / "B.key_secret").write_text("not a key\n")
