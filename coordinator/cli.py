@@ -69,8 +69,12 @@ def train(
     test_limit: Annotated[int | None, _option("TEST_LIMIT", "Use only the first N test images.")] = None,
     run_dir: Annotated[Path | None, _option("RUN_DIR", "Where to write the run (default runs/<timestamp>).")] = None,
     local: Annotated[bool, _option("LOCAL", "Train in this process, without workers.")] = False,
-    workers: Annotated[int | None, _option("WORKERS", "Workers to wait for (default: the preset's, 7; xor 2).", min=1)] = None,
-    spawn: Annotated[int | None, _option("SPAWN", "Start N local worker processes (sets --workers N).", min=1)] = None,
+    workers: Annotated[
+        int | None, _option("WORKERS", "Workers to wait for (default: the preset's, 7; xor 2).", min=1)
+    ] = None,
+    spawn: Annotated[
+        int | None, _option("SPAWN", "Start N local worker processes (sets --workers N).", min=1)
+    ] = None,
     bind: Annotated[str | None, _option(
         "BIND", f"ZeroMQ address the coordinator binds (default {OPEN_BIND}; with --spawn {SPAWN_BIND}).",
         callback=tcp_port_checked,

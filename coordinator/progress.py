@@ -31,9 +31,9 @@ def epoch_line(report, epochs: int) -> str:
 
 
 def workers_table(workers) -> Table:
-    """One row per WorkerStatus: what the worker holds and how it has answered; fits 80 columns, units in the headers."""
+    """One row per WorkerStatus: what the worker holds and how it has answered, in 80 columns."""
     table = Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)  # columns two spaces apart
-    table.add_column("worker", no_wrap=True, max_width=WORKER_NAME_WIDTH)  # a long host-pid name is cut, not the numbers
+    table.add_column("worker", no_wrap=True, max_width=WORKER_NAME_WIDTH)  # a long name is cut, not the numbers
     for header in ("slot", "pixels", "hidden", "answers", "rtt ms", "busy s", "sent MB", "recv MB"):
         table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
     for worker in workers:
