@@ -27,3 +27,13 @@ def run(app: typer.Typer, prog_name: str) -> NoReturn:
         typer.echo(f"error: {error.format_message()}{help_hint}", err=True)
         code = EXIT_USAGE
     sys.exit(code or 0)
+
+
+def tcp_port_checked(address: str | None) -> str | None:
+    """The address, if its TCP port is 1..65535 or *: ZeroMQ itself would take port 99999 as 34463."""
+    if address is None or not address.startswith("tcp://"):
+        return address
+    port = address.rsplit(":", 1)[-1]
+    if port != "*" and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise typer.BadParameter(f"{address} needs a port from 1 to 65535, or *")
+    return address

@@ -10,6 +10,7 @@ A key folder made by `coordinator keygen DIR`:
 To admit another worker, put its public key file into DIR/allowed before the coordinator starts.
 """
 
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +22,8 @@ COORDINATOR = "coordinator"
 ALLOWED = "allowed"
 WORKERS = "workers"
 SECRET_MODE = 0o600  # a secret key file is readable by its owner only
+
+log = logging.getLogger("coordinator")
 
 
 class KeyFileError(ValueError):
@@ -74,10 +77,30 @@ def allow_list(folder: Path, context: zmq.Context):
     authenticator = ThreadAuthenticator(context)
     authenticator.start()
     try:
-        authenticator.configure_curve(domain="*", location=str(allowed))
+        authenticator.configure_curve_callback(domain="*", credentials_provider=AllowedKeys(allowed))
         yield authenticator
     finally:
         authenticator.stop()
+
+
+class AllowedKeys:
+    """The public keys in an allow-list folder; pyzmq's authenticator asks `callback` at every handshake.
+
+    A refused key is logged once: a worker with the wrong key tries again every 100 ms or so.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.keys = set(zmq.auth.load_certificates(folder))  # z85 public keys, as bytes
+        self.refused = set()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key in self.keys:
+            return True
+        if key not in self.refused:
+            self.refused.add(key)
+            log.warning("refused CURVE key %s: it is not in %s", key.decode(), self.folder)
+        return False
 
 
 def _key_pair(path: Path) -> tuple:

@@ -7,19 +7,21 @@ from typing import Annotated
 import typer
 
 from common import cli, settings
-from common.cli import EXIT_FAILED, EXIT_USAGE, fail
+from common.cli import EXIT_FAILED, EXIT_USAGE, fail, tcp_port_checked
 from common.data import DataError
 from common.keys import KeyFileError
 from coordinator.checkpoint import CheckpointError, Interrupted
 from coordinator.cluster import ClusterError
-from coordinator.config import PRESETS
-from coordinator.rundir import ModelError, default_run_dir
+from coordinator.config import INPUT_COLUMNS, PRESETS
+from coordinator.rundir import LOG_FILE, ModelError, default_run_dir, discard_if_unstarted, logging_into
 from coordinator.status import StatusError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 USER_ERRORS = (DataError, ModelError, ClusterError, CheckpointError, KeyFileError, StatusError)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+OPEN_BIND = "tcp://*:5555"  # workers on other machines connect to port 5555 of any of this host's addresses
+SPAWN_BIND = "tcp://127.0.0.1:*"  # spawned workers are local: loopback only, on a port ZeroMQ finds free
 
 
 class Rebalance(str, enum.Enum):
@@ -67,9 +69,16 @@ def train(
     test_limit: Annotated[int | None, _option("TEST_LIMIT", "Use only the first N test images.")] = None,
     run_dir: Annotated[Path | None, _option("RUN_DIR", "Where to write the run (default runs/<timestamp>).")] = None,
     local: Annotated[bool, _option("LOCAL", "Train in this process, without workers.")] = False,
-    workers: Annotated[int, _option("WORKERS", "Workers to wait for.")] = 7,
-    spawn: Annotated[int | None, _option("SPAWN", "Start N local worker processes (sets --workers N).")] = None,
-    bind: Annotated[str, _option("BIND", "ZeroMQ address the coordinator binds.")] = "tcp://*:5555",
+    workers: Annotated[
+        int | None, _option("WORKERS", "Workers to wait for (default: the preset's, 7; xor 2).", min=1)
+    ] = None,
+    spawn: Annotated[
+        int | None, _option("SPAWN", "Start N local worker processes (sets --workers N).", min=1)
+    ] = None,
+    bind: Annotated[str | None, _option(
+        "BIND", f"ZeroMQ address the coordinator binds (default {OPEN_BIND}; with --spawn {SPAWN_BIND}).",
+        callback=tcp_port_checked,
+    )] = None,
     wait_timeout: Annotated[float, _option("WAIT_TIMEOUT", "Seconds to wait for the workers.")] = 60.0,
     heartbeat_timeout: Annotated[
         float, _option("HEARTBEAT_TIMEOUT", "Seconds of silence after which a worker is lost.", min=0.5)
@@ -102,7 +111,10 @@ def train(
         Path | None, _option("RESUME", "Continue this run directory from its last checkpoint, with its settings.")
     ] = None,
     status_bind: Annotated[
-        str | None, _option("STATUS_BIND", "ZeroMQ address of a read-only status socket for `coordinator status`.")
+        str | None, _option(
+            "STATUS_BIND", "ZeroMQ address of a read-only status socket for `coordinator status`.",
+            callback=tcp_port_checked,
+        )
     ] = None,
     quiet: Annotated[bool, _option("QUIET", "Plain lines only, no live progress display.")] = False,
     log_format: Annotated[LogFormat, _option("LOG_FORMAT", "plain, or json: one JSON object per line.")] = LogFormat.plain,
@@ -119,7 +131,7 @@ def train(
         input_divisor=None if scale is None else (255.0 if scale else 1.0), report_every=report_every,
         checkpoint_epochs=checkpoint_epochs, checkpoint_every=checkpoint_every,
     )
-    config, start = PRESETS[preset].with_overrides(**overrides), None
+    config, start = PRESETS[preset].config.with_overrides(**overrides), None
     if resume is not None:
         if any(value is not None for value in overrides.values()) or preset != "default" or run_dir:
             fail("--resume continues the run with its own settings and directory; give neither with it")
@@ -128,28 +140,45 @@ def train(
         except CheckpointError as error:
             fail(str(error), EXIT_FAILED)
         run_dir = resume
-    worker_count = spawn or workers
-    problems = config.problems() + ([] if worker_count >= 1 else ["workers must be at least 1"])
-    if worker_count % replicas:
-        problems.append(f"{worker_count} workers cannot form replicas of {replicas}")
+    worker_count = spawn or workers or PRESETS[preset].workers  # both options are at least 1 when given
+    problems = config.problems() or ([] if local else _worker_problems(config, worker_count, replicas))
     if problems:
         fail("; ".join(problems))
     cluster = None if local else ClusterOptions(
-        bind, worker_count, spawn is not None, wait_timeout, heartbeat_timeout=heartbeat_timeout,
+        bind or (SPAWN_BIND if spawn else OPEN_BIND), worker_count, spawn is not None, wait_timeout,
+        heartbeat_timeout=heartbeat_timeout,
         rebalance=rebalance is Rebalance.epoch, verify=verify.value, verify_rate=verify_rate, replicas=replicas,
         curve_keys=curve_keys, status_bind=status_bind, second_layer_here=second_layer is SecondLayer.coordinator,
     )
     run_dir = run_dir or default_run_dir()
+    fresh = not run_dir.exists()
     try:
-        with output_for(quiet, log_format.value, config.epochs, config.report_every) as output:
+        with output_for(quiet, log_format.value, config.epochs, config.report_every) as output, logging_into(run_dir):
             run_training(config, run_dir, cluster, output.epoch, start=start, on_status=output.status)
     except USER_ERRORS as error:
+        if fresh:  # a start that failed (a port in use, no workers) leaves no directory to wonder about
+            discard_if_unstarted(run_dir)
         fail(str(error), EXIT_USAGE if isinstance(error, DataError) else EXIT_FAILED)
     except Interrupted as stop:
         typer.echo(f"interrupted: {stop}; continue with `coordinator train --resume {run_dir}`", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED)
+    except Exception as error:  # a bug: one line here, the traceback in the run's log
+        text = str(error).partition("\n")[0]
+        fail(f"internal: {type(error).__name__}: {text} (traceback in {run_dir / LOG_FILE})", EXIT_FAILED)
+
+
+def _worker_problems(config, workers: int, replicas: int) -> list:
+    """Why `workers` in replicas of `replicas` cannot share this network's columns and units, as one-line texts."""
+    if workers % replicas:
+        return [f"{workers} workers cannot form replicas of {replicas}"]
+    most = config.most_slots() * replicas
+    if workers > most:
+        inputs = INPUT_COLUMNS[config.dataset]
+        return [f"{workers} workers cannot share {inputs} input columns and {config.hidden} hidden units "
+                f"(each needs one of both); use at most {most} (--workers or --spawn)"]
+    return []
 
 
 @app.command()
@@ -174,7 +203,10 @@ def keygen(
 @app.command("verify-chain")
 def verify_chain(
     run_dir: Annotated[
-        Path, typer.Argument(envvar="SCATTERPROP_RUN_DIR", help="A run directory written by `coordinator train`.")
+        Path, typer.Argument(
+            envvar="SCATTERPROP_RUN_DIR", help="A run directory written by `coordinator train`.", exists=True,
+            file_okay=False,
+        )
     ],
 ):
     """Check the run's checkpoint hash chain; name the first broken link."""

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 from common import model, settings
 
+INPUT_COLUMNS = {"mnist": 28 * 28, "xor": 2}  # an MNIST image's pixels; the XOR rows' two bits
+
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -53,16 +55,27 @@ class TrainingConfig:
         ]
         return [message for ok, message in checks if not ok]
 
+    def most_slots(self) -> int:
+        """The most worker slots the network splits into: each slot needs an input column and a hidden unit."""
+        return min(INPUT_COLUMNS[self.dataset], self.hidden)
+
+
+@dataclass(frozen=True)
+class Preset:
+    config: TrainingConfig
+    workers: int = 7  # the default cluster's nodes A to G; used when the command line gives no count
+
 
 PRESETS = {
-    "default": TrainingConfig(),
+    "default": Preset(TrainingConfig()),
     # The seed notebook: raw pixels, full batch, float64, and its initialisation.
-    "seed": TrainingConfig(
+    "seed": Preset(TrainingConfig(
         input_divisor=1.0, batch_size=60_000, learning_rate=0.05, dtype="float64", init="legacy", seed=402
-    ),
+    )),
     # The seed's 2-3-1 XOR network; its lr 10 went with a cost divided by 2, ours divides by the 4 rows.
-    "xor": TrainingConfig(
+    # Its two input columns go to two workers, as in the seed.
+    "xor": Preset(TrainingConfig(
         dataset="xor", hidden=3, epochs=5000, batch_size=4, learning_rate=20.0, dtype="float64",
         init="legacy", seed=42, input_divisor=1.0, report_every=500, checkpoint_epochs=500,
-    ),
+    ), workers=2),
 }

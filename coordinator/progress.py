@@ -19,6 +19,7 @@ from rich.text import Text
 LIVE_REFRESHES_PER_SECOND = 4  # the worker table changes every batch; faster than this is only flicker
 MEGABYTE = 1e6
 UNBOUNDED_WIDTH = 500  # characters: wider than any table here, so off a terminal nothing wraps
+WORKER_NAME_WIDTH = 12  # characters of a worker's name in the table: with the eight numbers, 80 in all
 
 
 def epoch_line(report, epochs: int) -> str:
@@ -30,15 +31,17 @@ def epoch_line(report, epochs: int) -> str:
 
 
 def workers_table(workers) -> Table:
-    """One row per WorkerStatus: what the worker holds and how it has answered."""
-    table = Table("worker", "slot", "pixels", "hidden", "answered", "round trip", "busy", "sent", "received",
-                  box=box.SIMPLE_HEAD)
+    """One row per WorkerStatus: what the worker holds and how it has answered, in 80 columns."""
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)  # columns two spaces apart
+    table.add_column("worker", no_wrap=True, max_width=WORKER_NAME_WIDTH)  # a long name is cut, not the numbers
+    for header in ("slot", "pixels", "hidden", "answers", "rtt ms", "busy s", "sent MB", "recv MB"):
+        table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
     for worker in workers:
-        round_trip = "-" if worker.last_round_trip is None else f"{worker.last_round_trip * 1000:.1f} ms"
+        round_trip = "-" if worker.last_round_trip is None else f"{worker.last_round_trip * 1000:.1f}"
         table.add_row(
             worker.name, "standby" if worker.slot is None else str(worker.slot), str(worker.columns),
-            str(worker.hidden_units), str(worker.answered), round_trip, f"{worker.busy_seconds:.1f} s", f"{worker.sent_bytes / MEGABYTE:.1f} MB",
-            f"{worker.received_bytes / MEGABYTE:.1f} MB",
+            str(worker.hidden_units), str(worker.answered), round_trip, f"{worker.busy_seconds:.1f}",
+            f"{worker.sent_bytes / MEGABYTE:.1f}", f"{worker.received_bytes / MEGABYTE:.1f}",
         )
     return table
 
@@ -114,7 +117,9 @@ class LiveOutput(PlainOutput):
         )
 
     def __enter__(self):
-        logging.basicConfig(level=logging.INFO, handlers=[RichHandler(console=self.console, show_path=False)])
+        handler = RichHandler(console=self.console, show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))  # the handler shows the time and level itself
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
         self.live.start()
         return self
 

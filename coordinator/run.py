@@ -24,7 +24,7 @@ from coordinator.config import TrainingConfig
 from coordinator.distributed import ClusterFirstLayer, ClusterProducts
 from coordinator.rundir import ModelError, RunDirectory, load_model
 from coordinator.scheduler import Scheduler
-from coordinator.spawn import local_address, spawn_workers, stop_workers
+from coordinator.spawn import LocalWorkers, local_address, spawn_workers
 from coordinator.status import RunStatus, RunWatch, StatusServer, worker_statuses
 from coordinator.training import LocalProducts, Progress, Trainer
 from coordinator.verify import Verifier, inputs_for
@@ -34,6 +34,7 @@ log = logging.getLogger("coordinator")
 XOR_ROWS = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.uint8)
 XOR_LABELS = np.array([0, 1, 1, 0], np.uint8)
 SPLITS = ("train", "test")
+WORKER_LOGS = "workers"  # RUN_DIR/workers/NAME.log: what each spawned worker printed
 
 
 @dataclass(frozen=True)
@@ -204,12 +205,18 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records, sta
         options.workers, settings.PROTOCOL_VERSION, np.dtype(config.dtype), options.heartbeat_timeout, options.replicas,
         former_slots,
     )
-    cluster = Cluster(
-        options.bind, scheduler, _largest_reply_bytes(config, inputs),
-        welcome=lambda slot: Welcome(slot, config.dtype, config.input_divisor), curve_keys=options.curve_keys,
-    )
+    try:
+        cluster = Cluster(
+            options.bind, scheduler, _largest_reply_bytes(config, inputs),
+            welcome=lambda slot: Welcome(slot, config.dtype, config.input_divisor), curve_keys=options.curve_keys,
+        )
+    except ClusterError as error:  # only binding fails here
+        raise ClusterError(f"{error}; is another coordinator running? choose another address with --bind") from None
     address = local_address(cluster.endpoint)
-    processes = spawn_workers(options.workers, address, options.curve_keys) if options.spawn else []
+    spawned = (
+        spawn_workers(options.workers, address, records.path / WORKER_LOGS, options.curve_keys) if options.spawn
+        else LocalWorkers()
+    )
     status_server = None
     try:
         if options.status_bind:
@@ -245,7 +252,7 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records, sta
         cluster.close()
         if status_server:
             status_server.close()
-        stop_workers(processes)
+        spawned.stop()
 
 
 def _largest_reply_bytes(config: TrainingConfig, inputs: int) -> int:

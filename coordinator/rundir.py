@@ -1,8 +1,12 @@
-"""The run directory: config.json, history.jsonl, exposure.npz, workers.json and model.npz."""
+"""The run directory: config.json, history.jsonl, exposure.npz, workers.json, model.npz and coordinator.log."""
 
 import dataclasses
 import json
 import logging
+import shutil
+import sys
+import zipfile
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -12,6 +16,7 @@ from common.exposure import ExposurePlan
 from common.model import Params
 
 MODEL_ARRAYS = ("w1", "b1", "w2", "b2")
+LOG_FILE = "coordinator.log"
 
 log = logging.getLogger("coordinator")
 
@@ -22,6 +27,37 @@ class ModelError(ValueError):
 
 def default_run_dir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+@contextmanager
+def logging_into(path: Path):
+    """Copy every log line into RUN_DIR/coordinator.log while the run lasts, and the error that ends it with
+    its traceback: there only, as the terminal gets one line."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path / LOG_FILE)
+    except OSError as error:
+        raise ModelError(f"cannot write run directory {path}: {error.strerror}") from None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    except BaseException:
+        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "the run stopped", (), sys.exc_info()))
+        raise
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def discard_if_unstarted(path: Path) -> None:
+    """Remove a failed run's directory if nothing happened in it: no worker was sent data, no step was saved."""
+    history = path / "history.jsonl"
+    started = (path / "exposure.jsonl").exists() or (path / "checkpoints").exists() or (
+        history.exists() and history.stat().st_size > 0
+    )
+    if not started:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class RunDirectory:
@@ -81,6 +117,8 @@ class RunDirectory:
 
 def load_model(path: Path) -> tuple:
     """(Params, input divisor) from a model.npz, refusing anything that is not plain arrays of the right shapes."""
+    if Path(path).is_file() and not zipfile.is_zipfile(path):  # numpy would try to unpickle it, and advise allow_pickle
+        raise ModelError(f"{path} is not a model file (a model.npz written by `coordinator train`)")
     try:
         with np.load(path, allow_pickle=False) as saved:
             arrays = {name: saved[name] for name in (*MODEL_ARRAYS, "input_divisor")}

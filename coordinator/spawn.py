@@ -1,16 +1,22 @@
 """Local worker processes for `coordinator train --spawn N`: started here, never outliving the coordinator."""
 
 import ctypes
+import logging
 import signal
 import string
 import subprocess
 import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import keys
 
+log = logging.getLogger("coordinator")
+
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies
 STOP_GRACE = 5.0  # seconds a stopped worker gets to exit before SIGKILL
+FAILURE_LINES = 10  # lines of a failed worker's log shown to the user: its error and what led to it
 
 
 def worker_names(count: int) -> list:
@@ -30,19 +36,48 @@ def child_of_coordinator() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # kept across exec; Python then leaves SIGINT ignored
 
 
-def spawn_workers(count: int, address: str, curve_keys: Path | None = None) -> list:
-    """Start `count` workers; with a key folder, each uses the key pair made for its name."""
-    commands = [[sys.executable, "-m", "worker", "--connect", address, "--name", name] for name in worker_names(count)]
+@dataclass
+class LocalWorkers:
+    """Spawned worker processes; one that fails before it is stopped has the end of its log shown."""
+
+    processes: list = field(default_factory=list)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def watch(self, process: subprocess.Popen, name: str, log_file: Path) -> None:
+        """Wait (on a thread of its own) for the process to end; if it failed on its own, log its last lines."""
+        code = process.wait()
+        if code != 0 and not self.stopping.is_set():
+            last_lines = log_file.read_text(errors="replace").splitlines()[-FAILURE_LINES:]
+            log.warning("spawned worker %s exited with code %d; the end of %s:\n%s", name, code, log_file,
+                        "\n".join(last_lines))
+
+    def stop(self) -> None:
+        self.stopping.set()
+        stop_workers(self.processes)
+
+
+def spawn_workers(count: int, address: str, log_folder: Path, curve_keys: Path | None = None) -> LocalWorkers:
+    """Start `count` workers, each writing its output to log_folder/NAME.log, not into the coordinator's
+    display; with a key folder, each uses the key pair made for its name."""
+    names = worker_names(count)
+    commands = [[sys.executable, "-m", "worker", "--connect", address, "--name", name] for name in names]
     if curve_keys is not None:
-        for command, name in zip(commands, worker_names(count)):
+        for command, name in zip(commands, names):
             secret_file = keys.worker_secret_file(curve_keys, name)
             if not secret_file.exists():
                 raise keys.KeyFileError(f"no key for worker {name} in {curve_keys}; make keys for {count} workers")
             server_file = keys.server_public_file(curve_keys)
             command += ["--curve-secret-key", str(secret_file), "--curve-server-key", str(server_file)]
-    return [
-        subprocess.Popen(command, preexec_fn=child_of_coordinator, stdin=subprocess.DEVNULL) for command in commands
-    ]
+    log_folder.mkdir(parents=True, exist_ok=True)
+    workers = LocalWorkers()
+    for command, name in zip(commands, names):
+        log_file = log_folder / f"{name}.log"
+        with open(log_file, "wb") as output:  # the child keeps its own copy of the file
+            process = subprocess.Popen(command, preexec_fn=child_of_coordinator, stdin=subprocess.DEVNULL,
+                                       stdout=output, stderr=subprocess.STDOUT)
+        workers.processes.append(process)
+        threading.Thread(target=workers.watch, args=(process, name, log_file), daemon=True).start()
+    return workers
 
 
 def stop_workers(processes: list) -> None:

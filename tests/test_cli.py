@@ -1,14 +1,33 @@
 """The command lines as a user meets them: real processes, real sockets, and one-line errors."""
 
 import json
+import re
 import socket
 
 import numpy as np
 import pytest
 
 from common import model
+from coordinator.config import PRESETS
 from coordinator.run import XOR_LABELS, XOR_ROWS
+from tests.cli_reference import README
 from tests.conftest import LOOPBACK_ANY_PORT, load_model, run_cli
+
+# What keeps each preset's documented command short here; the options come after the README's, so they win.
+PRESET_SHORTENINGS = {
+    "default": ("--epochs", "1", "--train-limit", "2000", "--test-limit", "500"),
+    "seed": ("--epochs", "1", "--train-limit", "2000", "--test-limit", "500"),  # full batch of 60,000 float64
+    "xor": (),  # 5000 one-step epochs of four rows: quick, and the only way to see it learn
+}
+
+
+def documented_commands() -> dict:
+    """preset -> the arguments after `coordinator train` of the README's first command line with that preset."""
+    commands = {}
+    for line in re.findall(r"^coordinator train ([^#\n]*)", README.read_text(), re.MULTILINE):
+        preset = re.search(r"--preset (\w+)", line)
+        commands.setdefault(preset[1] if preset else "default", line.split())
+    return commands
 
 
 def _one_line_error(done, code: int, *words: str) -> None:
@@ -21,10 +40,13 @@ def _one_line_error(done, code: int, *words: str) -> None:
 
 
 def test_train_on_two_spawned_workers_then_evaluate(train_run):
-    done, run_dir = train_run("--spawn", 2, "--bind", LOOPBACK_ANY_PORT, "--train-limit", "1000", "--epochs", "2",
-                              "--dtype", "float64")
+    done, run_dir = train_run("--spawn", 2, "--train-limit", "1000", "--epochs", "2", "--dtype", "float64")
     assert [line.split()[:2] for line in done.stdout.splitlines()] == [["epoch", "1/2"], ["epoch", "2/2"]]
     assert "sees 392 input columns" in done.stderr
+    endpoint = re.search(r"waiting for 2 workers on (\S+)", done.stderr)[1]
+    assert endpoint.startswith("tcp://127.0.0.1:") and not endpoint.endswith(":5555"), endpoint  # not every interface
+    log = (run_dir / "coordinator.log").read_text()
+    assert "INFO coordinator: worker A joined as slot" in log and "sees 392 input columns" in log
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
     assert {"epoch", "cost", "train_accuracy", "test_accuracy", "seconds"} <= set(history[0])
@@ -40,12 +62,42 @@ def test_train_on_two_spawned_workers_then_evaluate(train_run):
     assert evaluated.stdout.strip() == f"test accuracy {history[-1]['test_accuracy']:.2%}"
 
 
-def test_xor_preset_learns_xor_on_two_workers(train_run):
-    done, run_dir = train_run("--preset", "xor", "--spawn", 2, "--bind", LOOPBACK_ANY_PORT)
-    assert done.stdout.count("epoch ") == 10  # every 500th of 5000 epochs
-    p = model.Params(**load_model(run_dir))
-    outputs = model.activate(model.activate(XOR_ROWS @ p.w1, p.b1) @ p.w2, p.b2)[:, 0]
-    assert ((outputs > 0.5) == XOR_LABELS).all(), outputs
+@pytest.mark.parametrize("preset", PRESETS)
+def test_each_preset_runs_as_documented(train_run, preset):
+    arguments = documented_commands().get(preset)
+    assert arguments, f"the README has no `coordinator train --preset {preset}` line"
+    done, run_dir = train_run(*arguments, *PRESET_SHORTENINGS[preset])
+    assert "epoch " in done.stdout
+    if preset == "xor":
+        assert done.stdout.count("epoch ") == 10  # every 500th of 5000 epochs
+        p = model.Params(**load_model(run_dir))
+        outputs = model.activate(model.activate(XOR_ROWS @ p.w1, p.b1) @ p.w2, p.b2)[:, 0]
+        assert ((outputs > 0.5) == XOR_LABELS).all(), outputs
+
+
+def test_xor_preset_waits_for_its_two_workers(train_run):
+    done, _ = train_run("--preset", "xor", "--bind", LOOPBACK_ANY_PORT, "--wait-timeout", "0.5", expect_ok=False)
+    _one_line_error(done, 1, "only 0 of 2 workers registered")
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("--preset", "xor", "--spawn", "3"), ("3 workers cannot share 2 input columns", "at most 2")),
+        (("--hidden", "4", "--workers", "5"), ("5 workers cannot share 784 input columns and 4 hidden units",)),
+        (("--preset", "xor", "--workers", "6", "--replicas", "2"), ("6 workers cannot share", "at most 4")),
+        (("--spawn", "0"), ("--spawn",)),
+        (("--workers", "0"), ("--workers",)),
+        (("--bind", "tcp://127.0.0.1:99999"), ("--bind", "99999", "65535")),
+        (("--bind", "tcp://127.0.0.1:0"), ("--bind", "65535")),
+        (("--bind", "tcp://127.0.0.1"), ("--bind", "65535")),
+        (("--status-bind", "tcp://127.0.0.1:70000"), ("--status-bind", "65535")),
+    ],
+)
+def test_worker_counts_and_addresses_refused_in_one_line(train_run, args, words):
+    done, run_dir = train_run(*args, expect_ok=False)
+    _one_line_error(done, 2, *words)
+    assert not run_dir.exists()
 
 
 def test_seed_preset_settings(train_run):
@@ -91,8 +143,9 @@ def test_corrupt_data_folder(train_run, tmp_path):
 
 
 def test_no_workers_arrive(train_run):
-    done, _ = train_run("--workers", "2", "--bind", LOOPBACK_ANY_PORT, "--wait-timeout", "0.5", expect_ok=False)
+    done, run_dir = train_run("--workers", "2", "--bind", LOOPBACK_ANY_PORT, "--wait-timeout", "0.5", expect_ok=False)
     _one_line_error(done, 1, "only 0 of 2 workers registered")
+    assert not run_dir.exists()  # a failed start leaves nothing behind
 
 
 def test_port_in_use(train_run):
@@ -100,8 +153,28 @@ def test_port_in_use(train_run):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done, _ = train_run("--workers", "1", "--bind", f"tcp://127.0.0.1:{port}", expect_ok=False)
-    _one_line_error(done, 1, "cannot bind", str(port))
+        done, run_dir = train_run("--workers", "1", "--bind", f"tcp://127.0.0.1:{port}", expect_ok=False)
+    _one_line_error(done, 1, "cannot bind", str(port), "--bind")
+    assert not run_dir.exists()
+
+
+def test_an_internal_error_is_one_line_and_a_traceback_in_the_log(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from coordinator import run
+    from coordinator.cli import app
+
+    def broken_training(*args, **kwargs):
+        run.log.warning("about to fail")  # (in pytest the root logger stays at WARNING)
+        raise KeyError("gone")
+
+    monkeypatch.setattr(run, "train", broken_training)
+    result = CliRunner().invoke(app, ["train", "--local", "--quiet", "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith("error: internal: KeyError: 'gone' (traceback in ")
+    assert "Traceback" not in result.output
+    log = (tmp_path / "run" / "coordinator.log").read_text()
+    assert "about to fail" in log and "Traceback" in log and 'raise KeyError("gone")' in log
 
 
 def test_evaluate_a_missing_or_bogus_model(tmp_path):
@@ -112,6 +185,14 @@ def test_evaluate_a_missing_or_bogus_model(tmp_path):
     np.savez(tmp_path / "pickled.npz", w1=np.array([object()]), b1=np.zeros(6), w2=np.zeros((5, 10)),
              b2=np.zeros(10), input_divisor=np.array(255.0))
     _one_line_error(run_cli("coordinator", "evaluate", "--model", tmp_path / "pickled.npz"), 2, "cannot read")
+    assert run_cli("coordinator", "keygen", tmp_path / "keys", "--workers", "1").returncode == 0
+    done = run_cli("coordinator", "evaluate", "--model", tmp_path / "keys" / "coordinator.key")
+    _one_line_error(done, 2, "not a model file")
+    assert "pickle" not in done.stderr
+
+
+def test_verify_chain_of_a_missing_directory(tmp_path):
+    _one_line_error(run_cli("coordinator", "verify-chain", tmp_path / "absent"), 2, "does not exist")
 
 
 def test_worker_that_finds_no_coordinator_keeps_trying():
@@ -126,3 +207,32 @@ def test_worker_that_finds_no_coordinator_keeps_trying():
     finally:
         worker.kill()
         worker.wait()
+
+
+def test_workers_table_fits_80_columns():
+    from rich.console import Console
+
+    from coordinator.progress import workers_table
+    from coordinator.status import WorkerStatus
+
+    workers = [WorkerStatus(name, slot, 112, 18, 123456, 0.0123, 123.4, 1_234_567_890, 9_876_543_210)
+               for slot, name in enumerate("ABCDEFG")]
+    workers.append(WorkerStatus("a-long-hostname.example.org-123456", None, 0, 0, 0, None, 0.0, 0, 0))
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))
+    console.print(workers_table(workers))
+    lines = console.export_text().splitlines()
+    assert lines[0].split() == ["worker", "slot", "pixels", "hidden", "answers", "rtt", "ms", "busy", "s", "sent",
+                                "MB", "recv", "MB"]
+    assert lines[2].split() == ["A", "0", "112", "18", "123456", "12.3", "123.4", "1234.6", "9876.5"]
+    assert len(lines) == 2 + len(workers) and max(map(len, lines)) <= 80
+
+
+def test_a_spawned_worker_that_fails_shows_its_last_lines(train_run, tmp_path):
+    assert run_cli("coordinator", "keygen", tmp_path / "keys", "--workers", "2").returncode == 0
+    (tmp_path / "keys" / "workers" / "B.key_secret").write_text("not a key\n")
+    done, run_dir = train_run("--spawn", "2", "--curve-keys", tmp_path / "keys", "--wait-timeout", "5",
+                              expect_ok=False)
+    _one_line_error(done, 1, "only 1 of 2 workers registered")
+    assert re.search(r"spawned worker B exited with code 2; the end of \S+B\.log:\n.*error: cannot read key file",
+                     done.stderr), done.stderr[-2000:]
+    assert "spawned worker A" not in done.stderr

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import zmq
+import zmq.auth
 
 from common import keys
 from common.protocol import Register, encode
@@ -82,6 +83,8 @@ def test_unknown_key_and_plain_client_are_refused(tmp_path, key_folder):
     assert coordinator.returncode == 1, stderr[-2000:]
     assert stderr.strip().splitlines()[-1] == "error: only 1 of 2 workers registered within 8 s"
     assert "worker A joined" in stderr and "stranger" not in stderr and "plain" not in stderr
+    stranger_key = zmq.auth.load_certificate(strangers / "allowed" / "A.key")[0].decode()
+    assert stderr.count(f"refused CURVE key {stranger_key}") == 1, stderr[-2000:]  # once, though it kept trying
 
 
 def test_curve_options_go_together(key_folder):

@@ -27,10 +27,10 @@ def _one_line_error(done, code: int, *words: str) -> None:
         assert word in lines[0], lines[0]
 
 
-def _on_a_terminal(*args) -> str:
+def _on_a_terminal(*args, columns: int = 120) -> str:
     """What `coordinator ...` writes to a terminal (a pseudo-terminal here), stdout and stderr together."""
     controller, terminal = pty.openpty()
-    env = {**os.environ, "COLUMNS": "120", "TERM": "xterm"}
+    env = {**os.environ, "COLUMNS": str(columns), "TERM": "xterm"}
     process = subprocess.Popen([sys.executable, "-m", "coordinator", *map(str, args)], stdin=subprocess.DEVNULL,
                                stdout=terminal, stderr=terminal, env=env)
     os.close(terminal)
@@ -52,8 +52,19 @@ def test_live_display_on_a_terminal(tmp_path):
     shown = _on_a_terminal("train", "--spawn", 2, "--bind", LOOPBACK_ANY_PORT, "--run-dir", tmp_path / "run",
                            *SHORT_RUN, "--batch-size", 10)
     assert "samples/s" in shown and "step " in shown  # the progress bar
-    assert "round trip" in shown and "answered" in shown  # the worker table
+    assert "rtt ms" in shown and "answers" in shown  # the worker table
     assert "epoch 1/2  cost" in shown and "epoch 2/2  cost" in shown
+
+
+def test_live_display_on_an_80_column_terminal(tmp_path):
+    """Headers whole, log levels once, and the spawned workers' lines in their own files, not on the screen."""
+    shown = _on_a_terminal("train", "--spawn", 2, "--run-dir", tmp_path / "run", *SHORT_RUN, columns=80)
+    assert "joined as slot" in shown and "epoch 2/2  cost" in shown
+    assert "INFO:coordinator" not in shown  # the display prints the level; the message does not repeat it
+    assert "recv MB" in shown and "answers" in shown and "…" not in shown  # no header cut with an ellipsis
+    assert "registered as" not in shown  # what a worker logs when it joins
+    for name in "AB":
+        assert f"{name} registered as slot" in (tmp_path / "run" / "workers" / f"{name}.log").read_text()
 
 
 def test_quiet_on_a_terminal_prints_lines_only(tmp_path):
@@ -90,7 +101,7 @@ def test_status_while_training_then_workers_file_and_report(tmp_path):
         assert all(worker["answered"] > 0 and worker["sent_bytes"] > 0 for worker in status["workers"])
         shown = run_cli("coordinator", "status", "--connect", address)
         assert shown.returncode == 0, shown.stderr
-        assert "epoch " in shown.stdout and "round trip" in shown.stdout
+        assert "epoch " in shown.stdout and "rtt ms" in shown.stdout
         assert coordinator.wait(PROCESS_TIMEOUT) == 0
     finally:
         coordinator.kill()
@@ -159,7 +170,7 @@ def test_report_without_matplotlib_says_how_to_install_it(tmp_path, train_run):
         ("coordinator", ("train", "--no-such-option"), 2, ("No such option",)),
         ("coordinator", ("train", "--log-format", "xml"), 2, ("--log-format",)),
         ("coordinator", ("status", "--connect", "not-an-address"), 1, ("cannot connect to not-an-address",)),
-        ("coordinator", ("train", "--workers", "1", "--bind", LOOPBACK_ANY_PORT, "--status-bind", "tcp://nowhere:x"),
+        ("coordinator", ("train", "--workers", "1", "--bind", LOOPBACK_ANY_PORT, "--status-bind", "tcp://nowhere:5556"),
          1, ("cannot bind the status socket",)),
         ("worker", ("--connect", "not-an-address"), 2, ("cannot connect to not-an-address",)),
         ("worker", ("--threads", "0"), 2, ("--threads",)),
