@@ -11,6 +11,7 @@ in the middle of a transfer included, and the next attempt simply starts from wh
 """
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -226,6 +227,7 @@ class ClusterProducts:
     def _deliver_shards(self) -> None:
         """Send each worker of the plan that lacks its slot's current columns its shards, one chunk per worker
         per round, so that every worker hears from us often however slow the link (raises WorkerLost)."""
+        started, chunks = time.monotonic(), 0
         while True:
             sends = {}
             for slot in self.plan.slots:
@@ -233,7 +235,10 @@ class ClusterProducts:
                     if self.holding.get(peer) != slot:
                         sends[peer] = (slot, self._transfer_to(peer, slot).next_chunk(), Expected({}))
             if not sends:
+                if chunks:
+                    log.info("shards sent: %d chunks in %.1f s", chunks, time.monotonic() - started)
                 return
+            chunks += len(sends)
             self.cluster.run_sends(sends)
             for peer in sends:
                 transfer = self.transfers[peer]

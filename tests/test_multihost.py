@@ -2,6 +2,7 @@
 started as docker-compose.yml starts it. Needs root and `ip`; CI runs it as root."""
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -88,8 +89,11 @@ def cluster(tmp_path):
             namespace, interface = hosts.add_host(index)
             command = shlex.split(service["command"].replace("tcp://coordinator:", f"tcp://{COORDINATOR_ADDRESS}:"))
             environment = {name: str(value) for name, value in service["environment"].items()}
-            hosts.start(namespace, command, environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            with open(tmp_path / f"{service_name}.log", "w") as log:
+                hosts.start(namespace, command, environment, stdout=log, stderr=subprocess.STDOUT)
             links[service_name] = (namespace, interface)
+        links["coordinator"] = (coordinator_namespace, "eth0")
+        links["switch"] = (hosts.switch, "p0")  # the switch's side of the coordinator's cable
 
         def train(*args):
             command = ["coordinator", "train", "--workers", "7", "--bind", f"tcp://{COORDINATOR_ADDRESS}:5555",
@@ -137,3 +141,35 @@ def test_run_completes_after_a_worker_link_is_cut(cluster):
     errors = _finish(coordinator, PROCESS_TIMEOUT)
     assert coordinator.returncode == 0, errors
     assert [line.split()[1] for line in seen] == [f"{epoch}/6" for epoch in range(1, 7)]
+
+
+def _shape(links: dict, rate: str) -> None:
+    """Limit the coordinator's link to `rate` both ways, as a token bucket filter (netem is not available)."""
+    for end in ("coordinator", "switch"):
+        namespace, interface = links[end]
+        done = subprocess.run(
+            ["ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", interface, "root", "tbf", "rate", rate,
+             "burst", "64kb", "latency", "200ms"],
+            capture_output=True, text=True,
+        )
+        assert done.returncode == 0, done.stderr
+
+
+def test_a_slow_link_loses_no_worker_while_the_shards_go_out(cluster, tmp_path):
+    """At 6 Mbit/s the 8.6 MB of shards take about 12 s, four times the heartbeat timeout; the workers waiting
+    for theirs must still count as alive, and must not give up on the coordinator either."""
+    train, links = cluster
+    if shutil.which("tc") is None:
+        pytest.skip("the `tc` command (iproute2) is not installed")
+    _shape(links, "6mbit")
+    started = time.monotonic()
+    coordinator = train("--train-limit", 10_000, "--test-limit", 1000, "--epochs", 1, "--batch-size", 250,
+                        "--hidden", 16, "--verify", "off")
+    errors = _finish(coordinator, PROCESS_TIMEOUT)
+    assert coordinator.returncode == 0, errors
+    sent = re.search(r"shards sent: (\d+) chunks in ([\d.]+) s", errors)
+    print(f"6 Mbit/s: shards in {sent.group(2)} s, whole run {time.monotonic() - started:.1f} s")
+    assert float(sent.group(2)) >= 3 * 3.0, "the link was not slow enough to test anything"
+    assert "dropped" not in errors and "registered again" not in errors, errors
+    for service in WORKER_SERVICES:
+        assert "registering again" not in (tmp_path / f"{service}.log").read_text()
