@@ -92,7 +92,7 @@ class Crash(Exception):
 
 
 def test_local_run_resumed_after_a_crash_is_bit_for_bit_the_same(tmp_path):
-    config = replace(PRESETS["xor"], epochs=5, batch_size=1, checkpoint_epochs=1, checkpoint_every=3)
+    config = replace(PRESETS["xor"].config, epochs=5, batch_size=1, checkpoint_epochs=1, checkpoint_every=3)
     whole = run.train(config, tmp_path / "whole", None, on_epoch=lambda report: None)
 
     def crash_in_epoch_three(rows_done):
