@@ -14,14 +14,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from bench import echo
 from bench.traffic import epoch_batches, round_bytes
-from common import model
+from common import model, phases
 from coordinator import run
 from coordinator.config import TrainingConfig
 from coordinator.rundir import RunDirectory
@@ -40,6 +40,8 @@ class EpochMeasure:
     test_accuracy: float | None
     bytes: int  # sent plus received by the coordinator, identity frames aside
     rounds: int  # synchronous scatter/gather rounds
+    coordinator_phases: dict = field(default_factory=dict)  # phase -> seconds of the epoch (see common.phases)
+    worker_phases: dict = field(default_factory=dict)  # phase -> seconds of the epoch, summed over the workers
 
 
 @dataclass(frozen=True)
@@ -135,21 +137,31 @@ def _trained_epochs(config: TrainingConfig, workers: int, second_layer_here: boo
             LOOPBACK_ANY_PORT, workers, True, REGISTER_TIMEOUT, second_layer_here=second_layer_here, verify=verify
         )
     with tempfile.TemporaryDirectory() as scratch:
+        os.environ[phases.PHASES_DIR_VARIABLE] = scratch  # read by the workers spawned below
         with run.products_backend(config, data, sizes, options, RunDirectory(Path(scratch))) as products:
             trainer = Trainer(config, params, products, run.labels_of(data))
             warmup_rows = np.arange(min(WARMUP_STEPS * config.batch_size, len(data.train_labels)), dtype=np.int32)
             for start in range(0, len(warmup_rows), config.batch_size):
                 trainer.train_batch(warmup_rows[start : start + config.batch_size])
             cluster = getattr(products, "cluster", None)
-            yield lambda: _timed_epoch(trainer, cluster), cluster.idle if cluster else time.sleep
+            yield lambda: _timed_epoch(trainer, cluster, Path(scratch)), cluster.idle if cluster else time.sleep
 
 
-def _timed_epoch(trainer: Trainer, cluster) -> EpochMeasure:
+def _timed_epoch(trainer: Trainer, cluster, phases_dir: Path) -> EpochMeasure:
     traffic = cluster.traffic if cluster else None
     before = (traffic.sent + traffic.received, traffic.rounds) if traffic else (0, 0)
+    phases_before = (phases.clock.seconds(), phases.read_shared(phases_dir))
     report = trainer.run_epoch()
+    phases_after = (phases.clock.seconds(), phases.read_shared(phases_dir))
     after = (traffic.sent + traffic.received, traffic.rounds) if traffic else (0, 0)
-    return EpochMeasure(report.seconds, report.test_accuracy, after[0] - before[0], after[1] - before[1])
+    coordinator, workers = (
+        {phase: after_[phase] - before_[phase] for phase in names}
+        for before_, after_, names in zip(phases_before, phases_after, (phases.COORDINATOR_PHASES, phases.WORKER_PHASES))
+    )
+    return EpochMeasure(
+        report.seconds, report.test_accuracy, after[0] - before[0], after[1] - before[1],
+        coordinator if cluster else {}, workers if cluster else {},
+    )
 
 
 @contextmanager

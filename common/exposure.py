@@ -129,13 +129,3 @@ def inverse(permutation: np.ndarray) -> np.ndarray:
 def unpermuted(permuted_part: np.ndarray, permutation: np.ndarray) -> np.ndarray:
     """A part whose columns were shuffled by p, back in natural column order: part[:, q]."""
     return permuted_part.take(inverse(permutation), axis=1)  # a gather: far cheaper than scattering into [:, p]
-
-
-def place_unpermuted(target: np.ndarray, rows: np.ndarray, permuted_part: np.ndarray, permutation) -> None:
-    """Write back rows whose columns were shuffled by p, in the target's column order."""
-    target[rows] = unpermuted(permuted_part, permutation)
-
-
-def add_unpermuted(total: np.ndarray, permuted_part: np.ndarray, permutation: np.ndarray) -> None:
-    """Add a part whose columns were shuffled by p to the total, in the total's column order."""
-    np.add(total, unpermuted(permuted_part, permutation), out=total)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import zmq
 
-from common import keys, protocol, settings
+from common import keys, phases, protocol, settings
 from common.protocol import Stop
 from coordinator.scheduler import Admit, Arrived, Disconnect, Garbled, Refused, Scheduler, Send, Tick, Unreachable
 
@@ -145,6 +145,7 @@ class Cluster:
             if now >= self.next_tick:
                 handled = self._drain()
                 self._tick(time.monotonic())
+                phases.clock.lap("check")
                 if handled:
                     return True
             if now >= deadline:
@@ -174,9 +175,9 @@ class Cluster:
             return self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             pass
-        if timeout_ms > 0 and self.poller.poll(timeout_ms):
-            return self.socket.recv_multipart(copy=False)
-        return None
+        ready = timeout_ms > 0 and self.poller.poll(timeout_ms)
+        phases.clock.lap("wait")
+        return self.socket.recv_multipart(copy=False) if ready else None
 
     def _handle_frame(self, frames: list) -> None:
         peer = frames[0].bytes
@@ -189,7 +190,9 @@ class Cluster:
                 event = Arrived(peer, protocol.decode(frames[1].buffer), time.monotonic(), key)
             except protocol.ProtocolError as error:
                 event = Garbled(peer, str(error))
+        phases.clock.lap("decode")
         self._carry_out(self.scheduler.handle(event))
+        phases.clock.lap("check")
 
     def _carry_out(self, actions: list) -> None:
         for action in actions:
@@ -209,8 +212,10 @@ class Cluster:
 
     def _send(self, peer: bytes, message) -> None:
         frame = protocol.encode(message)
+        phases.clock.lap("encode")
         try:  # never blocks: a peer whose queue is full is as unreachable as one whose connection is gone
             self.socket.send_multipart([peer, frame], zmq.NOBLOCK)
+            phases.clock.lap("send")
             self.traffic.count(self._known(peer), sent=len(frame))
         except zmq.ZMQError:  # with ROUTER_MANDATORY: gone (EHOSTUNREACH) or its queue is full (EAGAIN)
             self._carry_out(self.scheduler.handle(Unreachable(peer)))

@@ -1,6 +1,11 @@
 """The products of a training step split by the exposure plan: each worker gets its rows of the weights with
 the columns shuffled by a fresh secret permutation, and the partial products come back, un-shuffled here.
 
+One permutation serves all the workers of a round: the error they get is the same matrix for all, so
+per-worker permutations would hide nothing from colluders that a shared one does not, and to a single
+worker the two look the same (see "What each worker sees" in the README). The coordinator then shuffles
+each operand once and un-shuffles each summed or assembled product once.
+
 When a worker is lost mid-round, its slot goes to a standby if one waits (which widens nobody's view),
 or else its columns and units are spread over the survivors, who get the extra columns of the images;
 then the round is sent again. The math does not depend on who computed what.
@@ -17,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import settings
-from common.exposure import ExposurePlan, add_unpermuted, permuted, place_unpermuted
+from common import phases, settings
+from common.exposure import ExposurePlan, permuted, unpermuted
 from common.protocol import FirstLayer, SecondBackward, SecondForward, Shard
 from coordinator.cluster import ClusterError, WorkerLost
 from coordinator.scheduler import Expected
@@ -43,7 +48,7 @@ class ClusterProducts:
         self.verifier = verifier
         self.on_exposure = on_exposure  # (slot, worker name, plan, reason): a slot's columns changed hands
         self.on_quarantine = on_quarantine  # (Worker, slot, request kind, Evidence)
-        self.second_permutations = {}  # slot -> the output permutation of its last SecondForward
+        self.second_permutation = None  # the output permutation of the last SecondForward round
         self.second_operands = None  # (activations, weights) of the last second-layer forward
         self.last_second_forward = {}  # slot -> its last SecondForward request, the operands it keeps
         self.next_slot = max(plan.slots) + 1
@@ -52,68 +57,85 @@ class ClusterProducts:
         self.reasons = {slot: "initial plan" for slot in plan.slots}  # why a slot's columns last moved
 
     def first_layer(self, weights, split, rows, error_rows, error, learning_rate) -> tuple:
+        phases.clock.lap("math")  # the trainer's own, since the last round
         hidden = weights.shape[1]
-        shuffles = {}
+        shuffle = None
 
         def requests():
+            nonlocal shuffle
+            shuffle = self.permutations.permutation(hidden)
+            shuffled_weights = None if rows is None else permuted(weights, shuffle)
+            shuffled_error = None if error is None else permuted(error, shuffle)  # one array for every worker
             built = {}
             for slot in self.plan.slots:
-                columns, shuffles[slot] = self.plan.columns(slot), self.permutations.permutation(hidden)
-                expected = {}
+                columns, expected = self.plan.columns(slot), {}
                 if rows is not None:
                     expected["partial"] = (len(rows), hidden)
                 if error is not None:
                     expected["gradient"] = (len(columns), hidden)
                 request = FirstLayer(
                     request=0,
-                    weights=None if rows is None else permuted(weights[columns], shuffles[slot]),
+                    weights=None if rows is None else shuffled_weights[columns],
                     split=split,
                     rows=rows,
                     error_rows=error_rows,
-                    error=None if error is None else permuted(error, shuffles[slot]),
+                    error=shuffled_error,
                     learning_rate=float(learning_rate),
                 )
                 built[slot] = (request, Expected(expected))
             return built
 
         results = self._round(requests)
-        gradient = None if error is None else np.empty_like(weights)
-        product = None if rows is None else np.zeros((len(rows), hidden), weights.dtype)
-        for slot in self.plan.slots:  # a fixed order keeps the sum reproducible
-            if gradient is not None:
-                place_unpermuted(gradient, self.plan.columns(slot), results[slot]["gradient"], shuffles[slot])
-            if product is not None:
-                add_unpermuted(product, results[slot]["partial"], shuffles[slot])
+        gradient = None if error is None else unpermuted(self._stacked(results, "gradient", self.plan.columns), shuffle)
+        product = None if rows is None else unpermuted(self._summed(results, "partial"), shuffle)
+        phases.clock.lap("unshuffle")
         return gradient, product
 
     def second_forward(self, activations, weights) -> np.ndarray:
+        phases.clock.lap("math")
         self.second_operands = (activations, weights)
         results = self._round(self._second_forward_requests)
-        product = np.zeros((len(activations), weights.shape[1]), weights.dtype)
-        for slot in self.plan.slots:
-            add_unpermuted(product, results[slot]["partial"], self.second_permutations[slot])
+        product = unpermuted(self._summed(results, "partial"), self.second_permutation)
+        phases.clock.lap("unshuffle")
         return product
 
     def second_backward(self, error) -> tuple:
+        phases.clock.lap("math")
         batch, outputs = error.shape
-        hidden = len(self.plan.unit_owners)
 
         def requests():
+            shuffled_error = permuted(error, self.second_permutation)  # one array for every worker
             built = {}
             for slot in self.plan.slots:
                 units = len(self.plan.units(slot))
                 expected = Expected({"gradient": (units, outputs), "error": (batch, units)})
-                built[slot] = (SecondBackward(request=0, error=permuted(error, self.second_permutations[slot])), expected)
+                built[slot] = (SecondBackward(request=0, error=shuffled_error), expected)
             return built
 
         results = self._round(requests, after_recovery=self._second_forward_again)
-        gradient = np.empty((hidden, outputs), error.dtype)
-        backpropagated = np.empty((batch, hidden), error.dtype)
+        gradient = self._stacked(results, "gradient", self.plan.units)
+        backpropagated = np.empty((batch, len(self.plan.unit_owners)), error.dtype)
         for slot in self.plan.slots:
-            units = self.plan.units(slot)
-            place_unpermuted(gradient, units, results[slot]["gradient"], self.second_permutations[slot])
-            backpropagated[:, units] = results[slot]["error"]
+            backpropagated[:, self.plan.units(slot)] = results[slot]["error"]
+        gradient = unpermuted(gradient, self.second_permutation)
+        phases.clock.lap("unshuffle")
         return gradient, backpropagated
+
+    def _summed(self, results: dict, name: str) -> np.ndarray:
+        """The sum of every slot's partial product, added in slot order so that it is reproducible."""
+        slots = iter(self.plan.slots)
+        total = results[next(slots)][name].copy()
+        for slot in slots:
+            total += results[slot][name]
+        return total
+
+    def _stacked(self, results: dict, name: str, rows_of: Callable) -> np.ndarray:
+        """A product whose rows the slots computed apart (slot -> rows_of(slot)): placed, nothing to add."""
+        parts = [(rows_of(slot), results[slot][name]) for slot in self.plan.slots]
+        whole = np.empty((sum(len(rows) for rows, _ in parts), parts[0][1].shape[1]), parts[0][1].dtype)
+        for rows, part in parts:
+            whole[rows] = part
+        return whole
 
     def epoch_ended(self) -> None:
         """Between epochs, let standbys stand in for lost replicas, then give each one still waiting a fair
@@ -137,11 +159,13 @@ class ClusterProducts:
 
     def _second_forward_requests(self) -> dict:
         activations, weights = self.second_operands
+        self.second_permutation = self.permutations.permutation(weights.shape[1])
+        shuffled_weights = permuted(weights, self.second_permutation)
         built = {}
         for slot in self.plan.slots:
-            units, shuffle = self.plan.units(slot), self.permutations.permutation(weights.shape[1])
-            request = SecondForward(request=0, activations=activations[:, units], weights=permuted(weights[units], shuffle))
-            self.second_permutations[slot], self.last_second_forward[slot] = shuffle, request
+            units = self.plan.units(slot)
+            request = SecondForward(request=0, activations=activations[:, units], weights=shuffled_weights[units])
+            self.last_second_forward[slot] = request
             built[slot] = (request, Expected({"partial": (len(activations), weights.shape[1])}))
         return built
 
@@ -155,7 +179,10 @@ class ClusterProducts:
             try:
                 self._deliver_shards()
                 built = requests()
-                return self._settled(built, self.cluster.run_round(built))
+                phases.clock.lap("build")
+                settled = self._settled(built, self.cluster.run_round(built))
+                phases.clock.lap("check")
+                return settled
             except WorkerLost as lost:
                 self._recover(lost.lost)
                 if after_recovery:

@@ -6,7 +6,8 @@ carries out the actions. A worker is lost when it falls silent for the heartbeat
 request unanswered past its deadline, cannot be reached, deregisters, or sends anything that is not
 a valid answer; its slot is then reported in `lost` for the caller to reassign. A worker that
 registers again under its own name (it heard nothing from us for a while) keeps its slot on the new
-connection; a request it had outstanding is reported in `lost` too, so the round is sent again.
+connection; its slot is reported in `lost` too, so that the round, and whatever the worker kept from
+earlier rounds, is sent again.
 """
 
 import dataclasses
@@ -208,8 +209,10 @@ class Scheduler:
             return []
         if isinstance(message, Result):
             return self._result(event.peer, message, event.at)
-        if isinstance(message, Failure):
+        if isinstance(message, Failure) and message.request >= self.round_first_request:
             return self._drop(event.peer, f"failed request {message.request}: {message.reason}")
+        if isinstance(message, Failure):
+            return []  # a failure in an abandoned round, which was sent again (perhaps differently)
         if isinstance(message, Deregister):
             return self._drop(event.peer, f"left: {message.reason}")
         return self._drop(event.peer, f"sent a {type(message).__name__}, which workers do not send")
@@ -239,10 +242,8 @@ class Scheduler:
         worker.last_seen = now
         self.workers[peer] = worker
         _remember(self.replaced, old)
-        unanswered = [number for number, pending in self.outstanding.items() if pending.peer == old]
-        for number in unanswered:
-            del self.outstanding[number]
-        if unanswered:
+        self.outstanding = {number: pending for number, pending in self.outstanding.items() if pending.peer != old}
+        if self.started and worker.slot is not None:  # its round, and the operands it kept, went with the old one
             self.lost[worker.slot] = f"worker {worker.name} registered again"
         return [Admit(peer, worker.slot, worker.name, again=True)]
 

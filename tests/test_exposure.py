@@ -88,7 +88,8 @@ def test_workers_receive_only_their_own_columns(recorded):
     data = run.load_data(CONFIG)
     owners = np.load(run_dir / "exposure.npz")["column_owners"]
     for slot, messages in by_slot.items():
-        shards = {m.split: m.images for m in messages if isinstance(m, Shard)}
+        chunks = sorted((m.split, m.offset, m.images) for m in messages if isinstance(m, Shard))
+        shards = {split: np.concatenate([c[2] for c in chunks if c[0] == split]) for split in ("train", "test")}
         columns = np.flatnonzero(owners == slot)
         assert len(columns) == 392
         assert np.array_equal(shards["train"], data.train_images[:, columns])
@@ -146,3 +147,18 @@ def test_with_the_second_layer_on_the_coordinator_workers_get_only_first_layer_r
         assert {type(m) for m in messages} == {Welcome, Shard, FirstLayer, Stop}
         assert len([m for m in messages if isinstance(m, FirstLayer)]) == len(sent["first_layer"]) > 10
     assert sent["second_forward"] == []
+
+
+def test_the_workers_of_a_round_share_its_fresh_shuffle(recorded):
+    """One secret order per round hides as much as one per worker (the error is the same for all of them),
+    and lets the coordinator shuffle and un-shuffle once per round."""
+    by_slot, sent, run_dir = recorded
+    owners = np.load(run_dir / "exposure.npz")["column_owners"]
+    shuffles = {
+        slot: [_shuffle_of(m.weights, weights[np.flatnonzero(owners == slot)])
+               for m, (weights, _) in zip([m for m in messages if isinstance(m, FirstLayer)], sent["first_layer"])
+               if m.weights is not None]
+        for slot, messages in by_slot.items()
+    }
+    first, second = shuffles.values()
+    assert len(first) > 10 and all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))

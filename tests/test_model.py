@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from common import model
-from common.exposure import ExposurePlan, add_unpermuted, permuted, place_unpermuted
+from common.exposure import ExposurePlan, permuted, unpermuted
 
 RNG = np.random.default_rng(0)
 
@@ -48,16 +48,17 @@ def test_fused_first_layer_is_gradient_then_step_then_product():
     assert model.first_layer(weights, None, x_old, error, 0.5)[1] is None
 
 
-def test_partial_products_of_the_plan_add_up_to_the_whole():
+def test_partial_products_under_one_shuffle_add_up_to_the_whole():
+    """sum_w X[:, K_w] @ W1[K_w][:, p] = (X @ W1)[:, p]: one un-shuffle after the sum (EXPOSURE.md)."""
     x, w1 = RNG.random((5, 20)), RNG.random((20, 8))
-    plan = ExposurePlan.random(20, 8, 3, seed=4)
+    plan, shuffle = ExposurePlan.random(20, 8, 3, seed=4), RNG.permutation(8)
     total, gradient, error = np.zeros((5, 8)), np.empty_like(w1), RNG.random((5, 8))
     for slot in plan.slots:
-        columns, shuffle = plan.columns(slot), RNG.permutation(8)
-        add_unpermuted(total, x[:, columns] @ permuted(w1[columns], shuffle), shuffle)
-        place_unpermuted(gradient, columns, x[:, columns].T @ permuted(error, shuffle), shuffle)
-    assert np.allclose(total, x @ w1)
-    assert np.allclose(gradient, x.T @ error)
+        columns = plan.columns(slot)
+        total += x[:, columns] @ permuted(w1, shuffle)[columns]
+        gradient[columns] = x[:, columns].T @ permuted(error, shuffle)
+    assert np.allclose(unpermuted(total, shuffle), x @ w1)
+    assert np.allclose(unpermuted(gradient, shuffle), x.T @ error)
 
 
 def test_plan_is_balanced_and_covers_every_column():

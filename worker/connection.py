@@ -6,7 +6,7 @@ import time
 
 import zmq
 
-from common import keys, protocol, settings
+from common import keys, phases, protocol, settings
 from common.protocol import Deregister, Heartbeat, Register, RegisterAgain, Reject, Welcome
 
 log = logging.getLogger("worker")
@@ -40,6 +40,7 @@ class CoordinatorLink:
             if self.welcomed:
                 next_duty = min(next_duty, self.heartbeat_at)
             if self.poller.poll(max(0.0, next_duty - time.monotonic()) * 1000):
+                phases.clock.lap("wait")
                 message = self._read()
                 if message is not None:
                     return message
@@ -50,7 +51,10 @@ class CoordinatorLink:
                 self.send(Heartbeat())
 
     def send(self, message) -> None:
-        self.socket.send(protocol.encode(message))
+        frame = protocol.encode(message)
+        phases.clock.lap("encode")
+        self.socket.send(frame)
+        phases.clock.lap("send")
         self.heartbeat_at = time.monotonic() + settings.HEARTBEAT_INTERVAL  # any message is a sign of life
 
     def close(self, reason: str = "") -> None:
@@ -68,6 +72,8 @@ class CoordinatorLink:
         except protocol.ProtocolError as error:
             log.warning("ignored a bad frame from the coordinator: %s", error)
             return None
+        finally:
+            phases.clock.lap("decode")
         if isinstance(message, Reject):
             raise Rejected(message.reason)
         if isinstance(message, RegisterAgain):

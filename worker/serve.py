@@ -2,6 +2,7 @@
 
 import logging
 
+from common import phases
 from common.protocol import Failure, Stop, Welcome
 from worker.compute import RequestError, WorkerState
 from worker.connection import CoordinatorLink
@@ -11,6 +12,7 @@ log = logging.getLogger("worker")
 
 def serve(link: CoordinatorLink, make_state=WorkerState) -> str:
     """Work for the coordinator until it says stop; returns its reason."""
+    phases.share_if_asked(link.name)
     state = None
     while True:
         message = link.receive()
@@ -22,7 +24,9 @@ def serve(link: CoordinatorLink, make_state=WorkerState) -> str:
         elif state is None:
             log.warning("ignored a %s that came before the welcome", type(message).__name__)
         else:
-            link.send(_answer(state, message))
+            answer = _answer(state, message)
+            phases.clock.lap("compute")
+            link.send(answer)
 
 
 def _answer(state: WorkerState, request):
