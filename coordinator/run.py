@@ -155,8 +155,8 @@ def _stop_between_steps(checkpoints: Checkpointer):
         if checkpoints.stop_requested:
             raise KeyboardInterrupt
         checkpoints.stop_requested = True
-        requests.append(signal.Signals(signal_number))
-        log.warning("%s: checkpointing after this step (again to stop at once)", STOP_SIGNALS[requests[0]])
+        requests.append(signal_number)
+        log.warning("%s: checkpointing after this step (again to stop at once)", STOP_SIGNALS[signal_number])
 
     previous = {number: signal.signal(number, request_stop) for number in STOP_SIGNALS}
     try:

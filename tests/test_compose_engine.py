@@ -5,6 +5,7 @@ Runs on a private Docker engine (tests/engine.py). Skipped where none can start;
 
 import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import COMPOSE_FILE
-from tests.engine import import_standin_python, private_engine, why_no_engine
+from tests.engine import BRIDGE_ADDRESS, POOL, import_standin_python, private_engine, why_no_engine
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +28,7 @@ WORKERS = [f"worker-{letter}" for letter in "abcdefg"]
 STEP_TIMEOUT = 300  # seconds for any one docker command or wait: longer is a hang
 GRACEFUL_STOP = 8.0  # seconds a `docker-compose stop` may take; Docker's own timeout is 10, then SIGKILL
 SIGKILLED = 137
+POOL_PREFIX = POOL.split(".0.0/")[0] + "."  # "10.213."
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +64,28 @@ def compose(docker_environment, tmp_path):
         run("down", "-v")
 
 
+def test_containers_reach_the_pool_but_not_the_machine(docker_environment):
+    """The fence: the bridge's address answers a container, the machine's own address on its network does not."""
+    with socket.create_server(("0.0.0.0", 0)) as listener:
+        port = listener.getsockname()[1]
+        outside = [address for address in _machine_addresses() if not address.startswith(POOL_PREFIX)]
+        reached = {address: _container_connects(docker_environment, address, port)
+                   for address in [BRIDGE_ADDRESS.split("/")[0], *outside]}
+    assert reached == {address: address.startswith(POOL_PREFIX) for address in reached}, reached
+
+
+def _machine_addresses() -> list:
+    listed = subprocess.run(["ip", "-4", "-o", "address", "show", "scope", "global"], capture_output=True, text=True)
+    return [line.split()[3].split("/")[0] for line in listed.stdout.splitlines()]
+
+
+def _container_connects(environment: dict, address: str, port: int) -> bool:
+    probe = f"import socket; socket.create_connection(({address!r}, {port}), timeout=2)"
+    done = subprocess.run(["docker", "run", "--rm", "python:3.11-slim", "python3", "-c", probe], env=environment,
+                          capture_output=True, text=True, timeout=STEP_TIMEOUT)
+    return done.returncode == 0
+
+
 def test_seven_workers_one_killed_the_run_finishes_and_reports(compose, docker_environment, tmp_path):
     started = time.monotonic()
     compose("up", "-d", "--no-build")
@@ -78,7 +102,7 @@ def test_seven_workers_one_killed_the_run_finishes_and_reports(compose, docker_e
     print("\n".join(line for line in log.splitlines() if line.startswith("epoch") or "worker C" in line))
     report = compose("run", "--rm", "--no-deps", "coordinator", "coordinator", "report", "/runs/compose")
     assert "/runs/compose/report/" in report, report
-    run_dir = _copied_run(docker_environment, coordinator, tmp_path)
+    run_dir = _copied_run(docker_environment, compose, tmp_path)
     assert _epochs(run_dir) == list(range(1, EPOCHS + 1))
     assert list((run_dir / "report").glob("*.png")), sorted(run_dir.rglob("*"))
 
@@ -102,7 +126,7 @@ def test_stop_is_graceful_and_up_again_continues_the_run(compose, docker_environ
     print(f"second up to the end: {time.monotonic() - started:.1f} s")
     codes = _exit_codes(docker_environment)
     assert codes == {"coordinator": 0, **{name: 0 for name in WORKERS}}, (codes, _log(docker_environment, coordinator)[-3000:])
-    assert _epochs(_copied_run(docker_environment, coordinator, tmp_path)) == list(range(1, EPOCHS + 1))
+    assert _epochs(_copied_run(docker_environment, compose, tmp_path)) == list(range(1, EPOCHS + 1))
 
 
 def _run(environment: dict, *command) -> str:
@@ -142,8 +166,9 @@ def _wait_for_log(environment: dict, container: str, text: str) -> None:
         time.sleep(0.2)
 
 
-def _copied_run(environment: dict, coordinator: str, folder: Path) -> Path:
+def _copied_run(environment: dict, compose, folder: Path) -> Path:
     """The run in the volume, copied out as the README says."""
+    coordinator = compose("ps", "-aq", "coordinator").strip()
     _run(environment, "docker", "cp", f"{coordinator}:/runs/compose", str(folder / "compose"))
     return folder / "compose"
 
