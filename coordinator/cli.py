@@ -176,7 +176,8 @@ def _resume_point(run_dir: Path) -> tuple:
 
 def _differences(saved, given) -> str:
     """The settings in which two TrainingConfigs differ, as `name saved, not given`."""
-    names = [field.name for field in dataclasses.fields(saved) if getattr(saved, field.name) != getattr(given, field.name)]
+    names = [field.name for field in dataclasses.fields(saved)
+             if getattr(saved, field.name) != getattr(given, field.name)]
     return "; ".join(f"{name} {getattr(saved, name)!r}, not {getattr(given, name)!r}" for name in names)
 
 

@@ -55,7 +55,7 @@ def private_engine():
             containerd_socket = root / "containerd.sock"
             processes.append(_daemon(root, "containerd", "--address", containerd_socket, "--root",
                                       root / "containerd", "--state", root / "containerd-state",
-                                      "--config", _empty_file(root / "containerd.toml")))
+                                      "--config", _write(root / "containerd.toml", "")))
             _wait_for_socket(containerd_socket, processes[-1], root / "containerd.log")
             docker_socket = root / "docker.sock"
             processes.append(_daemon(
@@ -89,10 +89,6 @@ def _daemon(root: Path, program: str, *args) -> subprocess.Popen:
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
-
-
-def _empty_file(path: Path) -> Path:
-    return _write(path, "")
 
 
 def _wait_for_socket(socket: Path, process: subprocess.Popen, log: Path) -> None:
@@ -135,7 +131,8 @@ def _restoring(saved: str) -> str:
 
 def _remove_tree(root: Path) -> None:
     """Remove the engine's folder; overlay mounts left by a crash are unmounted first."""
-    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines() if line.split()[1].startswith(str(root))]
+    mounts = [fields[1] for fields in map(str.split, Path("/proc/mounts").read_text().splitlines())
+              if fields[1].startswith(str(root))]
     for mount in sorted(mounts, reverse=True):
         subprocess.run(["umount", "-l", mount], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
@@ -169,7 +166,8 @@ def _build_standin(tarball: Path) -> None:
         (system / "usr/bin/python").symlink_to("python3")
         _trust_this_machines_registry(system)
         for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):  # only the download's leftovers
-            subprocess.run(f"rm -rf {system / cache}/*", shell=True, check=True)
+            shutil.rmtree(system / cache)
+            (system / cache).mkdir()
         tarball.parent.mkdir(parents=True, exist_ok=True)
         partial = tarball.with_suffix(".partial")
         subprocess.run(["tar", "-C", str(system), "-cf", str(partial), "."], check=True)

@@ -149,6 +149,8 @@ def test_resume_if_exists_starts_continues_and_knows_a_finished_run(tmp_path):
     assert continued.returncode == 0, continued.stderr[-2000:]
     assert continued.stdout.splitlines()[-1].startswith("epoch 2/2") and "epoch 1/2" not in continued.stdout
     finished = _trained(run_dir)
-    assert (finished.returncode, finished.stdout.strip()) == (0, f"{run_dir} holds a finished run of 2 epochs: nothing to train")
-    _one_line_error(_trained(run_dir, "--batch-size", "10"), 1, "holds a run with other settings (batch_size 32, not 10)")
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert finished.stdout.strip() == f"{run_dir} holds a finished run of 2 epochs: nothing to train"
+    changed = _trained(run_dir, "--batch-size", "10")
+    _one_line_error(changed, 1, "holds a run with other settings (batch_size 32, not 10)")
     _one_line_error(run_cli("coordinator", "train", "--local", "--resume-if-exists"), 2, "give --run-dir")

@@ -125,7 +125,8 @@ def test_stop_is_graceful_and_up_again_continues_the_run(compose, docker_environ
     _run(docker_environment, "docker", "wait", *_containers(docker_environment).values())
     print(f"second up to the end: {time.monotonic() - started:.1f} s")
     codes = _exit_codes(docker_environment)
-    assert codes == {"coordinator": 0, **{name: 0 for name in WORKERS}}, (codes, _log(docker_environment, coordinator)[-3000:])
+    log = _log(docker_environment, coordinator)
+    assert codes == {"coordinator": 0, **{name: 0 for name in WORKERS}}, (codes, log[-3000:])
     assert _epochs(_copied_run(docker_environment, compose, tmp_path)) == list(range(1, EPOCHS + 1))
 
 

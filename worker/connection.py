@@ -101,7 +101,8 @@ class CoordinatorLink:
         if self.last_heard > self.connected_at:  # it spoke on this connection: the silence began then
             self.silent_since = self.last_heard
         if self.curve is not None and not self.welcomed:  # CURVE drops a refused key without a word
-            why = f"no answer from {self.address}: the coordinator is not running there, or it refused this worker's key"
+            why = (f"no answer from {self.address}: "
+                   "the coordinator is not running there, or it refused this worker's key")
         else:
             why = f"no word from {self.address} for {silence:.1f} s"
         wait = self.backoff
