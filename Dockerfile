@@ -11,8 +11,9 @@ COPY common common
 COPY coordinator coordinator
 COPY worker worker
 COPY bench bench
-# A plain (not editable) install: the embedded MNIST goes into site-packages with the code.
-RUN pip install . \
+# A plain (not editable) install: the embedded MNIST goes into site-packages with the code; the plot
+# extra lets `coordinator report` draw inside the container.
+RUN pip install ".[plot]" \
     && useradd --create-home --uid 10001 scatterprop \
     && mkdir /runs \
     && chown scatterprop /runs

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ class CheckpointError(ValueError):
 
 class Interrupted(Exception):
     """Training stopped on request after saving a checkpoint."""
+
+    signal = signal.SIGINT  # the request: a Ctrl-C unless said otherwise
 
 
 @dataclass

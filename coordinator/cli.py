@@ -1,5 +1,6 @@
 """`coordinator`: train the network on workers (or locally), watch a run, evaluate and report on it."""
 
+import dataclasses
 import enum
 from pathlib import Path
 from typing import Annotated
@@ -110,6 +111,10 @@ def train(
     resume: Annotated[
         Path | None, _option("RESUME", "Continue this run directory from its last checkpoint, with its settings.")
     ] = None,
+    resume_if_exists: Annotated[
+        bool, _option("RESUME_IF_EXISTS", "With --run-dir: continue the run there if it has a checkpoint (its settings "
+                      "must be these), start it otherwise.")
+    ] = False,
     status_bind: Annotated[
         str | None, _option(
             "STATUS_BIND", "ZeroMQ address of a read-only status socket for `coordinator status`.",
@@ -121,7 +126,7 @@ def train(
 ):
     """Train the 784-128-10 sigmoid network on MNIST, the matrix products done by workers."""
     from coordinator.progress import output_for
-    from coordinator.run import ClusterOptions, resume_point, train as run_training
+    from coordinator.run import ClusterOptions, has_checkpoints, train as run_training
 
     if preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -132,14 +137,21 @@ def train(
         checkpoint_epochs=checkpoint_epochs, checkpoint_every=checkpoint_every,
     )
     config, start = PRESETS[preset].config.with_overrides(**overrides), None
+    if resume_if_exists and (run_dir is None or resume is not None):
+        fail("--resume-if-exists continues the run in --run-dir; give --run-dir and no --resume")
     if resume is not None:
         if any(value is not None for value in overrides.values()) or preset != "default" or run_dir:
             fail("--resume continues the run with its own settings and directory; give neither with it")
-        try:
-            config, start = resume_point(resume)
-        except CheckpointError as error:
-            fail(str(error), EXIT_FAILED)
+        config, start = _resume_point(resume)
         run_dir = resume
+    elif resume_if_exists and has_checkpoints(run_dir):
+        given, (config, start) = config, _resume_point(run_dir)
+        if config != given:
+            fail(f"{run_dir} holds a run with other settings ({_differences(config, given)}); "
+                 "give another --run-dir, or continue it as it was with --resume", EXIT_FAILED)
+    if start is not None and start.progress.epoch > config.epochs:  # a second `docker-compose up` after the end
+        typer.echo(f"{run_dir} holds a finished run of {config.epochs} epochs: nothing to train")
+        return
     worker_count = spawn or workers or PRESETS[preset].workers  # both options are at least 1 when given
     problems = config.problems() or ([] if local else _worker_problems(config, worker_count, replicas))
     if problems:
@@ -161,7 +173,7 @@ def train(
         fail(str(error), EXIT_USAGE if isinstance(error, DataError) else EXIT_FAILED)
     except Interrupted as stop:
         typer.echo(f"interrupted: {stop}; continue with `coordinator train --resume {run_dir}`", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(128 + stop.signal)  # 130 after a Ctrl-C; 143 after SIGTERM, as for any process it stops
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED)
     except Exception as error:  # a bug: one line here, the traceback in the run's log
@@ -179,6 +191,23 @@ def _worker_problems(config, workers: int, replicas: int) -> list:
         return [f"{workers} workers cannot share {inputs} input columns and {config.hidden} hidden units "
                 f"(each needs one of both); use at most {most} (--workers or --spawn)"]
     return []
+
+
+def _resume_point(run_dir: Path) -> tuple:
+    """(config, checkpoint) to continue the run in `run_dir` from, or the error's line and exit."""
+    from coordinator.run import resume_point
+
+    try:
+        return resume_point(run_dir)
+    except CheckpointError as error:
+        fail(str(error), EXIT_FAILED)
+
+
+def _differences(saved, given) -> str:
+    """The settings in which two TrainingConfigs differ, as `name saved, not given`."""
+    names = [field.name for field in dataclasses.fields(saved)
+             if getattr(saved, field.name) != getattr(given, field.name)]
+    return "; ".join(f"{name} {getattr(saved, name)!r}, not {getattr(given, name)!r}" for name in names)
 
 
 @app.command()

@@ -35,6 +35,7 @@ XOR_ROWS = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.uint8)
 XOR_LABELS = np.array([0, 1, 1, 0], np.uint8)
 SPLITS = ("train", "test")
 WORKER_LOGS = "workers"  # RUN_DIR/workers/NAME.log: what each spawned worker printed
+STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}  # what the log says for each
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ def layer_sizes(config: TrainingConfig, data: Dataset) -> tuple:
     return data.train_images.shape[1], config.hidden, 1 if config.dataset == "xor" else 10
 
 
+def has_checkpoints(run_dir: Path) -> bool:
+    return any((Path(run_dir) / CHECKPOINT_FOLDER).glob("*.json"))
+
+
 def resume_point(run_dir: Path) -> tuple:
     """(config, last checkpoint) of a run to continue, or CheckpointError."""
     start = latest_checkpoint(Path(run_dir) / CHECKPOINT_FOLDER)
@@ -103,7 +108,7 @@ def train(
     data = load_data(config)
     sizes = layer_sizes(config, data)
     if start is None:
-        if any((Path(run_dir) / CHECKPOINT_FOLDER).glob("*.json")):
+        if has_checkpoints(run_dir):
             raise CheckpointError(f"{run_dir} already holds a run's checkpoints; continue it with --resume")
         params = model.initial_params(sizes, config.init, config.seed, config.dtype)
         start = Checkpoint(params, Progress(), [], dataclasses.asdict(config))
@@ -140,19 +145,29 @@ def train(
 
 @contextmanager
 def _stop_between_steps(checkpoints: Checkpointer):
-    """Make the first Ctrl-C a checkpoint and a stop after the current step; a second one stops at once."""
+    """Make the first Ctrl-C or SIGTERM a checkpoint and a stop after the current step; a second one stops at once.
+
+    SIGTERM is how `docker stop`, `docker-compose stop` and `kill` ask; the Interrupted that ends the run
+    carries the signal, so the exit code can say which (128 + its number, as a shell reports).
+    """
+    requests = []
 
     def request_stop(signal_number, frame):
         if checkpoints.stop_requested:
             raise KeyboardInterrupt
         checkpoints.stop_requested = True
-        log.warning("interrupted: checkpointing after this step (Ctrl-C again to stop at once)")
+        requests.append(signal_number)
+        log.warning("%s: checkpointing after this step (again to stop at once)", STOP_SIGNALS[signal_number])
 
-    previous = signal.signal(signal.SIGINT, request_stop)
+    previous = {number: signal.signal(number, request_stop) for number in STOP_SIGNALS}
     try:
         yield
+    except Interrupted as stop:
+        stop.signal = requests[0]
+        raise
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @contextmanager

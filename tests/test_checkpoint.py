@@ -201,14 +201,18 @@ def test_resume_after_a_worker_was_lost_keeps_the_reassigned_plan(tmp_path, unin
     assert max_difference(load_model(run_dir), load_model(uninterrupted)) < TOLERANCE
 
 
-def test_ctrl_c_checkpoints_stops_the_workers_and_exits_130(tmp_path, uninterrupted):
+@pytest.mark.parametrize("stop, code", [
+    (lambda pid: os.killpg(pid, signal.SIGINT), 130),  # a Ctrl-C in a terminal reaches the whole group
+    (lambda pid: os.kill(pid, signal.SIGTERM), 143),  # `docker stop` signals the container's first process only
+], ids=["ctrl-c", "sigterm"])
+def test_stop_request_checkpoints_stops_the_workers_and_exits_128_plus_signal(tmp_path, uninterrupted, stop, code):
     run_dir = tmp_path / "run"
     coordinator = _start_training(run_dir, *SPAWNED, *RUN)
     _when_first_checkpoint_appears(coordinator, run_dir)
     workers = _children(coordinator.pid)
-    os.killpg(coordinator.pid, signal.SIGINT)  # a Ctrl-C in a terminal reaches the whole group
+    stop(coordinator.pid)
     _, stderr = coordinator.communicate(timeout=PROCESS_TIMEOUT)
-    assert coordinator.returncode == 130, stderr[-2000:]
+    assert coordinator.returncode == code, stderr[-2000:]
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith("interrupted: stopped at checkpoint"), stderr[-2000:]
     assert len(workers) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in workers)
@@ -237,6 +241,7 @@ def test_resume_errors_are_one_line(tmp_path, uninterrupted):
     again = run_cli("coordinator", "train", "--run-dir", uninterrupted, "--local")
     assert again.returncode == 1 and "already holds a run's checkpoints" in again.stderr
     copy = shutil.copytree(uninterrupted, tmp_path / "copy")
+    (copy / "checkpoints" / "000016.json").unlink()  # unfinished: a finished run is not started at all
     other_plan = run_cli("coordinator", "train", "--resume", copy, "--spawn", "3", "--bind", LOOPBACK_ANY_PORT)
     assert other_plan.returncode == 1 and "has 2 worker slots" in other_plan.stderr
 

@@ -236,3 +236,31 @@ def test_a_spawned_worker_that_fails_shows_its_last_lines(train_run, tmp_path):
     assert re.search(r"spawned worker B exited with code 2; the end of \S+B\.log:\n.*error: cannot read key file",
                      done.stderr), done.stderr[-2000:]
     assert "spawned worker A" not in done.stderr
+
+
+def test_worker_told_to_give_up_exits_after_that_long_without_a_word():
+    done = run_cli("worker", "--connect", "tcp://127.0.0.1:9", "--give-up-after", "1", timeout=30)
+    _one_line_error(done, 1, "no word from tcp://127.0.0.1:9", "gave up after 1 s")
+
+
+SMALL_LOCAL = ("--train-limit", "200", "--test-limit", "50", "--epochs", "2")
+
+
+def _trained(run_dir, *args):
+    return run_cli("coordinator", "train", "--local", "--run-dir", run_dir, "--resume-if-exists", *args, *SMALL_LOCAL)
+
+
+def test_resume_if_exists_starts_continues_and_knows_a_finished_run(tmp_path):
+    run_dir = tmp_path / "run"
+    started = _trained(run_dir)
+    assert started.returncode == 0, started.stderr[-2000:]
+    (run_dir / "checkpoints" / "000002.json").unlink()  # as if stopped during epoch 2
+    continued = _trained(run_dir)
+    assert continued.returncode == 0, continued.stderr[-2000:]
+    assert continued.stdout.splitlines()[-1].startswith("epoch 2/2") and "epoch 1/2" not in continued.stdout
+    finished = _trained(run_dir)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert finished.stdout.strip() == f"{run_dir} holds a finished run of 2 epochs: nothing to train"
+    changed = _trained(run_dir, "--batch-size", "10")
+    _one_line_error(changed, 1, "holds a run with other settings (batch_size 32, not 10)")
+    _one_line_error(run_cli("coordinator", "train", "--local", "--resume-if-exists"), 2, "give --run-dir")

@@ -48,11 +48,15 @@ def test_one_coordinator_for_seven_workers(monkeypatch):
     program, subcommand, options = _parsed(services["coordinator"], monkeypatch)
     assert (program, subcommand, options["workers"], options["spawn"]) == ("coordinator", "train", 7, None)
     assert options["bind"].endswith(":5555") and options["run_dir"] is not None
+    assert options["resume_if_exists"], "a second `up` would refuse the run in the volume"
+    # Compose stops the coordinator before what it depends on: it checkpoints and stops the workers itself.
+    assert sorted(services["coordinator"]["depends_on"]) == WORKER_SERVICES
     names = set()
     for name in WORKER_SERVICES:
         program, _, options = _parsed(services[name], monkeypatch)
         assert (program, options["connect"]) == ("worker", "tcp://coordinator:5555")
-        assert services[name]["restart"] == "on-failure"
+        assert options["give_up_after"] is not None, "an `up` whose coordinator is gone would never return"
+        assert services[name]["restart"] == "no", "a worker that gave up would be started again and again"
         names.add(options["name"])
     assert len(names) == 7
 
@@ -68,3 +72,9 @@ def test_image_holds_every_package():
     copied = {line.split()[1] for line in (COMPOSE_FILE.parent / "Dockerfile").read_text().splitlines()
               if line.startswith("COPY ")}
     assert set(packages) <= copied, f"the Dockerfile does not COPY {set(packages) - copied}"
+
+
+def test_image_can_draw_the_report():
+    """`coordinator report` inside the container needs matplotlib: the plot extra."""
+    installs = [line for line in (COMPOSE_FILE.parent / "Dockerfile").read_text().splitlines() if "pip install" in line]
+    assert len(installs) == 1 and '".[plot]"' in installs[0], installs

@@ -111,3 +111,26 @@ def test_a_quarantined_key_stays_out_under_another_name(tmp_path, key_folder):
         assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
     finally:
         harness.close()
+
+
+def test_a_worker_whose_key_is_refused_says_so_when_it_gives_up(tmp_path, key_folder):
+    strangers = tmp_path / "strangers"
+    keys.generate(strangers, ["A"])
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    coordinator = subprocess.Popen(
+        [sys.executable, "-m", "coordinator", "train", "--workers", "1", "--bind", address, "--wait-timeout", "60",
+         "--curve-keys", str(key_folder), "--run-dir", str(tmp_path / "run"), *SMALL_RUN],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        done = run_cli("worker", "--connect", address, "--name", "stranger", "--give-up-after", "1",
+                       "--curve-secret-key", keys.worker_secret_file(strangers, "A"),
+                       "--curve-server-key", keys.server_public_file(key_folder), timeout=60)
+    finally:
+        coordinator.kill()
+        coordinator.wait()
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: no answer from {address}: the coordinator is not running there, or it refused this worker's key; "
+        "gave up after 1 s"
+    )

@@ -142,14 +142,18 @@ def test_with_rebalance_never_a_late_worker_waits_and_takes_over_a_loss(harness,
     assert len(spare[0]["columns"]) == 392  # exactly the lost slot: nobody else's view widened
 
 
-def test_worker_ctrl_c_deregisters(harness, undisturbed):
+@pytest.mark.parametrize("stop, code, reason", [
+    (signal.SIGINT, 130, "interrupted"),
+    (signal.SIGTERM, 0, "terminated"),  # `docker stop`: leaving on request is no failure
+], ids=["ctrl-c", "sigterm"])
+def test_worker_stopped_deregisters(harness, undisturbed, stop, code, reason):
     workers = _start_cluster(harness, 3)
     harness.wait_for_epoch(1)
-    workers[0].send_signal(signal.SIGINT)
-    assert workers[0].wait(10) == 130
+    workers[0].send_signal(stop)
+    assert workers[0].wait(10) == code
     log = _completes_like_undisturbed(harness, undisturbed)
     # Its farewell arrives; when the coordinator's next send to it fails first, it is dropped as unreachable.
-    assert "worker A left: interrupted" in log or "sent Deregister without registering" in log
+    assert f"worker A left: {reason}" in log or "sent Deregister without registering" in log
     assert "worker A silent" not in log  # dropped at once, not after the heartbeat timeout
 
 

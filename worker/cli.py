@@ -2,7 +2,9 @@
 
 import logging
 import os
+import signal
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -37,6 +39,12 @@ def main(
         Path | None,
         typer.Option(envvar="SCATTERPROP_CURVE_SERVER_KEY", help="The coordinator's coordinator.key (public key)."),
     ] = None,
+    give_up_after: Annotated[
+        float | None,
+        typer.Option(envvar="SCATTERPROP_GIVE_UP_AFTER", min=0,
+                     help="Seconds without a word from the coordinator after which to exit with an error "
+                     "(default: keep trying)."),
+    ] = None,
 ):
     """Connect to a coordinator and compute partial matrix products for it until it says stop."""
     for variable in BLAS_THREAD_VARIABLES:  # read by the BLAS library when numpy is first imported
@@ -55,31 +63,58 @@ def main(
     curve = None if curve_secret_key is None else (curve_secret_key, curve_server_key)
     context = zmq.Context()
     try:
-        _work(context, connect, name or f"{socket.gethostname()}-{os.getpid()}", curve, make_state)
+        _work(context, connect, name or f"{socket.gethostname()}-{os.getpid()}", curve, make_state, give_up_after)
     finally:  # closes what a failed start left open, and waits (up to its linger) for a deregistration to leave
         context.destroy(linger=0)
 
 
-def _work(context, connect: str, name: str, curve, make_state) -> None:
+class Terminated(Exception):
+    """SIGTERM: `docker stop`, `docker-compose stop` or `kill` asks the worker to leave."""
+
+
+def _leave(signal_number, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one request is enough: the leaving is not to be interrupted
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_leaves():
+    """While serving, SIGTERM raises Terminated; before, it ends the process as usual; after, the worker is leaving."""
+    signal.signal(signal.SIGTERM, _leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _work(context, connect: str, name: str, curve, make_state, give_up_after: float | None) -> None:
     from common.keys import KeyFileError
-    from worker.connection import CoordinatorLink, Rejected
+    from worker.connection import CoordinatorLink, GaveUp, Rejected
     from worker.serve import serve
 
     try:
-        link = CoordinatorLink(connect, name, context, curve=curve)
+        link = CoordinatorLink(connect, name, context, curve=curve, give_up_after=give_up_after)
     except KeyFileError as error:
         fail(str(error))
     except zmq.ZMQError as error:
         fail(f"cannot connect to {connect}: {error}")
     try:
-        reason = serve(link, make_state=make_state)
+        with _sigterm_leaves():
+            reason = serve(link, make_state=make_state)
     except Rejected as error:
         link.close()
         fail(f"the coordinator refused this worker: {error}", EXIT_FAILED)
+    except GaveUp as error:
+        link.close()
+        fail(str(error), EXIT_FAILED)
     except KeyboardInterrupt:
         link.close("interrupted")  # deregister, so the coordinator reassigns our columns at once
         raise typer.Exit(130)
-    link.close()
+    except Terminated:
+        reason = "terminated"
+        link.close(reason)  # as for a Ctrl-C; but leaving on request is no failure, so the exit code is 0
+    else:
+        link.close()
     logging.getLogger("worker").info("stopped: %s", reason)
 
 

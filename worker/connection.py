@@ -16,19 +16,30 @@ class Rejected(RuntimeError):
     """The coordinator refused this worker."""
 
 
+class GaveUp(RuntimeError):
+    """The coordinator said nothing for longer than the worker was told to wait."""
+
+
 class CoordinatorLink:
     """Sends and receives whole messages; the worker's loop never sees a socket, a frame or a heartbeat."""
 
-    def __init__(self, address: str, name: str, context: zmq.Context | None = None, curve: tuple | None = None):
-        """`curve`: (this worker's key pair file, the coordinator's public key file) to encrypt and authenticate."""
+    def __init__(
+        self, address: str, name: str, context: zmq.Context | None = None, curve: tuple | None = None,
+        give_up_after: float | None = None,
+    ):
+        """`curve`: (this worker's key pair file, the coordinator's public key file) to encrypt and authenticate;
+        `give_up_after`: seconds without a word from the coordinator after which `receive` raises GaveUp (None: never).
+        """
         self.address = address
         self.name = name
         self.context = context or zmq.Context.instance()
         self.curve = curve
+        self.give_up_after = give_up_after
         self.socket = self.poller = None
         self.welcomed = False
         self.backoff = settings.RECONNECT_BACKOFF[0]
         self._connect()
+        self.connected_at = self.silent_since = self.last_heard  # _connect counts the connection as a word heard
 
     def receive(self):
         """The next message for the worker's loop; re-registers, with backoff, when the coordinator falls silent.
@@ -97,8 +108,24 @@ class CoordinatorLink:
         self.send(Register(self.name, settings.PROTOCOL_VERSION))
 
     def _reconnect(self, silence: float) -> None:
-        log.info("no word from %s for %.1f s; registering again in %.1f s", self.address, silence, self.backoff)
+        """Register again after a backoff, or raise GaveUp once the coordinator has been silent too long."""
+        if self.last_heard > self.connected_at:  # it spoke on this connection: the silence began then
+            self.silent_since = self.last_heard
+        if self.curve is not None and not self.welcomed:  # CURVE drops a refused key without a word
+            why = (f"no answer from {self.address}: "
+                   "the coordinator is not running there, or it refused this worker's key")
+        else:
+            why = f"no word from {self.address} for {silence:.1f} s"
+        wait = self.backoff
+        if self.give_up_after is not None:
+            left = self.give_up_after - (time.monotonic() - self.silent_since)
+            if left <= 0:
+                raise GaveUp(f"{why}; gave up after {self.give_up_after:g} s")
+            wait = min(wait, left)  # so the last registration is still waited for before giving up
+        log.info("%s; registering again in %.1f s", why, wait)
         self.socket.close(linger=0)
-        time.sleep(self.backoff)
+        self.welcomed = False  # a stop during the wait must not say goodbye on the closed socket
+        time.sleep(wait)
         self.backoff = min(2 * self.backoff, settings.RECONNECT_BACKOFF[1])
         self._connect()
+        self.connected_at = self.last_heard
