@@ -169,3 +169,14 @@ def test_version_mismatch_reason():
     scheduler = Scheduler(1, settings.PROTOCOL_VERSION, np.dtype("float64"))
     reject = scheduler.handle(Arrived(b"peer", Register("A", settings.PROTOCOL_VERSION - 1)))[0].message
     assert f"`{reject.reason}`" in DOC
+
+
+def test_conformance_checks_are_listed():
+    from coordinator import conformance
+
+    listed = re.findall(r"^\d\. (.*?): ", DOC.split("## Checking a worker")[1], re.MULTILINE | re.DOTALL)
+    names = [name for item in listed for name in re.findall(r"`([\w ]+)`", item)]
+    assert names == ["register"] + [name for name, _ in conformance.Session(None, "").steps()]
+    assert f"idle for {conformance.IDLE_SECONDS:g} s, the worker is never silent for more than " \
+           f"{conformance.LONGEST_SILENCE:g} s" in DOC
+    assert f"sends nothing for {conformance.STOP_SILENCE:g} s (a message within {conformance.CROSSING_TIME:g} s" in DOC
