@@ -23,7 +23,7 @@ from common.protocol import (
 
 ANSWER_TIMEOUT = 5.0  # seconds to wait for an answer: the operands are tiny, so nearly all of this is slack
 IDLE_SECONDS = 2.5  # the heartbeat check's idle spell: five of the worker's heartbeat intervals
-LONGEST_SILENCE = settings.HEARTBEAT_TIMEOUT / 2  # an idle worker quieter than this is at risk of being dropped
+LONGEST_SILENCE = settings.HEARTBEAT_TIMEOUT / 2  # an idle worker this quiet is one late packet from being dropped
 STOP_SILENCE = 2.0  # seconds a stopped worker must stay quiet: four of its heartbeat intervals
 CROSSING_TIME = 0.2  # seconds after our stop in which a message may have crossed it on the way, not ignored it
 ROUNDING = 1000  # allowed error, in units of the dtype's epsilon times the largest expected value
@@ -165,7 +165,7 @@ def run_checks(probe: Probe, wait_timeout: float, report: Callable[[Check], None
 
 
 def _registration(probe: Probe, registration, wait_timeout: float) -> tuple:
-    """(problem or "", success text) of the worker's registration; a wrong version is rejected, as the coordinator does."""
+    """(problem or "", success text) of the registration; a wrong version is rejected, as by the coordinator."""
     if registration is None:
         return f"no worker registered within {wait_timeout:g} s", ""
     if registration.version != settings.PROTOCOL_VERSION:

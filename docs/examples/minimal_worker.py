@@ -101,7 +101,9 @@ def serve(socket: zmq.Socket, name: str) -> str | None:
     """Work on one connection: the stop reason, or None after a silent coordinator (register again)."""
     session, heard, sent = None, time.monotonic(), time.monotonic()
     while True:
-        due = heard + HEARTBEAT_TIMEOUT if session is None else min(heard + HEARTBEAT_TIMEOUT, sent + HEARTBEAT_INTERVAL)
+        due = heard + HEARTBEAT_TIMEOUT  # heartbeats only once welcomed
+        if session is not None:
+            due = min(due, sent + HEARTBEAT_INTERVAL)
         if socket.poll(max(0.0, due - time.monotonic()) * 1000):
             heard, reply = time.monotonic(), None
             try:
