@@ -287,6 +287,34 @@ def status(
 
 
 @app.command()
+def conformance(
+    bind: Annotated[str, _option(
+        "CONFORMANCE_BIND", "ZeroMQ address to bind; start the worker under test with --connect to it.",
+        callback=tcp_port_checked,
+    )] = OPEN_BIND,
+    wait_timeout: Annotated[
+        float, _option("CONFORMANCE_WAIT_TIMEOUT", "Seconds to wait for the worker to register.", min=0)
+    ] = 60.0,
+):
+    """Check a worker of any language against docs/PROTOCOL.md: one PASS or FAIL line per check."""
+    from coordinator.conformance import ConformanceError, Probe, run_checks
+
+    try:
+        probe = Probe(bind)
+    except ConformanceError as error:
+        fail(str(error), EXIT_FAILED)
+    typer.echo(f"waiting for a worker on {probe.endpoint}")
+    try:
+        checks = run_checks(probe, wait_timeout, report=lambda check: typer.echo(str(check)))
+    finally:
+        probe.close()
+    passed = sum(check.passed for check in checks)
+    typer.echo(f"{passed} of {len(checks)} checks passed")
+    if passed < len(checks):
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(envvar="SCATTERPROP_RUN_DIR", help="A run directory written by `coordinator train`.")],
     out: Annotated[Path | None, _option("REPORT_OUT", "Where to write the PNGs (default: RUN_DIR/report).")] = None,

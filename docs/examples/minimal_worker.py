@@ -1,0 +1,158 @@
+"""A complete scatterprop worker, written from docs/PROTOCOL.md alone: ZeroMQ, msgpack and NumPy, nothing else.
+
+    python docs/examples/minimal_worker.py tcp://HOST:PORT [NAME]
+"""
+
+import os
+import platform
+import sys
+import time
+
+import msgpack
+import numpy as np
+import zmq
+
+VERSION = 2
+HEARTBEAT_INTERVAL = 0.5  # seconds without sending anything before we send a heartbeat
+HEARTBEAT_TIMEOUT = 3.0  # seconds without a word from the coordinator before we take it as gone
+RECONNECT_WAIT = 1.0  # seconds between giving up on a connection and registering on a new one
+DTYPES = {"|u1", "<i4", "<i8", "<f4", "<f8"}  # what an array may be, as the coordinator's decoder allows
+
+
+def pack(message: dict) -> bytes:
+    return msgpack.packb(message, default=array_map)
+
+
+def array_map(array: np.ndarray) -> dict:
+    """An array as the protocol's map: its keys are msgpack bin (bytes), its data row-major."""
+    array = np.ascontiguousarray(array)
+    return {b"nd": True, b"type": array.dtype.str, b"kind": b"", b"shape": list(array.shape), b"data": array.tobytes()}
+
+
+def unpack(frame: bytes) -> dict:
+    return msgpack.unpackb(frame, raw=False, object_hook=lambda m: array_of(m) if b"nd" in m else m)
+
+
+def array_of(m: dict) -> np.ndarray:
+    if m[b"type"] not in DTYPES:
+        raise ValueError(f"array dtype {m[b'type']!r} is not allowed")
+    return np.frombuffer(m[b"data"], dtype=m[b"type"]).reshape(m[b"shape"])
+
+
+class Session:
+    """What a worker holds between one welcome and the next: its inputs and its second-layer operands."""
+
+    def __init__(self, welcome: dict):
+        self.dtype = np.dtype(welcome["dtype"])
+        self.divisor = self.dtype.type(welcome["input_divisor"])
+        self.inputs = {}  # split -> (n, k) inputs
+        self.second = None  # (activations (B, j), weights (j, O)) of the last second_forward
+        self.handlers = {"shard": self.shard, "first_layer": self.first_layer,
+                         "second_forward": self.second_forward, "second_backward": self.second_backward}
+
+    def answer(self, request: dict) -> dict:
+        """The result of a numbered request, or a failure saying why it cannot be carried out."""
+        try:
+            products = self.handlers[request["kind"]](request)
+        except (KeyError, IndexError, ValueError, TypeError) as error:
+            return {"kind": "failure", "request": request["request"], "reason": repr(error)[:256]}
+        return {"kind": "result", "request": request["request"], "products": products}
+
+    def shard(self, chunk: dict) -> dict:
+        images, start = chunk["images"], chunk["offset"]
+        if start == 0:  # a split starts afresh
+            self.inputs[chunk["split"]] = np.empty((chunk["total"], images.shape[1]), self.dtype)
+        self.inputs[chunk["split"]][start : start + len(images)] = images.astype(self.dtype) / self.divisor
+        return {}
+
+    def first_layer(self, request: dict) -> dict:
+        products, weights = {}, request["weights"]
+        if request["error"] is not None:
+            # (B', k)^T @ (B', H) -> (k, H); this step's gradient, applied before the forward product
+            products["gradient"] = self.inputs["train"][request["error_rows"]].T @ request["error"]
+            if weights is not None:
+                weights = weights - self.dtype.type(request["learning_rate"]) * products["gradient"]
+        if request["rows"] is not None:
+            products["partial"] = self.inputs[request["split"]][request["rows"]] @ weights  # (B, k) @ (k, H)
+        return products
+
+    def second_forward(self, request: dict) -> dict:
+        self.second = (request["activations"], request["weights"])  # kept for second_backward
+        return {"partial": request["activations"] @ request["weights"]}  # (B, j) @ (j, O) -> (B, O)
+
+    def second_backward(self, request: dict) -> dict:
+        if self.second is None:
+            raise ValueError("second_backward before any second_forward")
+        activations, weights = self.second
+        error = request["error"]
+        return {"gradient": activations.T @ error, "error": error @ weights.T}  # (j, O) and (B, j)
+
+
+def connect(context: zmq.Context, address: str, name: str) -> zmq.Socket:
+    """A new connection (a new identity to the coordinator) with our registration on its way."""
+    socket = context.socket(zmq.DEALER)
+    socket.linger = 0
+    socket.connect(address)
+    socket.send(pack({"kind": "register", "name": name, "version": VERSION}))
+    return socket
+
+
+def serve(socket: zmq.Socket, name: str) -> str | None:
+    """Work on one connection: the stop reason, or None after a silent coordinator (register again)."""
+    session, heard, sent = None, time.monotonic(), time.monotonic()
+    while True:
+        due = heard + HEARTBEAT_TIMEOUT  # heartbeats only once welcomed
+        if session is not None:
+            due = min(due, sent + HEARTBEAT_INTERVAL)
+        if socket.poll(max(0.0, due - time.monotonic()) * 1000):
+            heard, reply = time.monotonic(), None
+            try:
+                message = unpack(socket.recv())
+            except Exception as error:  # msgpack raises many kinds; any of them means a bad frame
+                print(f"ignored a bad frame: {error}", file=sys.stderr)
+                continue
+            kind = message.get("kind")
+            if kind == "stop":
+                return message["reason"]
+            if kind == "reject":
+                raise SystemExit(f"error: the coordinator refused this worker: {message['reason']}")
+            if kind == "welcome":
+                session = Session(message)  # a new session: nothing held before is valid now
+                print(f"{name} registered in slot {message['slot']}", file=sys.stderr)
+            elif kind == "register_again":
+                session, reply = None, {"kind": "register", "name": name, "version": VERSION}
+            elif session is not None and kind in session.handlers:
+                reply = session.answer(message)
+            if reply is not None:
+                socket.send(pack(reply))
+                sent = time.monotonic()
+        now = time.monotonic()
+        if now - heard > HEARTBEAT_TIMEOUT:
+            return None
+        if session is not None and now - sent >= HEARTBEAT_INTERVAL:
+            socket.send(pack({"kind": "heartbeat"}))
+            sent = now
+
+
+def main(address: str, name: str) -> None:
+    context = zmq.Context()
+    while True:
+        socket = connect(context, address, name)
+        try:
+            reason = serve(socket, name)
+        except KeyboardInterrupt:
+            socket.send(pack({"kind": "deregister", "reason": "interrupted"}))  # our columns go to others at once
+            socket.close(linger=500)
+            raise SystemExit(130)
+        socket.close()
+        if reason is not None:
+            print(f"stopped: {reason}", file=sys.stderr)
+            return
+        print(f"no word from {address} for {HEARTBEAT_TIMEOUT:g} s; registering again", file=sys.stderr)
+        time.sleep(RECONNECT_WAIT)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        raise SystemExit("usage: python minimal_worker.py tcp://HOST:PORT [NAME]")
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else f"{platform.node()}-{os.getpid()}")
