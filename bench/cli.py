@@ -10,6 +10,7 @@ from bench.compare import MIB, accuracy_rows, speed_rows
 from common.data import DataError
 from coordinator import run
 from coordinator.config import TrainingConfig
+from common.phases import COORDINATOR_PHASES, WORKER_PHASES
 from coordinator.verify import VERIFY_MODES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -46,6 +47,10 @@ def main(
     verify: Annotated[
         str, _option("VERIFY", "The cluster's Freivalds checks, comma-separated: off, sample, all.")
     ] = "sample",
+    spawn_transport: Annotated[
+        str, _option("SPAWN_TRANSPORT", "How the cluster reaches its spawned workers, comma-separated: ipc (a Unix "
+                     "socket, as `coordinator train --spawn` does), tcp (loopback).")
+    ] = "ipc",
     floor_threads: Annotated[
         int | None, _option("FLOOR_THREADS", "BLAS threads of the floor (default: the library's own choice).", min=1)
     ] = None,
@@ -54,6 +59,10 @@ def main(
                       "that do nothing else: what ZeroMQ by itself costs.")
     ] = True,
     out: Annotated[Path, _option("OUT", "Where to write the JSON results.")] = Path("results.json"),
+    profile: Annotated[
+        bool, _option("PROFILE", "Also print where a step's time goes, phase by phase, on the coordinator and (summed) "
+                      "on its workers; the JSON always has it.")
+    ] = False,
     time_to_accuracy: Annotated[
         bool, _option("TIME_TO_ACCURACY", "Also train with the default settings, locally and on the largest "
                       "worker count, until 97% and 98% test accuracy (minutes).")
@@ -68,8 +77,12 @@ def main(
     modes = verify.split(",")
     if not set(modes) <= set(VERIFY_MODES):
         raise typer.BadParameter(f"verify {verify!r}: choose from {', '.join(VERIFY_MODES)}")
+    links = spawn_transport.split(",")
+    if not set(links) <= {"ipc", "tcp"}:
+        raise typer.BadParameter(f"spawn transport {spawn_transport!r}: choose ipc, tcp or both")
     clusters = [
-        (count, placement == "coordinator", mode) for placement in placements for mode in modes for count in worker_counts
+        (count, placement == "coordinator", mode, link)
+        for placement in placements for mode in modes for link in links for count in worker_counts
     ]
     base = TrainingConfig(hidden=hidden, dtype=dtype, train_limit=train_limit, test_limit=0)
     problems = base.problems()
@@ -90,19 +103,22 @@ def main(
         raise typer.Exit(1)
     out.write_text(json.dumps(results, indent=2) + "\n")
     typer.echo(markdown(results))
+    if profile:
+        typer.echo("\n" + profile_markdown(results))
 
 
 def markdown(results: list) -> str:
     """The results as Markdown tables: speed, then time to accuracy if measured."""
     lines = [
-        "| mode | second layer | verify | workers | batch | s/epoch | x floor | rounds/step | MB/epoch | min MB/epoch "
-        "| x min | coordinator MB | worker MB |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | second layer | verify | link | workers | batch | s/epoch | x floor | rounds/step | MB/epoch "
+        "| min MB/epoch | x min | coordinator MB | worker MB |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in (r for r in results if r["measure"] == "epoch"):
         over_minimum = row["bytes_per_epoch"] / row["min_bytes_per_epoch"] if row["min_bytes_per_epoch"] else None
         lines.append("| " + " | ".join([
-            row["mode"], row["second_layer"], row["verify"], str(row["workers"]), str(row["batch_size"]), f"{row['epoch_seconds']:.2f}",
+            row["mode"], row["second_layer"], row["verify"], row["spawn_transport"], str(row["workers"]),
+            str(row["batch_size"]), f"{row['epoch_seconds']:.2f}",
             f"{row['ratio_to_floor']:.2f}", f"{row['rounds_per_step']:g}", f"{row['bytes_per_epoch'] / MIB:.1f}",
             f"{row['min_bytes_per_epoch'] / MIB:.1f}", _shown(over_minimum, ".3f"),
             f"{row['coordinator_peak_rss_mb']:.0f}", _shown(row["worker_peak_rss_mb"], ".0f"),
@@ -114,6 +130,21 @@ def markdown(results: list) -> str:
             lines.append(f"| {row['mode']} | {row['workers']} | {_shown(row['seconds_to_97'], '.1f')} | "
                          f"{_shown(row['epochs_to_97'], 'd')} | {_shown(row['seconds_to_98'], '.1f')} | "
                          f"{_shown(row['epochs_to_98'], 'd')} |")
+    return "\n".join(lines)
+
+
+def profile_markdown(results: list) -> str:
+    """Milliseconds per step in each phase, for every cluster row: the coordinator's, then its workers' summed."""
+    rows = [r for r in results if r["measure"] == "epoch" and r.get("coordinator_ms_per_step")]
+    header = ["workers", "batch", "second layer", "link", "ms/step"]
+    header += [f"coordinator {phase}" for phase in COORDINATOR_PHASES] + [f"workers {phase}" for phase in WORKER_PHASES]
+    lines = ["| " + " | ".join(header) + " |", "|---:|---:|---|---|" + "---:|" * (len(header) - 4)]
+    for row in rows:
+        steps_ms = row["epoch_seconds"] * 1000 / row["steps"]
+        cells = [str(row["workers"]), str(row["batch_size"]), row["second_layer"], row["spawn_transport"], f"{steps_ms:.2f}"]
+        cells += [f"{row['coordinator_ms_per_step'][phase]:.2f}" for phase in COORDINATOR_PHASES]
+        cells += [f"{row['worker_ms_per_step'][phase]:.2f}" for phase in WORKER_PHASES]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

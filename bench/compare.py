@@ -13,14 +13,15 @@ MIB = 1024 * 1024
 
 def speed_rows(config: TrainingConfig, clusters: list, repeats: int, epochs: int, rows: int, sizes: tuple,
                floor_threads: int | None, transport: bool) -> list:
-    """One local row and one row per (workers, second layer here, verify mode) in `clusters`, for the batch size
-    in `config`; with `transport`, after the first cluster row of each (workers, second layer here) its bare
-    transport row (the same messages through echo workers, see bench.echo)."""
+    """One local row and one row per (workers, second layer here, verify mode, spawn transport) in `clusters`, for
+    the batch size in `config`; with `transport`, after the first cluster row of each (workers, second layer here)
+    its bare transport row (the same messages through echo workers, see bench.echo)."""
     floor = training_session(config, 0, blas_threads=floor_threads)
     itemsize, steps = np.dtype(config.dtype).itemsize, len(epoch_batches(rows, config.batch_size))
     floor_seconds, measured_rows, echoed = [], [], set()
-    for workers, second_layer_here, verify in clusters:
-        sessions = {"cluster": training_session(config, workers, second_layer_here, verify=verify)}
+    for workers, second_layer_here, verify, spawn_transport in clusters:
+        sessions = {"cluster": training_session(config, workers, second_layer_here, verify=verify,
+                                                spawn_transport=spawn_transport)}
         if transport and (workers, second_layer_here) not in echoed:
             echoed.add((workers, second_layer_here))
             sessions["transport"] = transport_session(rows, config.batch_size, sizes, workers, itemsize,
@@ -36,11 +37,12 @@ def speed_rows(config: TrainingConfig, clusters: list, repeats: int, epochs: int
             row = _measured_row(mode, pairs, session.finish(), minimum, steps)
             measured_rows.append({"batch_size": config.batch_size, "workers": workers,
                                   "verify": verify if mode == "cluster" else "-",
+                                  "spawn_transport": spawn_transport if mode == "cluster" else "tcp",
                                   "second_layer": "coordinator" if second_layer_here else "workers", **row})
     memory = floor.finish()
     local_row = {
         "measure": "epoch", "mode": "local", "workers": 0, "batch_size": config.batch_size, "second_layer": "local",
-        "verify": "-",
+        "verify": "-", "spawn_transport": "-",
         "floor_blas_threads": floor_threads,
         "epoch_seconds": statistics.median(floor_seconds), "ratio_to_floor": 1.0, "rounds_per_step": 0.0,
         "bytes_per_epoch": 0, "min_bytes_per_epoch": 0,
@@ -56,9 +58,18 @@ def _measured_row(mode: str, pairs: list, memory: PeakMemory, minimum_bytes: int
     return {
         "measure": "epoch", "mode": mode, "epoch_seconds": seconds,
         "ratio_to_floor": seconds / statistics.median(floor_time for floor_time, _ in pairs),
-        "rounds_per_step": last.rounds / steps, "bytes_per_epoch": last.bytes, "min_bytes_per_epoch": minimum_bytes,
-        "coordinator_peak_rss_mb": memory.coordinator_mb, "worker_peak_rss_mb": memory.worker_mb,
+        "rounds_per_step": last.rounds / steps, "steps": steps, "bytes_per_epoch": last.bytes,
+        "min_bytes_per_epoch": minimum_bytes, "coordinator_peak_rss_mb": memory.coordinator_mb, "worker_peak_rss_mb": memory.worker_mb,
+        "coordinator_ms_per_step": _per_step([m.coordinator_phases for _, m in pairs], steps),
+        "worker_ms_per_step": _per_step([m.worker_phases for _, m in pairs], steps),
     }
+
+
+def _per_step(epochs: list, steps: int) -> dict:
+    """phase -> milliseconds per step, the median over the repeats' epochs (empty where nothing was timed)."""
+    if not epochs or not epochs[0]:
+        return {}
+    return {phase: statistics.median(epoch[phase] for epoch in epochs) / steps * 1000 for phase in epochs[0]}
 
 
 def accuracy_rows(config: TrainingConfig, workers: int, targets: tuple) -> list:
@@ -93,4 +104,9 @@ def _measured(session: Session, epochs: int) -> EpochMeasure:
     return EpochMeasure(
         sum(m.seconds for m in measures) / epochs, measures[-1].test_accuracy,
         sum(m.bytes for m in measures) // epochs, sum(m.rounds for m in measures) // epochs,
+        _mean_phases([m.coordinator_phases for m in measures]), _mean_phases([m.worker_phases for m in measures]),
     )
+
+
+def _mean_phases(epochs: list) -> dict:
+    return {phase: sum(epoch[phase] for epoch in epochs) / len(epochs) for phase in epochs[0]}

@@ -25,10 +25,10 @@ from common import model, phases
 from coordinator import run
 from coordinator.config import TrainingConfig
 from coordinator.rundir import RunDirectory
+from coordinator.spawn import LOOPBACK_ANY_PORT, spawn_endpoint
 from coordinator.training import Trainer
 from worker.cli import BLAS_THREAD_VARIABLES
 
-LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"
 REGISTER_TIMEOUT = 120.0  # seconds for spawned workers to start on a loaded machine
 WARMUP_STEPS = 20  # steps before timing: imports, first allocations and BLAS start-up are paid here
 COMMAND_WAIT = 0.05  # seconds between looks for the parent's next command
@@ -81,10 +81,12 @@ class Session:
 
 def training_session(
     config: TrainingConfig, workers: int, second_layer_here: bool = False, blas_threads=None, verify: str = "sample",
+    spawn_transport: str = "ipc",
 ) -> Session:
-    """A trainer: local when `workers` is 0, else a cluster of that many spawned workers."""
+    """A trainer: local when `workers` is 0, else a cluster of that many spawned workers, reached over a Unix
+    socket as `coordinator train --spawn` does (`spawn_transport` "ipc"), or over TCP loopback ("tcp")."""
     label = f"{workers} workers" if workers else "local"
-    return Session(label, _trained_epochs, (config, workers, second_layer_here, verify), blas_threads)
+    return Session(label, _trained_epochs, (config, workers, second_layer_here, verify, spawn_transport), blas_threads)
 
 
 def transport_session(rows: int, batch_size: int, sizes: tuple, workers: int, itemsize: int,
@@ -127,16 +129,17 @@ def _next_command(connection, wait: Callable) -> str:
 
 
 @contextmanager
-def _trained_epochs(config: TrainingConfig, workers: int, second_layer_here: bool, verify: str):
+def _trained_epochs(config: TrainingConfig, workers: int, second_layer_here: bool, verify: str, spawn_transport: str):
     data = run.load_data(config)
     sizes = run.layer_sizes(config, data)
     params = model.initial_params(sizes, config.init, config.seed, config.dtype)
-    options = None
-    if workers:
-        options = run.ClusterOptions(
-            LOOPBACK_ANY_PORT, workers, True, REGISTER_TIMEOUT, second_layer_here=second_layer_here, verify=verify
-        )
     with tempfile.TemporaryDirectory() as scratch:
+        options = None
+        if workers:
+            endpoint = LOOPBACK_ANY_PORT if spawn_transport == "tcp" else spawn_endpoint(Path(scratch))
+            options = run.ClusterOptions(
+                endpoint, workers, True, REGISTER_TIMEOUT, second_layer_here=second_layer_here, verify=verify
+            )
         os.environ[phases.PHASES_DIR_VARIABLE] = scratch  # read by the workers spawned below
         with run.products_backend(config, data, sizes, options, RunDirectory(Path(scratch))) as products:
             trainer = Trainer(config, params, products, run.labels_of(data))

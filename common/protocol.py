@@ -177,30 +177,40 @@ FIELD_TYPES = {cls: {field.name: field.type for field in dataclasses.fields(cls)
 
 def encode(message) -> bytes:
     """One message as one frame."""
-    return msgpack.packb({"kind": KIND_OF[type(message)], **vars(message)}, default=msgpack_numpy.encode)
+    return _packer.pack({"kind": KIND_OF[type(message)], **vars(message)})
 
 
 def decode(frame) -> object:
     """The message in a frame, or ProtocolError: the only way bytes from a socket become a message."""
-    try:
-        raw = msgpack.unpackb(frame, object_hook=_checked_map, raw=False)
-    except ProtocolError:
-        raise
+    try:  # plain msgpack builds only maps, lists, strings, bytes and numbers: nothing runs
+        raw = msgpack.unpackb(frame, raw=False)
     except Exception as error:  # msgpack raises many kinds; any of them means garbage
         raise ProtocolError(f"not a msgpack frame ({type(error).__name__})") from None
-    if not isinstance(raw, dict):
+    if not isinstance(raw, dict) or not _has_text_keys(raw):
         raise ProtocolError(f"frame holds a {type(raw).__name__}, not a message map")
     kind = raw.pop("kind", None)
     if kind not in MESSAGE_KINDS:
         raise ProtocolError(f"unknown message kind {_shown(kind)}")
-    return _checked_message(MESSAGE_KINDS[kind], raw)
+    return _checked_message(MESSAGE_KINDS[kind], {name: _with_arrays(value) for name, value in raw.items()})
 
 
-def _checked_map(mapping: dict):
-    """Every msgpack map passes here: arrays are checked and built, message maps pass through."""
-    if all(isinstance(key, str) for key in mapping):
-        return mapping
-    if set(mapping) != ARRAY_MAP_KEYS or mapping[b"nd"] is not True:
+def _with_arrays(value, depth: int = 0):
+    """A field's value with its array maps checked and built: a field may be an array, or (Result.products) a
+    map of names to arrays; any other map is refused."""
+    if type(value) is not dict:
+        return value
+    if _has_text_keys(value) and depth == 0:
+        return {name: _with_arrays(item, depth + 1) for name, item in value.items()}
+    return _checked_array(value)
+
+
+def _has_text_keys(mapping: dict) -> bool:
+    return all(type(key) is str for key in mapping)
+
+
+def _checked_array(mapping: dict) -> np.ndarray:
+    """A msgpack-numpy array map as an array, once its dtype, shape and length are known to be allowed."""
+    if mapping.keys() != ARRAY_MAP_KEYS or mapping[b"nd"] is not True:
         raise ProtocolError("map is neither a message nor an array")
     dtype, shape, data = mapping[b"type"], mapping[b"shape"], mapping[b"data"]
     if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES or mapping[b"kind"] != b"":
@@ -213,40 +223,40 @@ def _checked_map(mapping: dict):
 
 
 def _is_shape(shape) -> bool:
-    return (
-        isinstance(shape, (list, tuple))
-        and len(shape) <= MAX_ARRAY_DIMS
-        and all(type(size) is int and size >= 0 for size in shape)
-    )
+    if type(shape) not in (list, tuple) or len(shape) > MAX_ARRAY_DIMS:
+        return False
+    return all(type(size) is int and size >= 0 for size in shape)
 
 
 def _checked_message(cls, fields: dict):
     expected = FIELD_TYPES[cls]
-    if set(fields) != set(expected):
+    if fields.keys() != expected.keys():
         missing, extra = sorted(set(expected) - set(fields)), sorted(set(fields) - set(expected))
         raise ProtocolError(f"{KIND_OF[cls]} message fields wrong (missing {missing}, unexpected {extra})")
-    for name, value in fields.items():
-        if not _has_type(value, expected[name]):
+    for name, has_type in FIELD_CHECKS[cls].items():
+        if not has_type(fields[name]):
             raise ProtocolError(f"{KIND_OF[cls]}.{name} is not a valid {_type_name(expected[name])}")
     return cls(**fields)
 
 
-def _has_type(value, expected) -> bool:
+def _type_check(expected):
+    """The test that a decoded value is of a field's type, made once per field rather than worked out per value."""
     if isinstance(expected, types.UnionType):  # `X | None`
-        return any(_has_type(value, option) for option in expected.__args__)
+        options = [_type_check(option) for option in expected.__args__]
+        return lambda value: any(has_type(value) for has_type in options)
     if expected is type(None):
-        return value is None
+        return lambda value: value is None
     if expected is int:
-        return type(value) is int
+        return lambda value: type(value) is int
     if expected is float:
-        return type(value) in (int, float) and math.isfinite(value)
+        return lambda value: type(value) in (int, float) and math.isfinite(value)
     if expected is str:
-        return isinstance(value, str) and len(value) <= MAX_TEXT_LENGTH
+        return lambda value: type(value) is str and len(value) <= MAX_TEXT_LENGTH
     if expected is dict:  # Result.products: names to arrays
-        return isinstance(value, dict) and all(
-            isinstance(key, str) and isinstance(array, np.ndarray) for key, array in value.items()
+        return lambda value: type(value) is dict and all(
+            type(key) is str and type(array) is np.ndarray for key, array in value.items()
         )
-    return isinstance(value, expected)
+    return lambda value: isinstance(value, expected)
 
 
 def _type_name(expected) -> str:
@@ -257,3 +267,7 @@ def _shown(value) -> str:
     """A peer's value, cut short, for an error line."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+FIELD_CHECKS = {cls: {name: _type_check(expected) for name, expected in fields.items()} for cls, fields in FIELD_TYPES.items()}
+_packer = msgpack.Packer(default=msgpack_numpy.encode)  # one for the process: packb would build one per message

@@ -22,7 +22,6 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 USER_ERRORS = (DataError, ModelError, ClusterError, CheckpointError, KeyFileError, StatusError)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 OPEN_BIND = "tcp://*:5555"  # workers on other machines connect to port 5555 of any of this host's addresses
-SPAWN_BIND = "tcp://127.0.0.1:*"  # spawned workers are local: loopback only, on a port ZeroMQ finds free
 
 
 class Rebalance(str, enum.Enum):
@@ -77,7 +76,8 @@ def train(
         int | None, _option("SPAWN", "Start N local worker processes (sets --workers N).", min=1)
     ] = None,
     bind: Annotated[str | None, _option(
-        "BIND", f"ZeroMQ address the coordinator binds (default {OPEN_BIND}; with --spawn {SPAWN_BIND}).",
+        "BIND", f"ZeroMQ address the coordinator binds (default {OPEN_BIND}; with --spawn a Unix socket in the run "
+        "directory).",
         callback=tcp_port_checked,
     )] = None,
     wait_timeout: Annotated[float, _option("WAIT_TIMEOUT", "Seconds to wait for the workers.")] = 60.0,
@@ -127,6 +127,7 @@ def train(
     """Train the 784-128-10 sigmoid network on MNIST, the matrix products done by workers."""
     from coordinator.progress import output_for
     from coordinator.run import ClusterOptions, has_checkpoints, train as run_training
+    from coordinator.spawn import spawn_endpoint
 
     if preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -156,13 +157,13 @@ def train(
     problems = config.problems() or ([] if local else _worker_problems(config, worker_count, replicas))
     if problems:
         fail("; ".join(problems))
+    run_dir = run_dir or default_run_dir()
     cluster = None if local else ClusterOptions(
-        bind or (SPAWN_BIND if spawn else OPEN_BIND), worker_count, spawn is not None, wait_timeout,
+        bind or (spawn_endpoint(run_dir) if spawn else OPEN_BIND), worker_count, spawn is not None, wait_timeout,
         heartbeat_timeout=heartbeat_timeout,
         rebalance=rebalance is Rebalance.epoch, verify=verify.value, verify_rate=verify_rate, replicas=replicas,
         curve_keys=curve_keys, status_bind=status_bind, second_layer_here=second_layer is SecondLayer.coordinator,
     )
-    run_dir = run_dir or default_run_dir()
     fresh = not run_dir.exists()
     try:
         with output_for(quiet, log_format.value, config.epochs, config.report_every) as output, logging_into(run_dir):

@@ -14,6 +14,8 @@ from common import keys
 
 log = logging.getLogger("coordinator")
 
+LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"  # loopback only, on a port ZeroMQ finds free
+IPC_PATH_LIMIT = 100  # bytes of a Unix socket's path: the kernel takes at most 107 (sun_path)
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies
 STOP_GRACE = 5.0  # seconds a stopped worker gets to exit before SIGKILL
 FAILURE_LINES = 10  # lines of a failed worker's log shown to the user: its error and what led to it
@@ -23,6 +25,13 @@ def worker_names(count: int) -> list:
     """A, B, C, ... (the nodes of the default cluster), then W27, W28, ..."""
     letters = string.ascii_uppercase
     return [letters[i] if i < len(letters) else f"W{i + 1}" for i in range(count)]
+
+
+def spawn_endpoint(run_dir: Path) -> str:
+    """Where to bind for workers spawned here: a Unix socket in the run directory (cheaper than TCP loopback,
+    and out of other machines' reach), or loopback TCP where that socket's path would be too long."""
+    path = Path(run_dir).resolve() / "workers.sock"
+    return f"ipc://{path}" if len(str(path)) <= IPC_PATH_LIMIT else LOOPBACK_ANY_PORT
 
 
 def local_address(endpoint: str) -> str:
