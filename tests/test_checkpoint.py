@@ -92,7 +92,7 @@ class Crash(Exception):
 
 
 def test_local_run_resumed_after_a_crash_is_bit_for_bit_the_same(tmp_path):
-    config = replace(PRESETS["xor"], epochs=5, batch_size=1, checkpoint_epochs=1, checkpoint_every=3)
+    config = replace(PRESETS["xor"].config, epochs=5, batch_size=1, checkpoint_epochs=1, checkpoint_every=3)
     whole = run.train(config, tmp_path / "whole", None, on_epoch=lambda report: None)
 
     def crash_in_epoch_three(rows_done):
@@ -147,6 +147,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_killed_coordinator_resumes_to_the_same_weights(tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     coordinator = _start_training(run_dir, *SPAWNED, *RUN)
@@ -183,6 +184,7 @@ def _worker_named(coordinator_pid: int, name: str) -> int:
     raise AssertionError(f"no spawned worker named {name}")
 
 
+@pytest.mark.slow
 def test_resume_after_a_worker_was_lost_keeps_the_reassigned_plan(tmp_path, uninterrupted):
     """Three workers, one killed, the plan spread over two; the coordinator killed; resumed on two."""
     run_dir = tmp_path / "run"
@@ -201,6 +203,7 @@ def test_resume_after_a_worker_was_lost_keeps_the_reassigned_plan(tmp_path, unin
     assert max_difference(load_model(run_dir), load_model(uninterrupted)) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_stops_the_workers_and_exits_130(tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     coordinator = _start_training(run_dir, *SPAWNED, *RUN)
@@ -218,6 +221,7 @@ def test_ctrl_c_checkpoints_stops_the_workers_and_exits_130(tmp_path, uninterrup
     assert max_difference(load_model(run_dir), load_model(uninterrupted)) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_verify_chain_names_a_tampered_checkpoint(tmp_path, uninterrupted):
     run_dir = shutil.copytree(uninterrupted, tmp_path / "run")
     assert len(list((run_dir / "checkpoints").glob("*.json"))) == 16  # 3 in each epoch, and its end
@@ -229,6 +233,7 @@ def test_verify_chain_names_a_tampered_checkpoint(tmp_path, uninterrupted):
     assert refused.returncode == 1 and refused.stderr.startswith("error: checkpoint 000006 is broken")
 
 
+@pytest.mark.slow
 def test_resume_errors_are_one_line(tmp_path, uninterrupted):
     nothing = run_cli("coordinator", "train", "--resume", tmp_path, "--local")
     assert (nothing.returncode, nothing.stderr.strip()) == (1, f"error: no checkpoints in {tmp_path / 'checkpoints'}")
@@ -241,6 +246,7 @@ def test_resume_errors_are_one_line(tmp_path, uninterrupted):
     assert other_plan.returncode == 1 and "has 2 worker slots" in other_plan.stderr
 
 
+@pytest.mark.slow
 def test_workers_reconnect_on_their_own_to_a_resumed_coordinator(tmp_path, uninterrupted):
     harness = Harness(tmp_path)
     try:

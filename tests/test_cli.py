@@ -39,6 +39,7 @@ def _one_line_error(done, code: int, *words: str) -> None:
         assert word in last, last
 
 
+@pytest.mark.slow
 def test_train_on_two_spawned_workers_then_evaluate(train_run):
     done, run_dir = train_run("--spawn", 2, "--train-limit", "1000", "--epochs", "2", "--dtype", "float64")
     assert [line.split()[:2] for line in done.stdout.splitlines()] == [["epoch", "1/2"], ["epoch", "2/2"]]
@@ -62,6 +63,7 @@ def test_train_on_two_spawned_workers_then_evaluate(train_run):
     assert evaluated.stdout.strip() == f"test accuracy {history[-1]['test_accuracy']:.2%}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_each_preset_runs_as_documented(train_run, preset):
     arguments = documented_commands().get(preset)
@@ -75,11 +77,13 @@ def test_each_preset_runs_as_documented(train_run, preset):
         assert ((outputs > 0.5) == XOR_LABELS).all(), outputs
 
 
+@pytest.mark.slow
 def test_xor_preset_waits_for_its_two_workers(train_run):
     done, _ = train_run("--preset", "xor", "--bind", LOOPBACK_ANY_PORT, "--wait-timeout", "0.5", expect_ok=False)
     _one_line_error(done, 1, "only 0 of 2 workers registered")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -100,6 +104,7 @@ def test_worker_counts_and_addresses_refused_in_one_line(train_run, args, words)
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_seed_preset_settings(train_run):
     _, run_dir = train_run("--preset", "seed", "--local", "--epochs", "1", "--train-limit", "5000",
                            "--test-limit", "100")
@@ -108,6 +113,7 @@ def test_seed_preset_settings(train_run):
     assert (config["dtype"], config["loss"], config["init"], config["seed"]) == ("float64", "mse", "legacy", 402)
 
 
+@pytest.mark.slow
 def test_options_override_a_preset(train_run):
     _, run_dir = train_run("--preset", "seed", "--local", "--epochs", "1", "--train-limit", "100",
                            "--test-limit", "10", "--lr", "0.01", "--dtype", "float32")
@@ -115,6 +121,7 @@ def test_options_override_a_preset(train_run):
     assert (config["learning_rate"], config["dtype"], config["batch_size"]) == (0.01, "float32", 60000)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -129,11 +136,13 @@ def test_bad_settings_fail_in_one_line(train_run, args, words):
     _one_line_error(done, 2, *words)
 
 
+@pytest.mark.slow
 def test_missing_data_folder(train_run, tmp_path):
     done, _ = train_run("--local", "--data", tmp_path / "absent", expect_ok=False)
     _one_line_error(done, 2, "does not exist")
 
 
+@pytest.mark.slow
 def test_corrupt_data_folder(train_run, tmp_path):
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte"):
@@ -142,12 +151,14 @@ def test_corrupt_data_folder(train_run, tmp_path):
     _one_line_error(done, 2, "train-images-idx3-ubyte")
 
 
+@pytest.mark.slow
 def test_no_workers_arrive(train_run):
     done, run_dir = train_run("--workers", "2", "--bind", LOOPBACK_ANY_PORT, "--wait-timeout", "0.5", expect_ok=False)
     _one_line_error(done, 1, "only 0 of 2 workers registered")
     assert not run_dir.exists()  # a failed start leaves nothing behind
 
 
+@pytest.mark.slow
 def test_port_in_use(train_run):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -177,6 +188,7 @@ def test_an_internal_error_is_one_line_and_a_traceback_in_the_log(tmp_path, monk
     assert "about to fail" in log and "Traceback" in log and 'raise KeyError("gone")' in log
 
 
+@pytest.mark.slow
 def test_evaluate_a_missing_or_bogus_model(tmp_path):
     _one_line_error(run_cli("coordinator", "evaluate", "--model", tmp_path / "none.npz"), 2, "cannot read model")
     np.savez(tmp_path / "bogus.npz", w1=np.zeros((784, 5)), b1=np.zeros(6), w2=np.zeros((5, 10)), b2=np.zeros(10),
@@ -191,10 +203,12 @@ def test_evaluate_a_missing_or_bogus_model(tmp_path):
     assert "pickle" not in done.stderr
 
 
+@pytest.mark.slow
 def test_verify_chain_of_a_missing_directory(tmp_path):
     _one_line_error(run_cli("coordinator", "verify-chain", tmp_path / "absent"), 2, "does not exist")
 
 
+@pytest.mark.slow
 def test_worker_that_finds_no_coordinator_keeps_trying():
     import subprocess
     import sys
@@ -227,6 +241,7 @@ def test_workers_table_fits_80_columns():
     assert len(lines) == 2 + len(workers) and max(map(len, lines)) <= 80
 
 
+@pytest.mark.slow
 def test_a_spawned_worker_that_fails_shows_its_last_lines(train_run, tmp_path):
     assert run_cli("coordinator", "keygen", tmp_path / "keys", "--workers", "2").returncode == 0
     (tmp_path / "keys" / "workers" / "B.key_secret").write_text("not a key\n")

@@ -88,7 +88,8 @@ def test_workers_receive_only_their_own_columns(recorded):
     data = run.load_data(CONFIG)
     owners = np.load(run_dir / "exposure.npz")["column_owners"]
     for slot, messages in by_slot.items():
-        shards = {m.split: m.images for m in messages if isinstance(m, Shard)}
+        chunks = [m for m in messages if isinstance(m, Shard)]
+        shards = {split: np.concatenate([m.images for m in chunks if m.split == split]) for split in ("train", "test")}
         columns = np.flatnonzero(owners == slot)
         assert len(columns) == 392
         assert np.array_equal(shards["train"], data.train_images[:, columns])

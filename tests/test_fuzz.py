@@ -17,6 +17,8 @@ from tests.cluster_harness import Harness
 from tests.conftest import load_model, max_difference
 from tests.test_protocol import Exploit
 
+pytestmark = pytest.mark.slow  # every test here starts real processes
+
 FRAMES = 10_000
 RUN = ("--dtype", "float64", "--train-limit", "2000", "--test-limit", "200", "--batch-size", "10", "--epochs", "4",
        "--seed", "9")

@@ -26,6 +26,7 @@ def key_folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_keygen_lays_out_an_allow_list(key_folder):
     assert sorted(p.name for p in (key_folder / "allowed").iterdir()) == ["A.key", "B.key"]
     assert sorted(p.name for p in (key_folder / "workers").iterdir()) == ["A.key_secret", "B.key_secret"]
@@ -35,6 +36,7 @@ def test_keygen_lays_out_an_allow_list(key_folder):
     assert again.returncode == 1 and again.stderr.startswith("error: ") and "already holds keys" in again.stderr
 
 
+@pytest.mark.slow
 def test_allow_listed_workers_train(train_run, key_folder):
     done, run_dir = train_run("--spawn", 2, "--bind", LOOPBACK_ANY_PORT, "--curve-keys", key_folder, *SMALL_RUN)
     assert "epoch 1/1" in done.stdout
@@ -56,6 +58,7 @@ def _worker(address: str, name: str, key_folder, secret_file) -> subprocess.Pope
     )
 
 
+@pytest.mark.slow
 def test_unknown_key_and_plain_client_are_refused(tmp_path, key_folder):
     """Started together with an allow-listed worker, which gets in: the others had the same chance."""
     strangers = tmp_path / "strangers"
@@ -87,6 +90,7 @@ def test_unknown_key_and_plain_client_are_refused(tmp_path, key_folder):
     assert stderr.count(f"refused CURVE key {stranger_key}") == 1, stderr[-2000:]  # once, though it kept trying
 
 
+@pytest.mark.slow
 def test_curve_options_go_together(key_folder):
     done = run_cli("worker", "--curve-secret-key", keys.worker_secret_file(key_folder, "A"))
     assert done.returncode == 2
@@ -95,6 +99,7 @@ def test_curve_options_go_together(key_folder):
     assert missing.returncode == 2 and missing.stderr.startswith("error: cannot read key file")
 
 
+@pytest.mark.slow
 def test_a_quarantined_key_stays_out_under_another_name(tmp_path, key_folder):
     harness = Harness(tmp_path)
     curve = lambda name: ("--curve-secret-key", keys.worker_secret_file(key_folder, name),

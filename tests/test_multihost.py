@@ -14,6 +14,8 @@ import pytest
 from coordinator.spawn import stop_workers
 from tests.conftest import PROCESS_TIMEOUT, compose_services, lines_of, wait_for_line
 
+pytestmark = pytest.mark.slow  # every test here starts real processes
+
 SUBNET = "10.77.0"  # only ever assigned inside the test's own namespaces
 COORDINATOR_ADDRESS = f"{SUBNET}.1"
 WORKER_SERVICES = [f"worker-{letter}" for letter in "abcdefg"]

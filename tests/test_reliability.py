@@ -12,6 +12,8 @@ from tests.cluster_harness import Harness, wait_for
 from tests.conftest import load_model, max_difference
 from worker.faults import EXIT_CODE
 
+pytestmark = pytest.mark.slow  # every test here starts real processes
+
 TOLERANCE = 1e-6
 # float64 so that "same weights" can be checked tightly; 3 epochs of 300 steps each.
 RUN = ("--dtype", "float64", "--train-limit", "3000", "--test-limit", "300", "--batch-size", "10", "--epochs", "3",

@@ -48,6 +48,7 @@ def _on_a_terminal(*args, columns: int = 120) -> str:
     return output.decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_live_display_on_a_terminal(tmp_path):
     shown = _on_a_terminal("train", "--spawn", 2, "--bind", LOOPBACK_ANY_PORT, "--run-dir", tmp_path / "run",
                            *SHORT_RUN, "--batch-size", 10)
@@ -56,6 +57,7 @@ def test_live_display_on_a_terminal(tmp_path):
     assert "epoch 1/2  cost" in shown and "epoch 2/2  cost" in shown
 
 
+@pytest.mark.slow
 def test_live_display_on_an_80_column_terminal(tmp_path):
     """Headers whole, log levels once, and the spawned workers' lines in their own files, not on the screen."""
     shown = _on_a_terminal("train", "--spawn", 2, "--run-dir", tmp_path / "run", *SHORT_RUN, columns=80)
@@ -67,12 +69,14 @@ def test_live_display_on_an_80_column_terminal(tmp_path):
         assert f"{name} registered as slot" in (tmp_path / "run" / "workers" / f"{name}.log").read_text()
 
 
+@pytest.mark.slow
 def test_quiet_on_a_terminal_prints_lines_only(tmp_path):
     shown = _on_a_terminal("train", "--local", "--quiet", "--run-dir", tmp_path / "run", *SHORT_RUN)
     assert "samples/s" not in shown and "\x1b[?25l" not in shown  # no bar, no hidden cursor
     assert [line.split()[1] for line in shown.splitlines() if line.startswith("epoch ")] == ["1/2", "2/2"]
 
 
+@pytest.mark.slow
 def test_json_lines(train_run):
     done, run_dir = train_run("--spawn", 1, "--bind", LOOPBACK_ANY_PORT, "--log-format", "json", *SHORT_RUN)
     events = [json.loads(line) for line in done.stdout.splitlines()]
@@ -83,6 +87,7 @@ def test_json_lines(train_run):
     assert any(message.startswith("worker A joined") for message in messages), messages
 
 
+@pytest.mark.slow
 def test_status_while_training_then_workers_file_and_report(tmp_path):
     run_dir = tmp_path / "run"
     coordinator = subprocess.Popen(
@@ -133,6 +138,7 @@ def _status_once_training(address: str) -> dict:
     raise AssertionError("the coordinator never reported training")
 
 
+@pytest.mark.slow
 def test_report_of_a_run_that_kept_a_standby(tmp_path):
     """A spare worker that never got a slot is in workers.json, and its bar in the report says so."""
     harness = Harness(tmp_path)
@@ -151,6 +157,7 @@ def test_report_of_a_run_that_kept_a_standby(tmp_path):
     assert (harness.run_dir / "report" / "workers.png").read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow
 def test_report_without_matplotlib_says_how_to_install_it(tmp_path, train_run):
     _, run_dir = train_run("--local", *SHORT_RUN)
     blocker = tmp_path / "blocker"
@@ -162,6 +169,7 @@ def test_report_without_matplotlib_says_how_to_install_it(tmp_path, train_run):
     _one_line_error(done, 1, "matplotlib", "pip install 'scatterprop[plot]'")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "program, args, code, words",
     [
