@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import UserError
 from common.exposure import ExposurePlan
 from common.model import Params
 from coordinator.training import Progress, Trainer
@@ -31,8 +32,8 @@ FIELDS = ("checkpoint", "steps", "epoch", "epoch_step", "cost", "correct", "hist
           "arrays_sha256", "prev", "sha256")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be used; the text is one line for the user."""
+class CheckpointError(UserError):
+    """A checkpoint folder that cannot be used."""
 
 
 class Interrupted(Exception):

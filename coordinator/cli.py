@@ -7,18 +7,14 @@ from typing import Annotated
 import typer
 
 from common import cli, settings
-from common.cli import EXIT_FAILED, EXIT_USAGE, fail, tcp_port_checked
-from common.data import DataError
-from common.keys import KeyFileError
-from coordinator.checkpoint import CheckpointError, Interrupted
-from coordinator.cluster import ClusterError
+from common.cli import tcp_port_checked
+from common.errors import InputError, UserError
+from coordinator.checkpoint import Interrupted
 from coordinator.config import INPUT_COLUMNS, PRESETS
-from coordinator.rundir import LOG_FILE, ModelError, default_run_dir, discard_if_unstarted, logging_into
-from coordinator.status import StatusError
+from coordinator.rundir import LOG_FILE, default_run_dir, discard_if_unstarted, logging_into
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-USER_ERRORS = (DataError, ModelError, ClusterError, CheckpointError, KeyFileError, StatusError)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 OPEN_BIND = "tcp://*:5555"  # workers on other machines connect to port 5555 of any of this host's addresses
 SPAWN_BIND = "tcp://127.0.0.1:*"  # spawned workers are local: loopback only, on a port ZeroMQ finds free
@@ -124,7 +120,7 @@ def train(
     from coordinator.run import ClusterOptions, resume_point, train as run_training
 
     if preset not in PRESETS:
-        fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     overrides = dict(
         epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, hidden=hidden, loss=loss,
         dtype=dtype, data=None if data is None else str(data), train_limit=train_limit, test_limit=test_limit,
@@ -134,16 +130,13 @@ def train(
     config, start = PRESETS[preset].config.with_overrides(**overrides), None
     if resume is not None:
         if any(value is not None for value in overrides.values()) or preset != "default" or run_dir:
-            fail("--resume continues the run with its own settings and directory; give neither with it")
-        try:
-            config, start = resume_point(resume)
-        except CheckpointError as error:
-            fail(str(error), EXIT_FAILED)
+            raise InputError("--resume continues the run with its own settings and directory; give neither with it")
+        config, start = resume_point(resume)
         run_dir = resume
     worker_count = spawn or workers or PRESETS[preset].workers  # both options are at least 1 when given
     problems = config.problems() or ([] if local else _worker_problems(config, worker_count, replicas))
     if problems:
-        fail("; ".join(problems))
+        raise InputError("; ".join(problems))
     cluster = None if local else ClusterOptions(
         bind or (SPAWN_BIND if spawn else OPEN_BIND), worker_count, spawn is not None, wait_timeout,
         heartbeat_timeout=heartbeat_timeout,
@@ -155,18 +148,18 @@ def train(
     try:
         with output_for(quiet, log_format.value, config.epochs, config.report_every) as output, logging_into(run_dir):
             run_training(config, run_dir, cluster, output.epoch, start=start, on_status=output.status)
-    except USER_ERRORS as error:
+    except UserError:
         if fresh:  # a start that failed (a port in use, no workers) leaves no directory to wonder about
             discard_if_unstarted(run_dir)
-        fail(str(error), EXIT_USAGE if isinstance(error, DataError) else EXIT_FAILED)
+        raise
     except Interrupted as stop:
         typer.echo(f"interrupted: {stop}; continue with `coordinator train --resume {run_dir}`", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED)
-    except Exception as error:  # a bug: one line here, the traceback in the run's log
+    except Exception as error:  # a bug, ours not the user's, yet shown alike: one line, the traceback in the log
         text = str(error).partition("\n")[0]
-        fail(f"internal: {type(error).__name__}: {text} (traceback in {run_dir / LOG_FILE})", EXIT_FAILED)
+        raise UserError(f"internal: {type(error).__name__}: {text} (traceback in {run_dir / LOG_FILE})") from None
 
 
 def _worker_problems(config, workers: int, replicas: int) -> list:
@@ -191,10 +184,7 @@ def keygen(
     from coordinator.spawn import worker_names
 
     names = worker_names(workers)
-    try:
-        generate(folder, names)
-    except KeyFileError as error:
-        fail(str(error), EXIT_FAILED)
+    generate(folder, names)
     typer.echo(f"wrote keys for the coordinator and workers {', '.join(names)} into {folder}")
     typer.echo(f"give each worker {folder / WORKERS}/<name>.key_secret and {folder}/coordinator.key;")
     typer.echo(f"the coordinator admits the public keys in {folder / ALLOWED}")
@@ -214,9 +204,9 @@ def verify_chain(
 
     links, broken = read_chain(run_dir / FOLDER)
     if broken:
-        fail(f"{broken} (after {len(links)} intact)", EXIT_FAILED)
+        raise UserError(f"{broken} (after {len(links)} intact)")
     if not links:
-        fail(f"no checkpoints in {run_dir / FOLDER}", EXIT_FAILED)
+        raise UserError(f"no checkpoints in {run_dir / FOLDER}")
     typer.echo(f"chain intact: {len(links)} checkpoints, the last after step {links[-1]['steps']}")
 
 
@@ -228,10 +218,7 @@ def evaluate(
     """Print the test accuracy of a saved model."""
     from coordinator.run import evaluate_model
 
-    try:
-        accuracy = evaluate_model(model, data)
-    except USER_ERRORS as error:
-        fail(str(error))
+    accuracy = evaluate_model(model, data)
     typer.echo(f"test accuracy {accuracy:.2%}")
 
 
@@ -245,10 +232,7 @@ def status(
     from coordinator.progress import print_workers
     from coordinator.status import request_status
 
-    try:
-        snapshot = request_status(connect, timeout)
-    except StatusError as error:
-        fail(str(error), EXIT_FAILED)
+    snapshot = request_status(connect, timeout)
     if log_format == LogFormat.json:
         typer.echo(snapshot.to_json())
         return
@@ -263,11 +247,8 @@ def report(
     out: Annotated[Path | None, _option("REPORT_OUT", "Where to write the PNGs (default: RUN_DIR/report).")] = None,
 ):
     """Draw a run's learning curves, exposure map and per-worker time and bytes as PNG files."""
-    from coordinator.report import ReportError, write_report
+    from coordinator.report import write_report
 
-    try:
-        written = write_report(run_dir, out or run_dir / "report")
-    except ReportError as error:
-        fail(str(error), EXIT_FAILED)
+    written = write_report(run_dir, out or run_dir / "report")
     for path in written:
         typer.echo(str(path))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import InputError, UserError
 from common.exposure import ExposurePlan
 from common.model import Params
 
@@ -21,8 +22,12 @@ LOG_FILE = "coordinator.log"
 log = logging.getLogger("coordinator")
 
 
-class ModelError(ValueError):
-    """A model file that cannot be used; the text is one line for the user."""
+class ModelError(InputError):
+    """A model file that cannot be used."""
+
+
+class RunDirectoryError(UserError):
+    """A run directory that cannot be written."""
 
 
 def default_run_dir() -> Path:
@@ -37,7 +42,7 @@ def logging_into(path: Path):
         path.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(path / LOG_FILE)
     except OSError as error:
-        raise ModelError(f"cannot write run directory {path}: {error.strerror}") from None
+        raise RunDirectoryError(f"cannot write run directory {path}: {error.strerror}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     try:
@@ -70,7 +75,7 @@ class RunDirectory:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "history.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in history))
         except OSError as error:
-            raise ModelError(f"cannot write run directory {self.path}: {error.strerror}") from None
+            raise RunDirectoryError(f"cannot write run directory {self.path}: {error.strerror}") from None
 
     def save_config(self, config, **extra) -> None:
         text = json.dumps({**dataclasses.asdict(config), **extra}, indent=2)

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from common.errors import UserError
 from common.settings import MAX_STATUS_REQUEST_BYTES, STATUS_POLL_INTERVAL
 
 
-class StatusError(RuntimeError):
-    """The status socket cannot be bound or a coordinator does not answer; one line for the user."""
+class StatusError(UserError):
+    """The status socket cannot be bound or a coordinator does not answer."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,6 @@
 """Freivalds checks: honest rounding never fails them, wrong answers do; lying workers are quarantined."""
 
 import json
-import re
 
 import numpy as np
 import pytest
