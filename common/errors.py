@@ -2,6 +2,7 @@
 
 EXIT_FAILED = 1  # the command was fine, the run could not go on
 EXIT_USAGE = 2  # what typer itself returns for a bad option: input problems exit alike
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 class UserError(Exception):

@@ -140,7 +140,7 @@ def latest(folder: Path) -> Checkpoint:
     arrays_path = folder / f"{metadata['checkpoint']:06d}.npz"
     try:
         with np.load(arrays_path, allow_pickle=False) as saved:
-            params = Params(*(saved[name] for name in ("w1", "b1", "w2", "b2")))
+            params = Params.from_arrays(saved)
             plan = ExposurePlan(saved["column_owners"], saved["unit_owners"]) if "column_owners" in saved else None
     except (OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"cannot read {arrays_path}: {error}") from None

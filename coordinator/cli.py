@@ -8,14 +8,14 @@ import typer
 
 from common import cli, settings
 from common.cli import tcp_port_checked
-from common.errors import InputError, UserError
+from common.errors import EXIT_INTERRUPTED, InputError, UserError
 from coordinator.checkpoint import Interrupted
 from coordinator.config import INPUT_COLUMNS, PRESETS
 from coordinator.rundir import LOG_FILE, default_run_dir, discard_if_unstarted, logging_into
+from coordinator.verify import Verify
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 OPEN_BIND = "tcp://*:5555"  # workers on other machines connect to port 5555 of any of this host's addresses
 SPAWN_BIND = "tcp://127.0.0.1:*"  # spawned workers are local: loopback only, on a port ZeroMQ finds free
 
@@ -23,12 +23,6 @@ SPAWN_BIND = "tcp://127.0.0.1:*"  # spawned workers are local: loopback only, on
 class Rebalance(str, enum.Enum):
     epoch = "epoch"
     never = "never"
-
-
-class Verify(str, enum.Enum):
-    off = "off"
-    sample = "sample"
-    all = "all"
 
 
 class SecondLayer(str, enum.Enum):
@@ -116,7 +110,7 @@ def train(
     log_format: Annotated[LogFormat, _option("LOG_FORMAT", "plain, or json: one JSON object per line.")] = LogFormat.plain,
 ):
     """Train the 784-128-10 sigmoid network on MNIST, the matrix products done by workers."""
-    from coordinator.progress import output_for
+    from coordinator.display import output_for
     from coordinator.run import ClusterOptions, resume_point, train as run_training
 
     if preset not in PRESETS:
@@ -229,7 +223,7 @@ def status(
     log_format: Annotated[LogFormat, _option("LOG_FORMAT", "plain, or json: the status as one JSON object.")] = LogFormat.plain,
 ):
     """Show a running coordinator's workers, epoch and step (read-only)."""
-    from coordinator.progress import print_workers
+    from coordinator.display import print_workers
     from coordinator.status import request_status
 
     snapshot = request_status(connect, timeout)

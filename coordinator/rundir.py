@@ -14,9 +14,8 @@ import numpy as np
 
 from common.errors import InputError, UserError
 from common.exposure import ExposurePlan
-from common.model import Params
+from common.model import PARAM_NAMES, Params
 
-MODEL_ARRAYS = ("w1", "b1", "w2", "b2")
 LOG_FILE = "coordinator.log"
 
 log = logging.getLogger("coordinator")
@@ -126,10 +125,10 @@ def load_model(path: Path) -> tuple:
         raise ModelError(f"{path} is not a model file (a model.npz written by `coordinator train`)")
     try:
         with np.load(path, allow_pickle=False) as saved:
-            arrays = {name: saved[name] for name in (*MODEL_ARRAYS, "input_divisor")}
+            arrays = {name: saved[name] for name in (*PARAM_NAMES, "input_divisor")}
     except (OSError, ValueError, KeyError) as error:
         raise ModelError(f"cannot read model {path}: {error}") from None
-    params = Params(*(arrays[name] for name in MODEL_ARRAYS))
+    params = Params.from_arrays(arrays)
     inputs, hidden = params.w1.shape if params.w1.ndim == 2 else (0, 0)
     shapes_fit = params.b1.shape == (hidden,) and params.w2.ndim == 2 and params.w2.shape[0] == hidden
     if not (hidden and shapes_fit and params.b2.shape == (params.w2.shape[1],)):

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.model import PARAM_NAMES
+
 LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"
 PROCESS_TIMEOUT = 300  # seconds; a run that takes longer is a hang, not a slow machine
 
@@ -48,7 +50,7 @@ def assert_one_line_error(done: subprocess.CompletedProcess, code: int, *words: 
 
 def load_model(run_dir) -> dict:
     with np.load(run_dir / "model.npz") as saved:
-        return {name: saved[name] for name in ("w1", "b1", "w2", "b2")}
+        return {name: saved[name] for name in PARAM_NAMES}
 
 
 def max_difference(first: dict, second: dict) -> float:

@@ -236,7 +236,7 @@ def _receive(socket: zmq.Socket, deadline: float) -> list:
 def test_workers_table_fits_80_columns():
     from rich.console import Console
 
-    from coordinator.progress import workers_table
+    from coordinator.display import workers_table
     from coordinator.status import WorkerStatus
 
     workers = [WorkerStatus(name, slot, 112, 18, 123456, 0.0123, 123.4, 1_234_567_890, 9_876_543_210)

@@ -10,7 +10,7 @@ import typer
 import zmq
 
 from common import cli
-from common.errors import InputError, UserError
+from common.errors import EXIT_INTERRUPTED, InputError, UserError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -75,7 +75,7 @@ def _work(context, connect: str, name: str, curve, make_state) -> None:
         raise UserError(f"the coordinator refused this worker: {error}") from None
     except KeyboardInterrupt:
         link.close("interrupted")  # deregister, so the coordinator reassigns our columns at once
-        raise typer.Exit(130)
+        raise typer.Exit(EXIT_INTERRUPTED)
     link.close()
     logging.getLogger("worker").info("stopped: %s", reason)
 
