@@ -128,11 +128,13 @@ def _status_once_training(address: str) -> dict:
 @pytest.mark.slow
 def test_report_of_a_run_that_kept_a_standby(tmp_path):
     """A spare worker that never got a slot is in workers.json, and its bar in the report says so."""
-    harness = Harness(tmp_path)
+    # All three connect before the coordinator binds, so all register at once and the third is a spare: that
+    # needs the address beforehand, a named socket, where a TCP port picked now could be taken by then.
+    harness = Harness(tmp_path, bind=f"ipc://@scatterprop-test-{os.getpid()}-standby")
     try:
-        harness.start_coordinator("--workers", "2", "--rebalance", "never", *SHORT_RUN)
         for name in ("A", "B", "C"):
             harness.start_worker(name)
+        harness.start_coordinator("--workers", "2", "--rebalance", "never", *SHORT_RUN)
         assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
     finally:
         harness.close()
