@@ -1,3 +1,4 @@
 from bench.cli import app
+from common.cli import run
 
-app(prog_name="bench")
+run(app, "bench")

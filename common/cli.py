@@ -5,20 +5,14 @@ from typing import NoReturn
 
 import typer
 
-EXIT_FAILED = 1  # the command was fine, the run could not go on
-EXIT_USAGE = 2  # what typer itself returns for a bad option
+from common.errors import EXIT_USAGE, UserError
 
 # Whichever click typer brings (its own copy or the package), its BadParameter derives from UsageError.
 UsageError = typer.BadParameter.__bases__[0]
 
 
-def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
 def run(app: typer.Typer, prog_name: str) -> NoReturn:
-    """Run a typer app, turning a bad command line into one line instead of a usage box."""
+    """Run a typer app, turning a bad command line or a UserError into one `error:` line and its exit code."""
     command = typer.main.get_command(app)
     try:
         code = command.main(prog_name=prog_name, standalone_mode=False)
@@ -26,6 +20,9 @@ def run(app: typer.Typer, prog_name: str) -> NoReturn:
         help_hint = f" (see '{error.ctx.command_path} --help')" if error.ctx else ""
         typer.echo(f"error: {error.format_message()}{help_hint}", err=True)
         code = EXIT_USAGE
+    except UserError as error:
+        typer.echo(f"error: {error}", err=True)
+        code = error.exit_code
     sys.exit(code or 0)
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import InputError
+
 IMAGE_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 LABEL_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 IMAGE_HEADER = struct.Struct(">IIII")  # magic, count, rows, cols
@@ -23,7 +25,7 @@ CHECKSUM_FILE = "SHA256SUMS"
 EMBEDDED_MNIST = Path(str(files("common") / "mnist"))
 
 
-class DataError(Exception):
+class DataError(InputError):
     """A data set that cannot be used; the message is one line for the user."""
 
 

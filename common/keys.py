@@ -18,6 +18,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from common.errors import InputError, UserError
+
 COORDINATOR = "coordinator"
 ALLOWED = "allowed"
 WORKERS = "workers"
@@ -26,15 +28,19 @@ SECRET_MODE = 0o600  # a secret key file is readable by its owner only
 log = logging.getLogger("coordinator")
 
 
-class KeyFileError(ValueError):
-    """A key folder or key file that cannot be used; the text is one line for the user."""
+class KeyFileError(InputError):
+    """A key folder or key file that cannot be read."""
+
+
+class KeyFolderError(UserError):
+    """A folder `coordinator keygen` cannot write new keys into."""
 
 
 def generate(folder: Path, worker_names: list) -> None:
     """Write the coordinator's key pair and one per worker, laid out as the module docstring shows."""
     folder = Path(folder)
     if (folder / f"{COORDINATOR}.key_secret").exists():
-        raise KeyFileError(f"{folder} already holds keys; new ones would lock out every worker")
+        raise KeyFolderError(f"{folder} already holds keys; new ones would lock out every worker")
     try:
         (folder / ALLOWED).mkdir(parents=True, exist_ok=True)
         (folder / WORKERS).mkdir(exist_ok=True)
@@ -44,7 +50,7 @@ def generate(folder: Path, worker_names: list) -> None:
             Path(secret_file).chmod(SECRET_MODE)
             Path(public_file).replace(folder / ALLOWED / f"{name}.key")
     except OSError as error:
-        raise KeyFileError(f"cannot write keys into {folder}: {error.strerror}") from None
+        raise KeyFolderError(f"cannot write keys into {folder}: {error.strerror}") from None
 
 
 def worker_secret_file(folder: Path, name: str) -> Path:

@@ -4,7 +4,7 @@ Notation: B rows in a batch, I inputs (784), H hidden units (128), O outputs (10
 the I input columns and j of the H hidden units; the same functions serve it and the one-process run.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -23,7 +23,15 @@ class Params:
     b2: np.ndarray  # (O,)
 
     def arrays(self) -> dict:
-        return {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2}
+        return {name: getattr(self, name) for name in PARAM_NAMES}
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "Params":
+        """From a mapping that holds every name of PARAM_NAMES, such as a loaded model.npz or checkpoint."""
+        return cls(*(arrays[name] for name in PARAM_NAMES))
+
+
+PARAM_NAMES = tuple(field.name for field in fields(Params))  # also the array names in model.npz and checkpoints
 
 
 def initial_params(sizes: tuple, init: str, seed: int, dtype: str) -> Params:

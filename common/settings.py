@@ -28,6 +28,10 @@ REQUEST_DEADLINE = 30.0
 """Seconds a worker may take over one request: the largest chunk product takes well under a second,
 so a worker that heartbeats but never answers is dropped long before a run would look hung."""
 
+FAREWELL_LINGER = 0.5
+"""Seconds a leaving worker waits for its Deregister to go out: a loopback or LAN send takes milliseconds, and
+a Ctrl-C should not hang on a coordinator that is gone (then the heartbeat timeout tells it instead)."""
+
 RECONNECT_BACKOFF = (0.5, 8.0)
 """Seconds a worker waits before registering again: the first wait, doubling up to the second."""
 

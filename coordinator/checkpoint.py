@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import UserError
 from common.exposure import ExposurePlan
 from common.model import Params
 from coordinator.training import Progress, Trainer
@@ -32,8 +33,8 @@ FIELDS = ("checkpoint", "steps", "epoch", "epoch_step", "cost", "correct", "hist
           "arrays_sha256", "prev", "sha256")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be used; the text is one line for the user."""
+class CheckpointError(UserError):
+    """A checkpoint folder that cannot be used."""
 
 
 class Interrupted(Exception):
@@ -142,7 +143,7 @@ def latest(folder: Path) -> Checkpoint:
     arrays_path = folder / f"{metadata['checkpoint']:06d}.npz"
     try:
         with np.load(arrays_path, allow_pickle=False) as saved:
-            params = Params(*(saved[name] for name in ("w1", "b1", "w2", "b2")))
+            params = Params.from_arrays(saved)
             plan = ExposurePlan(saved["column_owners"], saved["unit_owners"]) if "column_owners" in saved else None
     except (OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"cannot read {arrays_path}: {error}") from None

@@ -8,31 +8,21 @@ from typing import Annotated
 import typer
 
 from common import cli, settings
-from common.cli import EXIT_FAILED, EXIT_USAGE, fail, tcp_port_checked
-from common.data import DataError
-from common.keys import KeyFileError
-from coordinator.checkpoint import CheckpointError, Interrupted
-from coordinator.cluster import ClusterError
+from common.cli import tcp_port_checked
+from common.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError, UserError
+from coordinator.checkpoint import Interrupted
 from coordinator.config import INPUT_COLUMNS, PRESETS
-from coordinator.rundir import LOG_FILE, ModelError, default_run_dir, discard_if_unstarted, logging_into
-from coordinator.status import StatusError
+from coordinator.rundir import LOG_FILE, default_run_dir, discard_if_unstarted, logging_into
+from coordinator.verify import Verify
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-USER_ERRORS = (DataError, ModelError, ClusterError, CheckpointError, KeyFileError, StatusError)
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 OPEN_BIND = "tcp://*:5555"  # workers on other machines connect to port 5555 of any of this host's addresses
 
 
 class Rebalance(str, enum.Enum):
     epoch = "epoch"
     never = "never"
-
-
-class Verify(str, enum.Enum):
-    off = "off"
-    sample = "sample"
-    all = "all"
 
 
 class SecondLayer(str, enum.Enum):
@@ -125,12 +115,12 @@ def train(
     log_format: Annotated[LogFormat, _option("LOG_FORMAT", "plain, or json: one JSON object per line.")] = LogFormat.plain,
 ):
     """Train the 784-128-10 sigmoid network on MNIST, the matrix products done by workers."""
-    from coordinator.progress import output_for
-    from coordinator.run import ClusterOptions, has_checkpoints, train as run_training
+    from coordinator.display import output_for
+    from coordinator.run import ClusterOptions, has_checkpoints, resume_point, train as run_training
     from coordinator.spawn import spawn_endpoint
 
     if preset not in PRESETS:
-        fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     overrides = dict(
         epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, hidden=hidden, loss=loss,
         dtype=dtype, data=None if data is None else str(data), train_limit=train_limit, test_limit=test_limit,
@@ -139,24 +129,24 @@ def train(
     )
     config, start = PRESETS[preset].config.with_overrides(**overrides), None
     if resume_if_exists and (run_dir is None or resume is not None):
-        fail("--resume-if-exists continues the run in --run-dir; give --run-dir and no --resume")
+        raise InputError("--resume-if-exists continues the run in --run-dir; give --run-dir and no --resume")
     if resume is not None:
         if any(value is not None for value in overrides.values()) or preset != "default" or run_dir:
-            fail("--resume continues the run with its own settings and directory; give neither with it")
-        config, start = _resume_point(resume)
+            raise InputError("--resume continues the run with its own settings and directory; give neither with it")
+        config, start = resume_point(resume)
         run_dir = resume
     elif resume_if_exists and has_checkpoints(run_dir):
-        given, (config, start) = config, _resume_point(run_dir)
+        given, (config, start) = config, resume_point(run_dir)
         if config != given:
-            fail(f"{run_dir} holds a run with other settings ({_differences(config, given)}); "
-                 "give another --run-dir, or continue it as it was with --resume", EXIT_FAILED)
+            raise UserError(f"{run_dir} holds a run with other settings ({_differences(config, given)}); "
+                            "give another --run-dir, or continue it as it was with --resume")
     if start is not None and start.progress.epoch > config.epochs:  # a second `docker-compose up` after the end
         typer.echo(f"{run_dir} holds a finished run of {config.epochs} epochs: nothing to train")
         return
     worker_count = spawn or workers or PRESETS[preset].workers  # both options are at least 1 when given
     problems = config.problems() or ([] if local else _worker_problems(config, worker_count, replicas))
     if problems:
-        fail("; ".join(problems))
+        raise InputError("; ".join(problems))
     run_dir = run_dir or default_run_dir()
     cluster = None if local else ClusterOptions(
         bind or (spawn_endpoint(run_dir) if spawn else OPEN_BIND), worker_count, spawn is not None, wait_timeout,
@@ -168,18 +158,18 @@ def train(
     try:
         with output_for(quiet, log_format.value, config.epochs, config.report_every) as output, logging_into(run_dir):
             run_training(config, run_dir, cluster, output.epoch, start=start, on_status=output.status)
-    except USER_ERRORS as error:
+    except UserError:
         if fresh:  # a start that failed (a port in use, no workers) leaves no directory to wonder about
             discard_if_unstarted(run_dir)
-        fail(str(error), EXIT_USAGE if isinstance(error, DataError) else EXIT_FAILED)
+        raise
     except Interrupted as stop:
         typer.echo(f"interrupted: {stop}; continue with `coordinator train --resume {run_dir}`", err=True)
         raise typer.Exit(128 + stop.signal)  # 130 after a Ctrl-C; 143 after SIGTERM, as for any process it stops
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED)
-    except Exception as error:  # a bug: one line here, the traceback in the run's log
+    except Exception as error:  # a bug, ours not the user's, yet shown alike: one line, the traceback in the log
         text = str(error).partition("\n")[0]
-        fail(f"internal: {type(error).__name__}: {text} (traceback in {run_dir / LOG_FILE})", EXIT_FAILED)
+        raise UserError(f"internal: {type(error).__name__}: {text} (traceback in {run_dir / LOG_FILE})") from None
 
 
 def _worker_problems(config, workers: int, replicas: int) -> list:
@@ -192,16 +182,6 @@ def _worker_problems(config, workers: int, replicas: int) -> list:
         return [f"{workers} workers cannot share {inputs} input columns and {config.hidden} hidden units "
                 f"(each needs one of both); use at most {most} (--workers or --spawn)"]
     return []
-
-
-def _resume_point(run_dir: Path) -> tuple:
-    """(config, checkpoint) to continue the run in `run_dir` from, or the error's line and exit."""
-    from coordinator.run import resume_point
-
-    try:
-        return resume_point(run_dir)
-    except CheckpointError as error:
-        fail(str(error), EXIT_FAILED)
 
 
 def _differences(saved, given) -> str:
@@ -221,10 +201,7 @@ def keygen(
     from coordinator.spawn import worker_names
 
     names = worker_names(workers)
-    try:
-        generate(folder, names)
-    except KeyFileError as error:
-        fail(str(error), EXIT_FAILED)
+    generate(folder, names)
     typer.echo(f"wrote keys for the coordinator and workers {', '.join(names)} into {folder}")
     typer.echo(f"give each worker {folder / WORKERS}/<name>.key_secret and {folder}/coordinator.key;")
     typer.echo(f"the coordinator admits the public keys in {folder / ALLOWED}")
@@ -244,9 +221,9 @@ def verify_chain(
 
     links, broken = read_chain(run_dir / FOLDER)
     if broken:
-        fail(f"{broken} (after {len(links)} intact)", EXIT_FAILED)
+        raise UserError(f"{broken} (after {len(links)} intact)")
     if not links:
-        fail(f"no checkpoints in {run_dir / FOLDER}", EXIT_FAILED)
+        raise UserError(f"no checkpoints in {run_dir / FOLDER}")
     typer.echo(f"chain intact: {len(links)} checkpoints, the last after step {links[-1]['steps']}")
 
 
@@ -258,10 +235,7 @@ def evaluate(
     """Print the test accuracy of a saved model."""
     from coordinator.run import evaluate_model
 
-    try:
-        accuracy = evaluate_model(model, data)
-    except USER_ERRORS as error:
-        fail(str(error))
+    accuracy = evaluate_model(model, data)
     typer.echo(f"test accuracy {accuracy:.2%}")
 
 
@@ -272,13 +246,10 @@ def status(
     log_format: Annotated[LogFormat, _option("LOG_FORMAT", "plain, or json: the status as one JSON object.")] = LogFormat.plain,
 ):
     """Show a running coordinator's workers, epoch and step (read-only)."""
-    from coordinator.progress import print_workers
+    from coordinator.display import print_workers
     from coordinator.status import request_status
 
-    try:
-        snapshot = request_status(connect, timeout)
-    except StatusError as error:
-        fail(str(error), EXIT_FAILED)
+    snapshot = request_status(connect, timeout)
     if log_format == LogFormat.json:
         typer.echo(snapshot.to_json())
         return
@@ -298,12 +269,9 @@ def conformance(
     ] = 60.0,
 ):
     """Check a worker of any language against docs/PROTOCOL.md: one PASS or FAIL line per check."""
-    from coordinator.conformance import ConformanceError, Probe, run_checks
+    from coordinator.conformance import Probe, run_checks
 
-    try:
-        probe = Probe(bind)
-    except ConformanceError as error:
-        fail(str(error), EXIT_FAILED)
+    probe = Probe(bind)
     typer.echo(f"waiting for a worker on {probe.endpoint}")
     try:
         checks = run_checks(probe, wait_timeout, report=lambda check: typer.echo(str(check)))
@@ -321,11 +289,8 @@ def report(
     out: Annotated[Path | None, _option("REPORT_OUT", "Where to write the PNGs (default: RUN_DIR/report).")] = None,
 ):
     """Draw a run's learning curves, exposure map and per-worker time and bytes as PNG files."""
-    from coordinator.report import ReportError, write_report
+    from coordinator.report import write_report
 
-    try:
-        written = write_report(run_dir, out or run_dir / "report")
-    except ReportError as error:
-        fail(str(error), EXIT_FAILED)
+    written = write_report(run_dir, out or run_dir / "report")
     for path in written:
         typer.echo(str(path))

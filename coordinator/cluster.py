@@ -11,6 +11,7 @@ from pathlib import Path
 import zmq
 
 from common import keys, phases, protocol, settings
+from common.errors import UserError
 from common.protocol import Stop
 from coordinator.scheduler import Admit, Arrived, Disconnect, Garbled, Refused, Scheduler, Send, Tick, Unreachable
 
@@ -22,7 +23,7 @@ MAX_COUNTED_PEERS = 100_000  # distinct strangers counted for one summary line; 
 MAX_FRAMES_BEFORE_TICK = 1000  # frames read before a due liveness check: a flood cannot stop the clock
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError):
     """The cluster cannot go on (all workers lost, none arriving); the text is one line for the user."""
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import zmq
 
 from common import model, protocol, settings
+from common.errors import UserError
 from common.protocol import (
     Failure, FirstLayer, Heartbeat, Register, RegisterAgain, Reject, Result, SecondBackward, SecondForward, Shard, Stop,
     Welcome,
@@ -32,7 +33,7 @@ SPLIT_ROWS = {"train": 10, "test": 7}
 CHUNK_ROWS = 4  # rows per shard chunk: several chunks per split
 
 
-class ConformanceError(RuntimeError):
+class ConformanceError(UserError):
     """The checks cannot start (the address cannot be bound); the text is one line for the user."""
 
 

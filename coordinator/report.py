@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import UserError
+
 PLOT_EXTRA = "pip install 'scatterprop[plot]'"
 DPI = 120
 
 
-class ReportError(RuntimeError):
-    """A report that cannot be drawn; the text is one line for the user."""
+class ReportError(UserError):
+    """A report that cannot be drawn."""
 
 
 def write_report(run_dir: Path, out_dir: Path) -> list:

@@ -115,8 +115,7 @@ def train(
     records = RunDirectory(run_dir, start.history)
     records.save_config(config, mode="local" if cluster is None else "distributed")
     trainer = None
-    initial_status = RunStatus("waiting for workers", 1, config.epochs, 0, len(data.train_labels), config.batch_size)
-    watch = RunWatch(initial_status, [on_status] if on_status else [])
+    watch = _unstarted_watch(config, data, [on_status] if on_status else [])
 
     def position() -> tuple:
         progress = trainer.progress if trainer else start.progress
@@ -141,6 +140,12 @@ def train(
             trainer.train(on_epoch_recorded, on_batch_watched, checkpoints.after_step)
     records.save_model(trainer.params, config.input_divisor)
     return trainer.params
+
+
+def _unstarted_watch(config: TrainingConfig, data: Dataset, listeners: list) -> RunWatch:
+    """A RunWatch of a run before its first batch."""
+    samples = len(data.train_labels)
+    return RunWatch(RunStatus("waiting for workers", 1, config.epochs, 0, samples, config.batch_size), listeners)
 
 
 @contextmanager
@@ -183,7 +188,7 @@ def products_backend(
     if cluster_options is None:
         yield LocalProducts({s: model.inputs(images_of(data, s), config.dtype, config.input_divisor) for s in SPLITS})
         return
-    watch = watch or RunWatch(RunStatus("training", 1, config.epochs, 0, len(data.train_labels), config.batch_size))
+    watch = watch or _unstarted_watch(config, data, [])
     with _allow_list(cluster_options.curve_keys), _cluster_products(
         config, data, sizes, cluster_options, records, start, watch, position
     ) as products:

@@ -12,17 +12,21 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import InputError, UserError
 from common.exposure import ExposurePlan
-from common.model import Params
+from common.model import PARAM_NAMES, Params
 
-MODEL_ARRAYS = ("w1", "b1", "w2", "b2")
 LOG_FILE = "coordinator.log"
 
 log = logging.getLogger("coordinator")
 
 
-class ModelError(ValueError):
-    """A model file that cannot be used; the text is one line for the user."""
+class ModelError(InputError):
+    """A model file that cannot be used."""
+
+
+class RunDirectoryError(UserError):
+    """A run directory that cannot be written."""
 
 
 def default_run_dir() -> Path:
@@ -37,7 +41,7 @@ def logging_into(path: Path):
         path.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(path / LOG_FILE)
     except OSError as error:
-        raise ModelError(f"cannot write run directory {path}: {error.strerror}") from None
+        raise RunDirectoryError(f"cannot write run directory {path}: {error.strerror}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     try:
@@ -70,7 +74,7 @@ class RunDirectory:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "history.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in history))
         except OSError as error:
-            raise ModelError(f"cannot write run directory {self.path}: {error.strerror}") from None
+            raise RunDirectoryError(f"cannot write run directory {self.path}: {error.strerror}") from None
 
     def save_config(self, config, **extra) -> None:
         text = json.dumps({**dataclasses.asdict(config), **extra}, indent=2)
@@ -121,10 +125,10 @@ def load_model(path: Path) -> tuple:
         raise ModelError(f"{path} is not a model file (a model.npz written by `coordinator train`)")
     try:
         with np.load(path, allow_pickle=False) as saved:
-            arrays = {name: saved[name] for name in (*MODEL_ARRAYS, "input_divisor")}
+            arrays = {name: saved[name] for name in (*PARAM_NAMES, "input_divisor")}
     except (OSError, ValueError, KeyError) as error:
         raise ModelError(f"cannot read model {path}: {error}") from None
-    params = Params(*(arrays[name] for name in MODEL_ARRAYS))
+    params = Params.from_arrays(arrays)
     inputs, hidden = params.w1.shape if params.w1.ndim == 2 else (0, 0)
     shapes_fit = params.b1.shape == (hidden,) and params.w2.ndim == 2 and params.w2.shape[0] == hidden
     if not (hidden and shapes_fit and params.b2.shape == (params.w2.shape[1],)):

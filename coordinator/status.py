@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from common.errors import UserError
 from common.settings import MAX_STATUS_REQUEST_BYTES, STATUS_POLL_INTERVAL
+from coordinator.training import batches
 
 
-class StatusError(RuntimeError):
-    """The status socket cannot be bound or a coordinator does not answer; one line for the user."""
+class StatusError(UserError):
+    """The status socket cannot be bound or a coordinator does not answer."""
 
 
 @dataclass(frozen=True)
@@ -50,11 +52,11 @@ class RunStatus:
 
     @property
     def step(self) -> int:
-        return -(-self.samples // self.batch_size)
+        return batches(self.samples, self.batch_size)
 
     @property
     def steps_per_epoch(self) -> int:
-        return -(-self.samples_per_epoch // self.batch_size)
+        return batches(self.samples_per_epoch, self.batch_size)
 
     def summary(self) -> str:
         return (f"{self.state}  epoch {self.epoch}/{self.epochs}  step {self.step}/{self.steps_per_epoch}"
@@ -118,8 +120,8 @@ class RunWatch:
 class StatusServer:
     """A REP socket answering every request with the latest RunStatus as JSON, from a thread of its own."""
 
-    def __init__(self, bind: str, context: zmq.Context | None = None):
-        self.socket = (context or zmq.Context.instance()).socket(zmq.REP)
+    def __init__(self, bind: str):
+        self.socket = zmq.Context.instance().socket(zmq.REP)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_STATUS_REQUEST_BYTES)
         try:
@@ -148,9 +150,9 @@ class StatusServer:
         self.socket.close()
 
 
-def request_status(address: str, timeout: float, context: zmq.Context | None = None) -> RunStatus:
+def request_status(address: str, timeout: float) -> RunStatus:
     """Ask the status socket at `address` for its latest snapshot."""
-    socket = (context or zmq.Context.instance()).socket(zmq.REQ)
+    socket = zmq.Context.instance().socket(zmq.REQ)
     socket.setsockopt(zmq.LINGER, 0)
     try:
         socket.connect(address)

@@ -27,6 +27,11 @@ class Progress:
     correct: int = 0
 
 
+def batches(samples: int, batch_size: int) -> int:
+    """Batches that hold `samples` images, the last one possibly short."""
+    return -(-samples // batch_size)
+
+
 def batch_order(seed: int, epoch: int, size: int) -> np.ndarray:
     """The epoch's shuffled row order: recomputed from the seed, so a resumed run draws the same batches."""
     return np.random.default_rng([seed, epoch]).permutation(size).astype(np.int32)
@@ -79,7 +84,7 @@ class Trainer:
 
     @property
     def steps_per_epoch(self) -> int:
-        return -(-len(self.labels["train"]) // self.config.batch_size)
+        return batches(len(self.labels["train"]), self.config.batch_size)
 
     @property
     def steps_done(self) -> int:

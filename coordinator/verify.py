@@ -10,6 +10,7 @@ happens with probability about 0.8 t_i / |delta|, so an error well above the rou
 almost surely, and each further check multiplies the escape odds again.
 """
 
+import enum
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,17 @@ import numpy as np
 from common import model
 from common.protocol import FirstLayer, SecondBackward, SecondForward
 
-VERIFY_MODES = ("off", "sample", "all")
+
+
+class Verify(str, enum.Enum):
+    """Which results are Freivalds-checked: none, a secret random sample, or all."""
+
+    off = "off"
+    sample = "sample"
+    all = "all"
+
+
+VERIFY_MODES = tuple(mode.value for mode in Verify)  # as bench's comma-separated option names them
 SAFETY = 2.0  # on top of the worst-case bounds, which already count the check's own rounding
 
 
@@ -41,14 +52,12 @@ class Verifier:
         self.rate = rate
         self.rng = rng  # secret: the worker cannot tell which answers are checked
         self.inputs = inputs  # (split, rows, columns) -> (B, k) float inputs, as the workers compute them
-        self.checks = 0
 
     def chosen(self) -> bool:
         return self.mode == "all" or (self.mode == "sample" and self.rng.random() < self.rate)
 
     def check(self, request, products: dict, columns: np.ndarray, forward: SecondForward | None) -> Evidence | None:
         """Evidence against one result, or None; `forward` is the worker's last SecondForward."""
-        self.checks += 1
         if isinstance(request, FirstLayer):
             return self._first_layer(request, products, columns)
         if isinstance(request, SecondForward):

@@ -11,22 +11,46 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.model import PARAM_NAMES
+
 LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"
 PROCESS_TIMEOUT = 300  # seconds; a run that takes longer is a hang, not a slow machine
 
 
-def run_cli(program: str, *args, timeout: float = PROCESS_TIMEOUT) -> subprocess.CompletedProcess:
-    """Run `coordinator ...` or `worker ...` as a real process and capture its output."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", program, *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+def start(program: str, *args, env: dict | None = None, prefix: tuple = (), **popen) -> subprocess.Popen:
+    """`python -m program args` as a real process (after `prefix`, such as `ip netns exec NAME`): unbuffered, so
+    its lines arrive as it writes them, and reading no stdin; `popen` says where its output goes."""
+    return subprocess.Popen(
+        [*prefix, sys.executable, "-m", program, *map(str, args)], stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, **popen,
     )
+
+
+def run_cli(program: str, *args, timeout: float = PROCESS_TIMEOUT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `coordinator ...`, `worker ...` or `bench ...` to its end and capture its output."""
+    with start(program, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    """The process failed with `code` and said why in one `error:` line, its last, holding every word: no
+    traceback, no usage box (what it logged before, such as the address it bound, may stand above)."""
+    assert done.returncode == code, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr and "Usage:" not in done.stderr, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), done.stderr[-2000:]
+    for word in words:
+        assert word in lines[-1], lines[-1]
 
 
 def load_model(run_dir) -> dict:
     with np.load(run_dir / "model.npz") as saved:
-        return {name: saved[name] for name in ("w1", "b1", "w2", "b2")}
+        return {name: saved[name] for name in PARAM_NAMES}
 
 
 def max_difference(first: dict, second: dict) -> float:

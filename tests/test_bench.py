@@ -20,6 +20,7 @@ ROUNDS_PER_STEP = {"workers": 3, "coordinator": 1}
 ECHO_TIMEOUT = 60.0  # seconds; echo workers that take longer to start or answer are hung
 
 
+@pytest.mark.slow
 def test_bench_writes_json_for_floor_cluster_and_transport(tmp_path):
     out = tmp_path / "results.json"
     done = run_cli("bench", "--workers", "2", "--batch-sizes", "64", "--epochs", "1", "--repeats", "1",
@@ -45,6 +46,7 @@ def test_bench_writes_json_for_floor_cluster_and_transport(tmp_path):
     assert "| transport | workers | - | 2 | 64 |" in done.stdout
 
 
+@pytest.mark.slow
 def test_bench_without_transport(tmp_path):
     out = tmp_path / "results.json"
     done = run_cli("bench", "--workers", "1", "--batch-sizes", "64", "--repeats", "1", "--train-limit", "128",
@@ -53,6 +55,7 @@ def test_bench_without_transport(tmp_path):
     assert [row["mode"] for row in json.loads(out.read_text())] == ["local", "cluster"]
 
 
+@pytest.mark.slow
 def test_a_cluster_session_keeps_its_workers_through_a_long_wait_between_epochs():
     """While the other modes take their turns the cluster's coordinator waits; its workers must not give it up."""
     session = training_session(TrainingConfig(batch_size=64, train_limit=640, test_limit=0), 2)
@@ -87,6 +90,7 @@ def test_echo_requests_share_whole_bytes_and_ask_for_their_reply():
     assert [len(frame) for frame in echo.requests(2.0, 40.0, 3)] == [echo.HEADER] * 3  # never shorter than the header
 
 
+@pytest.mark.slow
 def test_echo_workers_answer_with_the_asked_size_and_leave():
     frames = echo.requests(1000.0, 333.5, 3)
     with echo.EchoRouter(LOOPBACK_ANY_PORT, 3, ECHO_TIMEOUT) as router:

@@ -4,6 +4,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here starts real processes
+
 HOGS = 8  # busy loops on the 2-core reference machine: a load average near 10, as seen when it failed
 
 

@@ -5,8 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,8 +17,8 @@ from coordinator import checkpoint, run
 from coordinator.checkpoint import Checkpoint, read_chain
 from coordinator.config import PRESETS
 from coordinator.training import Progress
-from tests.cluster_harness import Harness
-from tests.conftest import LOOPBACK_ANY_PORT, PROCESS_TIMEOUT, load_model, max_difference, run_cli
+from tests.cluster_harness import Harness, wait_for
+from tests.conftest import LOOPBACK_ANY_PORT, PROCESS_TIMEOUT, load_model, max_difference, run_cli, start
 
 TOLERANCE = 1e-6
 # 2,000 images in batches of 20: 100 steps an epoch, checkpointed every 25 steps and after each epoch.
@@ -114,18 +112,24 @@ def test_local_run_resumed_after_a_crash_is_bit_for_bit_the_same(tmp_path):
 
 def _start_training(run_dir: Path, *args) -> subprocess.Popen:
     """A coordinator leading its own process group, which its spawned workers join, as in a terminal."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "coordinator", "train", "--run-dir", str(run_dir), *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
-    )
+    return start("coordinator", "train", "--run-dir", run_dir, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                 text=True, start_new_session=True)
 
 
 def _when_first_checkpoint_appears(process: subprocess.Popen, run_dir: Path) -> None:
-    deadline = time.monotonic() + PROCESS_TIMEOUT
-    while not list((run_dir / "checkpoints").glob("*.json")):
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
-        time.sleep(0.01)
+    _until(lambda: any((run_dir / "checkpoints").glob("*.json")), process, "the first checkpoint")
+
+
+def _until(condition, process: subprocess.Popen, what: str) -> None:
+    """Until `condition` holds, failing loudly if `process` ends first or the deadline passes."""
+
+    def holds() -> bool:
+        if process.poll() is not None:
+            said = process.stderr.read()[-2000:] if process.stderr else ""
+            raise AssertionError(f"exited with {process.returncode} before {what}: {said}")
+        return condition()
+
+    wait_for(holds, PROCESS_TIMEOUT, what)
 
 
 def _children(pid: int) -> list:
@@ -147,6 +151,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_killed_coordinator_resumes_to_the_same_weights(tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     coordinator = _start_training(run_dir, *SPAWNED, *RUN)
@@ -183,6 +188,7 @@ def _worker_named(coordinator_pid: int, name: str) -> int:
     raise AssertionError(f"no spawned worker named {name}")
 
 
+@pytest.mark.slow
 def test_resume_after_a_worker_was_lost_keeps_the_reassigned_plan(tmp_path, uninterrupted):
     """Three workers, one killed, the plan spread over two; the coordinator killed; resumed on two."""
     run_dir = tmp_path / "run"
@@ -190,9 +196,7 @@ def test_resume_after_a_worker_was_lost_keeps_the_reassigned_plan(tmp_path, unin
     _when_first_checkpoint_appears(coordinator, run_dir)
     killed_slot = _slot_held_by(run_dir, "B")  # workers register in any order, so B may hold any slot
     os.kill(_worker_named(coordinator.pid, "B"), signal.SIGKILL)
-    while len(_last_checkpoint_slots(run_dir)[0]) == 3:
-        assert coordinator.poll() is None, coordinator.communicate()[1][-2000:]
-        time.sleep(0.01)
+    _until(lambda: len(_last_checkpoint_slots(run_dir)[0]) < 3, coordinator, "a checkpoint of the plan without B")
     coordinator.send_signal(signal.SIGKILL)
     coordinator.communicate()
     slots, steps = _last_checkpoint_slots(run_dir)
@@ -201,6 +205,7 @@ def test_resume_after_a_worker_was_lost_keeps_the_reassigned_plan(tmp_path, unin
     assert max_difference(load_model(run_dir), load_model(uninterrupted)) < TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop, code", [
     (lambda pid: os.killpg(pid, signal.SIGINT), 130),  # a Ctrl-C in a terminal reaches the whole group
     (lambda pid: os.kill(pid, signal.SIGTERM), 143),  # `docker stop` signals the container's first process only
@@ -222,6 +227,7 @@ def test_stop_request_checkpoints_stops_the_workers_and_exits_128_plus_signal(tm
     assert max_difference(load_model(run_dir), load_model(uninterrupted)) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_verify_chain_names_a_tampered_checkpoint(tmp_path, uninterrupted):
     run_dir = shutil.copytree(uninterrupted, tmp_path / "run")
     assert len(list((run_dir / "checkpoints").glob("*.json"))) == 16  # 3 in each epoch, and its end
@@ -233,6 +239,7 @@ def test_verify_chain_names_a_tampered_checkpoint(tmp_path, uninterrupted):
     assert refused.returncode == 1 and refused.stderr.startswith("error: checkpoint 000006 is broken")
 
 
+@pytest.mark.slow
 def test_resume_errors_are_one_line(tmp_path, uninterrupted):
     nothing = run_cli("coordinator", "train", "--resume", tmp_path, "--local")
     assert (nothing.returncode, nothing.stderr.strip()) == (1, f"error: no checkpoints in {tmp_path / 'checkpoints'}")
@@ -246,6 +253,7 @@ def test_resume_errors_are_one_line(tmp_path, uninterrupted):
     assert other_plan.returncode == 1 and "has 2 worker slots" in other_plan.stderr
 
 
+@pytest.mark.slow
 def test_workers_reconnect_on_their_own_to_a_resumed_coordinator(tmp_path, uninterrupted):
     harness = Harness(tmp_path)
     try:

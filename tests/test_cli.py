@@ -1,17 +1,23 @@
 """The command lines as a user meets them: real processes, real sockets, and one-line errors."""
 
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+import zmq
 
-from common import model
+from common import model, protocol, settings
+from common.protocol import Register
 from coordinator.config import PRESETS
 from coordinator.run import XOR_LABELS, XOR_ROWS
 from tests.cli_reference import README
-from tests.conftest import LOOPBACK_ANY_PORT, load_model, run_cli
+from tests.conftest import LOOPBACK_ANY_PORT, assert_one_line_error, lines_of, load_model, run_cli, start, wait_for_line
 
 # What keeps each preset's documented command short here; the options come after the README's, so they win.
 PRESET_SHORTENINGS = {
@@ -30,15 +36,7 @@ def documented_commands() -> dict:
     return commands
 
 
-def _one_line_error(done, code: int, *words: str) -> None:
-    assert done.returncode == code, (done.returncode, done.stderr[-2000:])
-    assert "Traceback" not in done.stderr
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), last
-    for word in words:
-        assert word in last, last
-
-
+@pytest.mark.slow
 def test_train_on_two_spawned_workers_then_evaluate(train_run):
     done, run_dir = train_run("--spawn", 2, "--train-limit", "1000", "--epochs", "2", "--dtype", "float64")
     assert [line.split()[:2] for line in done.stdout.splitlines()] == [["epoch", "1/2"], ["epoch", "2/2"]]
@@ -62,6 +60,7 @@ def test_train_on_two_spawned_workers_then_evaluate(train_run):
     assert evaluated.stdout.strip() == f"test accuracy {history[-1]['test_accuracy']:.2%}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_each_preset_runs_as_documented(train_run, preset):
     arguments = documented_commands().get(preset)
@@ -75,11 +74,13 @@ def test_each_preset_runs_as_documented(train_run, preset):
         assert ((outputs > 0.5) == XOR_LABELS).all(), outputs
 
 
+@pytest.mark.slow
 def test_xor_preset_waits_for_its_two_workers(train_run):
     done, _ = train_run("--preset", "xor", "--bind", LOOPBACK_ANY_PORT, "--wait-timeout", "0.5", expect_ok=False)
-    _one_line_error(done, 1, "only 0 of 2 workers registered")
+    assert_one_line_error(done, 1, "only 0 of 2 workers registered")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -96,10 +97,11 @@ def test_xor_preset_waits_for_its_two_workers(train_run):
 )
 def test_worker_counts_and_addresses_refused_in_one_line(train_run, args, words):
     done, run_dir = train_run(*args, expect_ok=False)
-    _one_line_error(done, 2, *words)
+    assert_one_line_error(done, 2, *words)
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_seed_preset_settings(train_run):
     _, run_dir = train_run("--preset", "seed", "--local", "--epochs", "1", "--train-limit", "5000",
                            "--test-limit", "100")
@@ -108,6 +110,7 @@ def test_seed_preset_settings(train_run):
     assert (config["dtype"], config["loss"], config["init"], config["seed"]) == ("float64", "mse", "legacy", 402)
 
 
+@pytest.mark.slow
 def test_options_override_a_preset(train_run):
     _, run_dir = train_run("--preset", "seed", "--local", "--epochs", "1", "--train-limit", "100",
                            "--test-limit", "10", "--lr", "0.01", "--dtype", "float32")
@@ -115,6 +118,7 @@ def test_options_override_a_preset(train_run):
     assert (config["learning_rate"], config["dtype"], config["batch_size"]) == (0.01, "float32", 60000)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -126,93 +130,114 @@ def test_options_override_a_preset(train_run):
 )
 def test_bad_settings_fail_in_one_line(train_run, args, words):
     done, _ = train_run("--local", *args, expect_ok=False)
-    _one_line_error(done, 2, *words)
+    assert_one_line_error(done, 2, *words)
 
 
+@pytest.mark.slow
 def test_missing_data_folder(train_run, tmp_path):
     done, _ = train_run("--local", "--data", tmp_path / "absent", expect_ok=False)
-    _one_line_error(done, 2, "does not exist")
+    assert_one_line_error(done, 2, "does not exist")
 
 
+@pytest.mark.slow
 def test_corrupt_data_folder(train_run, tmp_path):
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte"):
         (tmp_path / name).write_bytes(b"\x00\x00\x08\x03garbage")
     done, _ = train_run("--local", "--data", tmp_path, expect_ok=False)
-    _one_line_error(done, 2, "train-images-idx3-ubyte")
+    assert_one_line_error(done, 2, "train-images-idx3-ubyte")
 
 
+@pytest.mark.slow
 def test_no_workers_arrive(train_run):
     done, run_dir = train_run("--workers", "2", "--bind", LOOPBACK_ANY_PORT, "--wait-timeout", "0.5", expect_ok=False)
-    _one_line_error(done, 1, "only 0 of 2 workers registered")
+    assert_one_line_error(done, 1, "only 0 of 2 workers registered")
     assert not run_dir.exists()  # a failed start leaves nothing behind
 
 
+@pytest.mark.slow
 def test_port_in_use(train_run):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         done, run_dir = train_run("--workers", "1", "--bind", f"tcp://127.0.0.1:{port}", expect_ok=False)
-    _one_line_error(done, 1, "cannot bind", str(port), "--bind")
+    assert_one_line_error(done, 1, "cannot bind", str(port), "--bind")
     assert not run_dir.exists()
 
 
-def test_an_internal_error_is_one_line_and_a_traceback_in_the_log(tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
+def test_an_internal_error_is_one_line_and_a_traceback_in_the_log(tmp_path, monkeypatch, capsys):
     from coordinator import run
-    from coordinator.cli import app
+    from coordinator.cli import console_script
 
     def broken_training(*args, **kwargs):
         run.log.warning("about to fail")  # (in pytest the root logger stays at WARNING)
         raise KeyError("gone")
 
     monkeypatch.setattr(run, "train", broken_training)
-    result = CliRunner().invoke(app, ["train", "--local", "--quiet", "--run-dir", str(tmp_path / "run")])
-    assert result.exit_code == 1
-    assert result.output.strip().splitlines()[-1].startswith("error: internal: KeyError: 'gone' (traceback in ")
-    assert "Traceback" not in result.output
+    monkeypatch.setattr(sys, "argv", ["coordinator", "train", "--local", "--quiet", "--run-dir", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as exit:
+        console_script()
+    assert exit.value.code == 1
+    shown = capsys.readouterr().err
+    assert shown.strip().splitlines()[-1].startswith("error: internal: KeyError: 'gone' (traceback in ")
+    assert "Traceback" not in shown
     log = (tmp_path / "run" / "coordinator.log").read_text()
     assert "about to fail" in log and "Traceback" in log and 'raise KeyError("gone")' in log
 
 
+@pytest.mark.slow
 def test_evaluate_a_missing_or_bogus_model(tmp_path):
-    _one_line_error(run_cli("coordinator", "evaluate", "--model", tmp_path / "none.npz"), 2, "cannot read model")
+    assert_one_line_error(run_cli("coordinator", "evaluate", "--model", tmp_path / "none.npz"), 2, "cannot read model")
     np.savez(tmp_path / "bogus.npz", w1=np.zeros((784, 5)), b1=np.zeros(6), w2=np.zeros((5, 10)), b2=np.zeros(10),
              input_divisor=np.array(255.0))
-    _one_line_error(run_cli("coordinator", "evaluate", "--model", tmp_path / "bogus.npz"), 2, "inconsistent")
+    assert_one_line_error(run_cli("coordinator", "evaluate", "--model", tmp_path / "bogus.npz"), 2, "inconsistent")
     np.savez(tmp_path / "pickled.npz", w1=np.array([object()]), b1=np.zeros(6), w2=np.zeros((5, 10)),
              b2=np.zeros(10), input_divisor=np.array(255.0))
-    _one_line_error(run_cli("coordinator", "evaluate", "--model", tmp_path / "pickled.npz"), 2, "cannot read")
+    assert_one_line_error(run_cli("coordinator", "evaluate", "--model", tmp_path / "pickled.npz"), 2, "cannot read")
     assert run_cli("coordinator", "keygen", tmp_path / "keys", "--workers", "1").returncode == 0
     done = run_cli("coordinator", "evaluate", "--model", tmp_path / "keys" / "coordinator.key")
-    _one_line_error(done, 2, "not a model file")
+    assert_one_line_error(done, 2, "not a model file")
     assert "pickle" not in done.stderr
 
 
+@pytest.mark.slow
 def test_verify_chain_of_a_missing_directory(tmp_path):
-    _one_line_error(run_cli("coordinator", "verify-chain", tmp_path / "absent"), 2, "does not exist")
+    assert_one_line_error(run_cli("coordinator", "verify-chain", tmp_path / "absent"), 2, "does not exist")
 
 
+@pytest.mark.slow
 def test_worker_that_finds_no_coordinator_keeps_trying():
-    import subprocess
-    import sys
-
-    worker = subprocess.Popen([sys.executable, "-m", "worker", "--connect", "tcp://127.0.0.1:9"],
-                              stderr=subprocess.PIPE, text=True)
+    """A coordinator's port that never answers: the worker says it registers again, and does."""
+    context = zmq.Context()
+    silent = context.socket(zmq.ROUTER)
+    silent.linger = 0
+    silent.bind(LOOPBACK_ANY_PORT)
+    address = silent.getsockopt_string(zmq.LAST_ENDPOINT)
+    worker = start("worker", "--connect", address, stderr=subprocess.PIPE, text=True)
     try:
-        with pytest.raises(subprocess.TimeoutExpired):
-            worker.wait(2)
+        deadline = time.monotonic() + 10 * settings.HEARTBEAT_TIMEOUT
+        seen = wait_for_line(lines_of(worker.stderr), "registering again", deadline)
+        assert seen and "registering again" in seen[-1], seen
+        registrations = [protocol.decode(_receive(silent, deadline)[-1]) for _ in range(2)]
+        assert all(isinstance(message, Register) for message in registrations)  # the first, and once more
+        assert worker.poll() is None
     finally:
         worker.kill()
         worker.wait()
+        context.destroy(linger=0)
+
+
+def _receive(socket: zmq.Socket, deadline: float) -> list:
+    """One message's frames, or a loud failure once the deadline has passed."""
+    assert socket.poll(max(0.0, deadline - time.monotonic()) * 1000), "nothing arrived before the deadline"
+    return socket.recv_multipart()
 
 
 def test_workers_table_fits_80_columns():
     from rich.console import Console
 
-    from coordinator.progress import workers_table
+    from coordinator.display import workers_table
     from coordinator.status import WorkerStatus
 
     workers = [WorkerStatus(name, slot, 112, 18, 123456, 0.0123, 123.4, 1_234_567_890, 9_876_543_210)
@@ -227,20 +252,23 @@ def test_workers_table_fits_80_columns():
     assert len(lines) == 2 + len(workers) and max(map(len, lines)) <= 80
 
 
+@pytest.mark.slow
 def test_a_spawned_worker_that_fails_shows_its_last_lines(train_run, tmp_path):
     assert run_cli("coordinator", "keygen", tmp_path / "keys", "--workers", "2").returncode == 0
     (tmp_path / "keys" / "workers" / "B.key_secret").write_text("not a key\n")
     done, run_dir = train_run("--spawn", "2", "--curve-keys", tmp_path / "keys", "--wait-timeout", "5",
                               expect_ok=False)
-    _one_line_error(done, 1, "only 1 of 2 workers registered")
+    assert_one_line_error(done, 1, "only 1 of 2 workers registered")
     assert re.search(r"spawned worker B exited with code 2; the end of \S+B\.log:\n.*error: cannot read key file",
                      done.stderr), done.stderr[-2000:]
     assert "spawned worker A" not in done.stderr
 
 
+@pytest.mark.slow
 def test_worker_told_to_give_up_exits_after_that_long_without_a_word():
-    done = run_cli("worker", "--connect", "tcp://127.0.0.1:9", "--give-up-after", "1", timeout=30)
-    _one_line_error(done, 1, "no word from tcp://127.0.0.1:9", "gave up after 1 s")
+    nobody = f"ipc://@scatterprop-nobody-{os.getpid()}"  # an abstract Unix socket that nothing binds
+    done = run_cli("worker", "--connect", nobody, "--give-up-after", "1", timeout=30)
+    assert_one_line_error(done, 1, f"no word from {nobody}", "gave up after 1 s")
 
 
 SMALL_LOCAL = ("--train-limit", "200", "--test-limit", "50", "--epochs", "2")
@@ -250,6 +278,7 @@ def _trained(run_dir, *args):
     return run_cli("coordinator", "train", "--local", "--run-dir", run_dir, "--resume-if-exists", *args, *SMALL_LOCAL)
 
 
+@pytest.mark.slow
 def test_resume_if_exists_starts_continues_and_knows_a_finished_run(tmp_path):
     run_dir = tmp_path / "run"
     started = _trained(run_dir)
@@ -262,5 +291,5 @@ def test_resume_if_exists_starts_continues_and_knows_a_finished_run(tmp_path):
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert finished.stdout.strip() == f"{run_dir} holds a finished run of 2 epochs: nothing to train"
     changed = _trained(run_dir, "--batch-size", "10")
-    _one_line_error(changed, 1, "holds a run with other settings (batch_size 32, not 10)")
-    _one_line_error(run_cli("coordinator", "train", "--local", "--resume-if-exists"), 2, "give --run-dir")
+    assert_one_line_error(changed, 1, "holds a run with other settings (batch_size 32, not 10)")
+    assert_one_line_error(run_cli("coordinator", "train", "--local", "--resume-if-exists"), 2, "give --run-dir")

@@ -30,6 +30,7 @@ def _name_option(worker: str) -> list:
     return ["--name", worker] if worker == "ours" else [worker]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("worker", list(WORKERS))
 def test_checks_pass_and_fail_as_they_should(worker):
     probe = Probe(LOOPBACK_ANY_PORT)
@@ -47,6 +48,7 @@ def test_checks_pass_and_fail_as_they_should(worker):
     assert len(checks) == 11
 
 
+@pytest.mark.slow
 def test_command_prints_one_line_per_check_and_fails_on_any_failure():
     coordinator = subprocess.Popen(
         [sys.executable, "-m", "coordinator", "conformance", "--bind", LOOPBACK_ANY_PORT, "--wait-timeout", "60"],

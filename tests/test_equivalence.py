@@ -6,6 +6,8 @@ import pytest
 
 from tests.conftest import LOOPBACK_ANY_PORT, load_model, max_difference
 
+pytestmark = pytest.mark.slow  # every test here starts real processes
+
 TOLERANCE = 1e-9
 # 2,000 images in batches of 20 for 2 epochs: 200 gradient steps.
 SMALL_RUN = ("--dtype", "float64", "--train-limit", "2000", "--test-limit", "500", "--batch-size", "20",

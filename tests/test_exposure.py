@@ -4,8 +4,10 @@ A real coordinator and two real workers talk over loopback TCP in this process (
 what the coordinator meant to send and what each worker received can be recorded and compared.
 """
 
-import socket
+import logging
 import threading
+from concurrent.futures import Future
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from coordinator import run
 from coordinator.config import TrainingConfig
 from coordinator.distributed import ClusterProducts
 from worker.connection import CoordinatorLink
+from tests.conftest import LOOPBACK_ANY_PORT
 from worker.serve import serve
 
 CONFIG = TrainingConfig(epochs=2, batch_size=50, train_limit=300, test_limit=100, seed=3)
@@ -32,10 +35,30 @@ class RecordingLink(CoordinatorLink):
         return message
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+class BoundAddress(logging.Handler):
+    """The address the coordinator bound, caught from the line it logs before it waits for its workers."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.address = Future()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("waiting for "):  # "waiting for N workers on ADDRESS"
+            self.address.set_result(record.args[-1])
+
+
+@contextmanager
+def _bound_address():
+    """A BoundAddress listening to the coordinator's log (at INFO, which pytest's root logger would drop)."""
+    coordinator_log, bound = logging.getLogger("coordinator"), BoundAddress()
+    level = coordinator_log.level
+    coordinator_log.setLevel(logging.INFO)
+    coordinator_log.addHandler(bound)
+    try:
+        yield bound
+    finally:
+        coordinator_log.removeHandler(bound)
+        coordinator_log.setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +68,6 @@ def recorded(tmp_path_factory):
 
 
 def _recorded_run(run_dir, second_layer_here: bool) -> tuple:
-    address = f"tcp://127.0.0.1:{_free_port()}"
     sent = {"first_layer": [], "second_forward": []}
     original_first, original_second = ClusterProducts.first_layer, ClusterProducts.second_forward
 
@@ -59,13 +81,19 @@ def _recorded_run(run_dir, second_layer_here: bool) -> tuple:
 
     ClusterProducts.first_layer = recording_first_layer
     ClusterProducts.second_forward = recording_second_forward
-    links = [RecordingLink(address, name) for name in "AB"]
-    threads = [threading.Thread(target=serve, args=(link,), daemon=True) for link in links]
+    links = []
+
+    def work(bound: BoundAddress, name: str) -> None:
+        links.append(RecordingLink(bound.address.result(timeout=60), name))
+        serve(links[-1])
+
     try:
-        for thread in threads:
-            thread.start()
-        options = run.ClusterOptions(address, WORKERS, False, 30, second_layer_here=second_layer_here)
-        run.train(CONFIG, run_dir, options, on_epoch=lambda report: None)
+        with _bound_address() as bound:
+            threads = [threading.Thread(target=work, args=(bound, name), daemon=True) for name in "AB"]
+            for thread in threads:
+                thread.start()
+            options = run.ClusterOptions(LOOPBACK_ANY_PORT, WORKERS, False, 30, second_layer_here=second_layer_here)
+            run.train(CONFIG, run_dir, options, on_epoch=lambda report: None)
         for thread in threads:
             thread.join(30)
     finally:
@@ -88,8 +116,8 @@ def test_workers_receive_only_their_own_columns(recorded):
     data = run.load_data(CONFIG)
     owners = np.load(run_dir / "exposure.npz")["column_owners"]
     for slot, messages in by_slot.items():
-        chunks = sorted((m.split, m.offset, m.images) for m in messages if isinstance(m, Shard))
-        shards = {split: np.concatenate([c[2] for c in chunks if c[0] == split]) for split in ("train", "test")}
+        chunks = [m for m in messages if isinstance(m, Shard)]
+        shards = {split: np.concatenate([m.images for m in chunks if m.split == split]) for split in ("train", "test")}
         columns = np.flatnonzero(owners == slot)
         assert len(columns) == 392
         assert np.array_equal(shards["train"], data.train_images[:, columns])

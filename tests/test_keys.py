@@ -1,10 +1,6 @@
 """CurveZMQ: allow-listed workers train; a stranger's key and a plain client never get in."""
 
-import os
-import socket
 import stat
-import subprocess
-import sys
 
 import pytest
 import zmq
@@ -26,6 +22,7 @@ def key_folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_keygen_lays_out_an_allow_list(key_folder):
     assert sorted(p.name for p in (key_folder / "allowed").iterdir()) == ["A.key", "B.key"]
     assert sorted(p.name for p in (key_folder / "workers").iterdir()) == ["A.key_secret", "B.key_secret"]
@@ -35,6 +32,7 @@ def test_keygen_lays_out_an_allow_list(key_folder):
     assert again.returncode == 1 and again.stderr.startswith("error: ") and "already holds keys" in again.stderr
 
 
+@pytest.mark.slow
 def test_allow_listed_workers_train(train_run, key_folder):
     done, run_dir = train_run("--spawn", 2, "--bind", LOOPBACK_ANY_PORT, "--curve-keys", key_folder, *SMALL_RUN)
     assert "epoch 1/1" in done.stdout
@@ -42,51 +40,39 @@ def test_allow_listed_workers_train(train_run, key_folder):
     assert (run_dir / "model.npz").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def _curve(key_folder, secret_folder, name: str) -> tuple:
+    """A worker's options to use the key pair `name` of `secret_folder` with the coordinator of `key_folder`."""
+    return ("--curve-secret-key", keys.worker_secret_file(secret_folder, name),
+            "--curve-server-key", keys.server_public_file(key_folder))
 
 
-def _worker(address: str, name: str, key_folder, secret_file) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "worker", "--connect", address, "--name", name, "--curve-secret-key", str(secret_file),
-         "--curve-server-key", str(keys.server_public_file(key_folder))],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-
-
+@pytest.mark.slow
 def test_unknown_key_and_plain_client_are_refused(tmp_path, key_folder):
     """Started together with an allow-listed worker, which gets in: the others had the same chance."""
     strangers = tmp_path / "strangers"
     keys.generate(strangers, ["A"])
-    address = f"tcp://127.0.0.1:{_free_port()}"
-    coordinator = subprocess.Popen(
-        [sys.executable, "-m", "coordinator", "train", "--workers", "2", "--bind", address, "--wait-timeout", "8",
-         "--curve-keys", str(key_folder), "--run-dir", str(tmp_path / "run"), *SMALL_RUN],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-    )
-    workers = [_worker(address, "A", key_folder, keys.worker_secret_file(key_folder, "A")),
-               _worker(address, "stranger", key_folder, keys.worker_secret_file(strangers, "A"))]
+    harness = Harness(tmp_path)
     plain = zmq.Context.instance().socket(zmq.DEALER)
     plain.linger = 0
-    plain.connect(address)
     try:
+        harness.start_coordinator("--workers", "2", "--wait-timeout", "8", "--curve-keys", key_folder, *SMALL_RUN)
+        harness.start_worker("A", *_curve(key_folder, key_folder, "A"))
+        harness.start_worker("stranger", *_curve(key_folder, strangers, "A"))
+        plain.connect(harness.address)
         plain.send(encode(Register("plain", 1)))
-        _, stderr = coordinator.communicate(timeout=60)
+        assert harness.finish(60) == 1, harness.log(harness.coordinator)[-2000:]
         assert not plain.poll(0)
     finally:
         plain.close()
-        for worker in workers:
-            worker.kill()
-            worker.wait()
-    assert coordinator.returncode == 1, stderr[-2000:]
-    assert stderr.strip().splitlines()[-1] == "error: only 1 of 2 workers registered within 8 s"
-    assert "worker A joined" in stderr and "stranger" not in stderr and "plain" not in stderr
+        harness.close()
+    log = harness.log(harness.coordinator)
+    assert log.strip().splitlines()[-1] == "error: only 1 of 2 workers registered within 8 s"
+    assert "worker A joined" in log and "stranger" not in log and "plain" not in log
     stranger_key = zmq.auth.load_certificate(strangers / "allowed" / "A.key")[0].decode()
-    assert stderr.count(f"refused CURVE key {stranger_key}") == 1, stderr[-2000:]  # once, though it kept trying
+    assert log.count(f"refused CURVE key {stranger_key}") == 1, log[-2000:]  # once, though it kept trying
 
 
+@pytest.mark.slow
 def test_curve_options_go_together(key_folder):
     done = run_cli("worker", "--curve-secret-key", keys.worker_secret_file(key_folder, "A"))
     assert done.returncode == 2
@@ -95,17 +81,16 @@ def test_curve_options_go_together(key_folder):
     assert missing.returncode == 2 and missing.stderr.startswith("error: cannot read key file")
 
 
+@pytest.mark.slow
 def test_a_quarantined_key_stays_out_under_another_name(tmp_path, key_folder):
     harness = Harness(tmp_path)
-    curve = lambda name: ("--curve-secret-key", keys.worker_secret_file(key_folder, name),
-                          "--curve-server-key", keys.server_public_file(key_folder))
     try:
         harness.start_coordinator("--workers", 2, "--curve-keys", key_folder, "--verify", "all", "--rebalance", "never",
                                   "--train-limit", "2000", "--test-limit", "100", "--epochs", "3", "--batch-size", "10")
-        harness.start_worker("A", *curve("A"))
-        liar = harness.start_worker("B", "--fault", "zeros", *curve("B"))
+        harness.start_worker("A", *_curve(key_folder, key_folder, "A"))
+        liar = harness.start_worker("B", "--fault", "zeros", *_curve(key_folder, key_folder, "B"))
         assert liar.wait(60) == 0  # it was told to stop
-        disguised = harness.start_worker("innocent", *curve("B"))
+        disguised = harness.start_worker("innocent", *_curve(key_folder, key_folder, "B"))
         assert disguised.wait(60) == 1
         assert "is quarantined" in harness.log(disguised)
         assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
@@ -113,22 +98,19 @@ def test_a_quarantined_key_stays_out_under_another_name(tmp_path, key_folder):
         harness.close()
 
 
+@pytest.mark.slow
 def test_a_worker_whose_key_is_refused_says_so_when_it_gives_up(tmp_path, key_folder):
     strangers = tmp_path / "strangers"
     keys.generate(strangers, ["A"])
-    address = f"tcp://127.0.0.1:{_free_port()}"
-    coordinator = subprocess.Popen(
-        [sys.executable, "-m", "coordinator", "train", "--workers", "1", "--bind", address, "--wait-timeout", "60",
-         "--curve-keys", str(key_folder), "--run-dir", str(tmp_path / "run"), *SMALL_RUN],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    harness = Harness(tmp_path)
     try:
-        done = run_cli("worker", "--connect", address, "--name", "stranger", "--give-up-after", "1",
+        harness.start_coordinator("--workers", "1", "--wait-timeout", "60", "--curve-keys", key_folder, *SMALL_RUN)
+        done = run_cli("worker", "--connect", harness.address, "--name", "stranger", "--give-up-after", "1",
                        "--curve-secret-key", keys.worker_secret_file(strangers, "A"),
                        "--curve-server-key", keys.server_public_file(key_folder), timeout=60)
+        address = harness.address
     finally:
-        coordinator.kill()
-        coordinator.wait()
+        harness.close()
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == (
         f"error: no answer from {address}: the coordinator is not running there, or it refused this worker's key; "

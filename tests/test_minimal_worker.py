@@ -4,6 +4,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.bad_workers import MINIMAL_WORKER
 from tests.conftest import LOOPBACK_ANY_PORT, PROCESS_TIMEOUT, lines_of, load_model, max_difference, wait_for_line
 from tests.test_equivalence import SMALL_RUN, TOLERANCE
@@ -11,6 +13,7 @@ from tests.test_equivalence import SMALL_RUN, TOLERANCE
 MINIMAL_WORKERS = 3  # of 7: the others are `python -m worker`
 
 
+@pytest.mark.slow
 def test_seven_workers_some_minimal_match_local(train_run, tmp_path):
     _, local_dir = train_run("--local", *SMALL_RUN)
     run_dir = tmp_path / "distributed"

@@ -6,13 +6,14 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 
 from coordinator.spawn import stop_workers
-from tests.conftest import PROCESS_TIMEOUT, compose_services, lines_of, wait_for_line
+from tests.conftest import PROCESS_TIMEOUT, compose_services, lines_of, start, wait_for_line
+
+pytestmark = pytest.mark.slow  # every test here starts real processes
 
 SUBNET = "10.77.0"  # only ever assigned inside the test's own namespaces
 COORDINATOR_ADDRESS = f"{SUBNET}.1"
@@ -56,12 +57,8 @@ class Hosts:
 
     def start(self, namespace: str, command: list, environment: dict, **kwargs) -> subprocess.Popen:
         """`command` (a console script of this project) run with this Python inside a namespace."""
-        program, *args = command
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **environment}
-        process = subprocess.Popen(
-            ["ip", "netns", "exec", namespace, sys.executable, "-m", program, *args],  # exec keeps the pid
-            env=env, stdin=subprocess.DEVNULL, text=True, **kwargs,
-        )
+        in_namespace = ("ip", "netns", "exec", namespace)  # exec keeps the pid
+        process = start(*command, env=environment, prefix=in_namespace, text=True, **kwargs)
         self.processes.append(process)
         return process
 

@@ -52,7 +52,8 @@ def test_every_kind_is_covered():
     assert {type(m) for m in EVERY_KIND} == set(protocol.MESSAGE_KINDS.values())
 
 
-def _array_map(array_bytes: bytes, dtype: str, shape, kind: bytes = b"") -> dict:
+def array_map(array_bytes: bytes, dtype, shape, kind: bytes = b"") -> dict:
+    """An array as msgpack-numpy encodes it, with whatever dtype, shape and bytes a hostile peer chooses."""
     return {b"nd": True, b"type": dtype, b"kind": kind, b"shape": shape, b"data": array_bytes}
 
 
@@ -73,32 +74,32 @@ class Exploit:
 def test_object_array_is_refused_without_unpickling(tmp_path):
     marker = str(tmp_path / "pwned")
     payload = pickle.dumps(Exploit(marker))
-    frame = _frame(kind="stop", reason=_array_map(payload, "|O", [1], kind=b"O"))
+    frame = _frame(kind="stop", reason=array_map(payload, "|O", [1], kind=b"O"))
     with pytest.raises(ProtocolError, match="dtype"):
         protocol.decode(frame)
-    frame = _frame(kind="shard", request=1, split="train", offset=0, total=1, images=_array_map(payload, "|O", [1], kind=b"O"))
+    frame = _frame(kind="shard", request=1, split="train", offset=0, total=1, images=array_map(payload, "|O", [1], kind=b"O"))
     with pytest.raises(ProtocolError, match="dtype"):
         protocol.decode(frame)
     assert not os.path.exists(marker)
 
 
 @pytest.mark.parametrize(
-    "array_map, reason",
+    "encoded, reason",
     [
-        (_array_map(b"\0" * 8, [["a", "<f4"], ["b", "<f4"]], [1], kind=b"V"), "dtype"),  # structured
-        (_array_map(b"\0" * 8, "<c16", [1]), "dtype"),  # complex is not on the list
-        (_array_map(b"\0" * 7, "|u1", [2, 4]), "does not match"),  # too few bytes for the shape
-        (_array_map(b"\0" * 9, "|u1", [2, 4]), "does not match"),  # too many
-        (_array_map(b"\0" * 8, "|u1", [2, 2, 2]), "shape"),  # too many dims
-        (_array_map(b"\0" * 8, "|u1", [-8]), "shape"),
-        (_array_map(b"\0" * 8, "|u1", "8"), "shape"),
+        (array_map(b"\0" * 8, [["a", "<f4"], ["b", "<f4"]], [1], kind=b"V"), "dtype"),  # structured
+        (array_map(b"\0" * 8, "<c16", [1]), "dtype"),  # complex is not on the list
+        (array_map(b"\0" * 7, "|u1", [2, 4]), "does not match"),  # too few bytes for the shape
+        (array_map(b"\0" * 9, "|u1", [2, 4]), "does not match"),  # too many
+        (array_map(b"\0" * 8, "|u1", [2, 2, 2]), "shape"),  # too many dims
+        (array_map(b"\0" * 8, "|u1", [-8]), "shape"),
+        (array_map(b"\0" * 8, "|u1", "8"), "shape"),
         ({b"nd": False, b"type": "|O", b"data": b"x"}, "neither"),  # a numpy scalar
         ({b"complex": True, b"data": "1+2j"}, "neither"),
     ],
 )
-def test_bad_arrays_are_refused(array_map, reason):
+def test_bad_arrays_are_refused(encoded, reason):
     with pytest.raises(ProtocolError, match=reason):
-        protocol.decode(_frame(kind="shard", request=1, split="train", offset=0, total=1, images=array_map))
+        protocol.decode(_frame(kind="shard", request=1, split="train", offset=0, total=1, images=encoded))
 
 
 @pytest.mark.parametrize(

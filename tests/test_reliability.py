@@ -9,13 +9,16 @@ import time
 import pytest
 
 from tests.cluster_harness import Harness, wait_for
-from tests.conftest import load_model, max_difference
+from tests.conftest import LOOPBACK_ANY_PORT, load_model, max_difference
 from worker.faults import EXIT_CODE
+
+pytestmark = pytest.mark.slow  # every test here starts real processes
 
 TOLERANCE = 1e-6
 # float64 so that "same weights" can be checked tightly; 3 epochs of 300 steps each.
 RUN = ("--dtype", "float64", "--train-limit", "3000", "--test-limit", "300", "--batch-size", "10", "--epochs", "3",
        "--seed", "5")
+WATCHED = ("--status-bind", LOOPBACK_ANY_PORT)  # so a test can wait for a step of the run
 
 
 @pytest.fixture
@@ -51,12 +54,10 @@ def _completes_like_undisturbed(harness: Harness, undisturbed: dict) -> str:
 
 
 def test_two_workers_killed_at_different_times(harness, undisturbed):
-    workers = _start_cluster(harness, 7)
-    harness.wait_for_epoch(1)
-    time.sleep(0.3)  # into the second epoch
+    workers = _start_cluster(harness, 7, *WATCHED)
+    harness.wait_for_step(2, 1)  # into the second epoch
     workers[2].kill()
-    harness.wait_for_epoch(2)
-    time.sleep(0.3)
+    harness.wait_for_step(3, 1)
     workers[5].kill()
     log = _completes_like_undisturbed(harness, undisturbed)
     assert log.count("reassigning slot") == 2
@@ -110,9 +111,8 @@ def test_workers_that_vanish_at_any_point_of_the_protocol(harness, undisturbed, 
 
 
 def test_stalled_worker_is_declared_lost_within_the_timeout(harness, undisturbed):
-    workers = _start_cluster(harness, 3, "--heartbeat-timeout", "2")
-    harness.wait_for_epoch(1)
-    time.sleep(0.3)
+    workers = _start_cluster(harness, 3, "--heartbeat-timeout", "2", *WATCHED)
+    harness.wait_for_step(2, 1)
     workers[1].send_signal(signal.SIGSTOP)
     log = _completes_like_undisturbed(harness, undisturbed)
     silences = [float(s) for s in re.findall(r"worker B silent for ([\d.]+) s", log)]
@@ -134,7 +134,7 @@ def test_with_rebalance_never_a_late_worker_waits_and_takes_over_a_loss(harness,
     workers = _start_cluster(harness, 2, "--rebalance", "never")
     harness.wait_for_epoch(1)
     harness.start_worker("spare")
-    time.sleep(1.5)
+    harness.wait_for_log(harness.coordinator, "worker spare joined as a standby")
     workers[0].kill()
     _completes_like_undisturbed(harness, undisturbed)
     spare = [r for r in harness.exposure_records() if r["worker"] == "spare"]
@@ -183,14 +183,19 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
-def test_worker_waits_quietly_for_a_coordinator_that_comes_up_late(harness, undisturbed):
+def test_worker_waits_quietly_for_a_coordinator_that_comes_up_late(tmp_path, undisturbed):
+    # The worker needs the address before the coordinator exists: a named socket of its own, where a TCP port
+    # picked now could be taken by then.
+    harness = Harness(tmp_path, bind=f"ipc://@scatterprop-test-{os.getpid()}-late")
     worker = harness.start_worker("early")
-    time.sleep(4)  # past the heartbeat timeout: it has registered again at least once by now
+    harness.wait_for_log(worker, "registering again")  # past the heartbeat timeout, and said so
     busy_seconds = _cpu_seconds(worker.pid)
     assert busy_seconds < 1.0, f"an idle worker burned {busy_seconds} s of CPU"
-    harness.start_coordinator("--workers", 1, *RUN)
-    _completes_like_undisturbed(harness, undisturbed)
-    assert "registering again" in harness.log(worker)
+    try:
+        harness.start_coordinator("--workers", 1, *RUN)
+        _completes_like_undisturbed(harness, undisturbed)
+    finally:
+        harness.close()
 
 
 def _cpu_seconds(pid: int) -> float:

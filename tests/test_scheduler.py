@@ -4,7 +4,7 @@ import numpy as np
 
 from common import settings
 from common.protocol import (
-    Deregister, Failure, Heartbeat, Register, RegisterAgain, Reject, Result, SecondBackward, Stop,
+    Deregister, Failure, Heartbeat, Register, RegisterAgain, Reject, Result, SecondBackward,
 )
 from coordinator.scheduler import (
     Admit, Arrived, Disconnect, Expected, Garbled, Refused, Scheduler, Send, Tick, Unreachable,

@@ -1,7 +1,6 @@
 """Freivalds checks: honest rounding never fails them, wrong answers do; lying workers are quarantined."""
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -104,6 +103,7 @@ def _quarantined(harness: Harness) -> list:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", FAULTS)
 def test_verify_all_catches_each_fault_on_its_first_bad_answer(tmp_path, honest, fault):
     harness = _run_with_liar(tmp_path, fault, "--verify", "all")
@@ -117,6 +117,7 @@ def test_verify_all_catches_each_fault_on_its_first_bad_answer(tmp_path, honest,
         harness.close()
 
 
+@pytest.mark.slow
 def test_verify_sample_catches_a_persistent_liar_soon_enough(tmp_path, honest):
     harness = _run_with_liar(tmp_path, "skew", "--verify", "sample", "--verify-rate", "0.05")
     try:
@@ -129,6 +130,7 @@ def test_verify_sample_catches_a_persistent_liar_soon_enough(tmp_path, honest):
         harness.close()
 
 
+@pytest.mark.slow
 def test_verify_off_lets_a_liar_silently_spoil_the_model(tmp_path, honest):
     harness = _run_with_liar(tmp_path, "skew", "--verify", "off")
     try:
@@ -140,6 +142,7 @@ def test_verify_off_lets_a_liar_silently_spoil_the_model(tmp_path, honest):
         harness.close()
 
 
+@pytest.mark.slow
 def test_honest_float32_run_raises_no_false_alarm(tmp_path):
     harness = Harness(tmp_path)
     try:
@@ -154,6 +157,7 @@ def test_honest_float32_run_raises_no_false_alarm(tmp_path):
         harness.close()
 
 
+@pytest.mark.slow
 def test_replicas_unmask_a_liar_even_with_checks_off(tmp_path, honest):
     harness = Harness(tmp_path)
     try:
@@ -171,6 +175,7 @@ def test_replicas_unmask_a_liar_even_with_checks_off(tmp_path, honest):
         harness.close()
 
 
+@pytest.mark.slow
 def test_a_slot_outlives_one_of_its_replicas(tmp_path, honest):
     harness = Harness(tmp_path)
     try:

@@ -5,34 +5,23 @@ import json
 import os
 import pty
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
 from tests.cluster_harness import Harness
-from tests.conftest import LOOPBACK_ANY_PORT, PROCESS_TIMEOUT, lines_of, run_cli, wait_for_line
+from tests.conftest import LOOPBACK_ANY_PORT, PROCESS_TIMEOUT, assert_one_line_error, lines_of, run_cli, start, wait_for_line
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SHORT_RUN = ("--train-limit", "300", "--test-limit", "100", "--epochs", "2")
 
 
-def _one_line_error(done, code: int, *words: str) -> None:
-    assert done.returncode == code, (done.returncode, done.stderr[-2000:])
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
 def _on_a_terminal(*args, columns: int = 120) -> str:
     """What `coordinator ...` writes to a terminal (a pseudo-terminal here), stdout and stderr together."""
     controller, terminal = pty.openpty()
-    env = {**os.environ, "COLUMNS": str(columns), "TERM": "xterm"}
-    process = subprocess.Popen([sys.executable, "-m", "coordinator", *map(str, args)], stdin=subprocess.DEVNULL,
-                               stdout=terminal, stderr=terminal, env=env)
+    process = start("coordinator", *args, env={"COLUMNS": str(columns), "TERM": "xterm"}, stdout=terminal,
+                    stderr=terminal)
     os.close(terminal)
     output = bytearray()
     while True:
@@ -48,6 +37,7 @@ def _on_a_terminal(*args, columns: int = 120) -> str:
     return output.decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_live_display_on_a_terminal(tmp_path):
     shown = _on_a_terminal("train", "--spawn", 2, "--bind", LOOPBACK_ANY_PORT, "--run-dir", tmp_path / "run",
                            *SHORT_RUN, "--batch-size", 10)
@@ -56,6 +46,7 @@ def test_live_display_on_a_terminal(tmp_path):
     assert "epoch 1/2  cost" in shown and "epoch 2/2  cost" in shown
 
 
+@pytest.mark.slow
 def test_live_display_on_an_80_column_terminal(tmp_path):
     """Headers whole, log levels once, and the spawned workers' lines in their own files, not on the screen."""
     shown = _on_a_terminal("train", "--spawn", 2, "--run-dir", tmp_path / "run", *SHORT_RUN, columns=80)
@@ -67,12 +58,14 @@ def test_live_display_on_an_80_column_terminal(tmp_path):
         assert f"{name} registered as slot" in (tmp_path / "run" / "workers" / f"{name}.log").read_text()
 
 
+@pytest.mark.slow
 def test_quiet_on_a_terminal_prints_lines_only(tmp_path):
     shown = _on_a_terminal("train", "--local", "--quiet", "--run-dir", tmp_path / "run", *SHORT_RUN)
     assert "samples/s" not in shown and "\x1b[?25l" not in shown  # no bar, no hidden cursor
     assert [line.split()[1] for line in shown.splitlines() if line.startswith("epoch ")] == ["1/2", "2/2"]
 
 
+@pytest.mark.slow
 def test_json_lines(train_run):
     done, run_dir = train_run("--spawn", 1, "--bind", LOOPBACK_ANY_PORT, "--log-format", "json", *SHORT_RUN)
     events = [json.loads(line) for line in done.stdout.splitlines()]
@@ -83,14 +76,13 @@ def test_json_lines(train_run):
     assert any(message.startswith("worker A joined") for message in messages), messages
 
 
+@pytest.mark.slow
 def test_status_while_training_then_workers_file_and_report(tmp_path):
     run_dir = tmp_path / "run"
-    coordinator = subprocess.Popen(
-        [sys.executable, "-m", "coordinator", "train", "--spawn", "2", "--bind", LOOPBACK_ANY_PORT, "--status-bind",
-         LOOPBACK_ANY_PORT, "--run-dir", str(run_dir), "--train-limit", "3000", "--test-limit", "100", "--epochs", "3",
-         "--batch-size", "10"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    coordinator = start(
+        "coordinator", "train", "--spawn", "2", "--bind", LOOPBACK_ANY_PORT, "--status-bind", LOOPBACK_ANY_PORT,
+        "--run-dir", run_dir, "--train-limit", "3000", "--test-limit", "100", "--epochs", "3", "--batch-size", "10",
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
         lines = lines_of(coordinator.stderr)
@@ -109,7 +101,7 @@ def test_status_while_training_then_workers_file_and_report(tmp_path):
     workers = json.loads((run_dir / "workers.json").read_text())
     assert sorted(worker["name"] for worker in workers) == ["A", "B"]
     assert all(worker["busy_seconds"] > 0 and worker["received_bytes"] > 0 for worker in workers)
-    _one_line_error(run_cli("coordinator", "status", "--connect", address, "--timeout", "0.5"), 1, "no answer")
+    assert_one_line_error(run_cli("coordinator", "status", "--connect", address, "--timeout", "0.5"), 1, "no answer")
 
     pytest.importorskip("matplotlib", reason="the plot extra is not installed")
     done = run_cli("coordinator", "report", run_dir)
@@ -133,13 +125,16 @@ def _status_once_training(address: str) -> dict:
     raise AssertionError("the coordinator never reported training")
 
 
+@pytest.mark.slow
 def test_report_of_a_run_that_kept_a_standby(tmp_path):
     """A spare worker that never got a slot is in workers.json, and its bar in the report says so."""
-    harness = Harness(tmp_path)
+    # All three connect before the coordinator binds, so all register at once and the third is a spare: that
+    # needs the address beforehand, a named socket, where a TCP port picked now could be taken by then.
+    harness = Harness(tmp_path, bind=f"ipc://@scatterprop-test-{os.getpid()}-standby")
     try:
-        harness.start_coordinator("--workers", "2", "--rebalance", "never", *SHORT_RUN)
         for name in ("A", "B", "C"):
             harness.start_worker(name)
+        harness.start_coordinator("--workers", "2", "--rebalance", "never", *SHORT_RUN)
         assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
     finally:
         harness.close()
@@ -151,17 +146,17 @@ def test_report_of_a_run_that_kept_a_standby(tmp_path):
     assert (harness.run_dir / "report" / "workers.png").read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow
 def test_report_without_matplotlib_says_how_to_install_it(tmp_path, train_run):
     _, run_dir = train_run("--local", *SHORT_RUN)
     blocker = tmp_path / "blocker"
     (blocker / "matplotlib").mkdir(parents=True)
     (blocker / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
-    env = {**os.environ, "PYTHONPATH": str(blocker)}
-    done = subprocess.run([sys.executable, "-m", "coordinator", "report", str(run_dir)], capture_output=True,
-                          text=True, env=env, timeout=PROCESS_TIMEOUT)
-    _one_line_error(done, 1, "matplotlib", "pip install 'scatterprop[plot]'")
+    done = run_cli("coordinator", "report", run_dir, env={"PYTHONPATH": str(blocker)})
+    assert_one_line_error(done, 1, "matplotlib", "pip install 'scatterprop[plot]'")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "program, args, code, words",
     [
@@ -177,7 +172,7 @@ def test_report_without_matplotlib_says_how_to_install_it(tmp_path, train_run):
     ],
 )
 def test_user_errors_are_one_line(program, args, code, words):
-    _one_line_error(run_cli(program, *args), code, *words)
+    assert_one_line_error(run_cli(program, *args), code, *words)
 
 
 def test_exposure_map_shows_pixels_that_changed_hands(tmp_path):

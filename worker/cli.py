@@ -12,7 +12,7 @@ import typer
 import zmq
 
 from common import cli
-from common.cli import EXIT_FAILED, fail
+from common.errors import EXIT_INTERRUPTED, InputError, UserError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -53,11 +53,11 @@ def main(
     from worker.faults import faulty_state
 
     if (curve_secret_key is None) != (curve_server_key is None):
-        fail("--curve-secret-key and --curve-server-key go together")
+        raise InputError("--curve-secret-key and --curve-server-key go together")
     try:
         make_state = faulty_state(fault) if fault else WorkerState
     except ValueError as error:
-        fail(str(error))
+        raise InputError(str(error)) from None
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s", datefmt="%H:%M:%S")
     curve = None if curve_secret_key is None else (curve_secret_key, curve_server_key)
@@ -88,28 +88,25 @@ def _sigterm_leaves():
 
 
 def _work(context, connect: str, name: str, curve, make_state, give_up_after: float | None) -> None:
-    from common.keys import KeyFileError
     from worker.connection import CoordinatorLink, GaveUp, Rejected
     from worker.serve import serve
 
     try:
         link = CoordinatorLink(connect, name, context, curve=curve, give_up_after=give_up_after)
-    except KeyFileError as error:
-        fail(str(error))
     except zmq.ZMQError as error:
-        fail(f"cannot connect to {connect}: {error}")
+        raise InputError(f"cannot connect to {connect}: {error}") from None
     try:
         with _sigterm_leaves():
             reason = serve(link, make_state=make_state)
     except Rejected as error:
         link.close()
-        fail(f"the coordinator refused this worker: {error}", EXIT_FAILED)
+        raise UserError(f"the coordinator refused this worker: {error}") from None
     except GaveUp as error:
         link.close()
-        fail(str(error), EXIT_FAILED)
+        raise UserError(str(error)) from None
     except KeyboardInterrupt:
         link.close("interrupted")  # deregister, so the coordinator reassigns our columns at once
-        raise typer.Exit(130)
+        raise typer.Exit(EXIT_INTERRUPTED)
     except Terminated:
         reason = "terminated"
         link.close(reason)  # as for a Ctrl-C; but leaving on request is no failure, so the exit code is 0

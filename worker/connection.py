@@ -72,7 +72,7 @@ class CoordinatorLink:
         """Leave; with a reason, tell the coordinator first so it reassigns this worker's columns at once."""
         if reason and self.welcomed:
             self.send(Deregister(reason))
-        self.socket.close(linger=500 if reason else 0)
+        self.socket.close(linger=round(settings.FAREWELL_LINGER * 1000) if reason else 0)  # milliseconds
 
     def _read(self):
         """One frame as a message for the loop, or None for a heartbeat or a frame that fails the gate."""
