@@ -8,7 +8,6 @@ import typer
 
 from bench.compare import MIB, accuracy_rows, speed_rows
 from common.data import DataError
-from coordinator import run
 from coordinator.config import TrainingConfig
 from common.phases import COORDINATOR_PHASES, WORKER_PHASES
 from coordinator.verify import VERIFY_MODES
@@ -89,8 +88,8 @@ def main(
     if problems:
         raise typer.BadParameter("; ".join(problems))
     try:
-        data = run.load_data(base)
-        rows, sizes = len(data.train_labels), run.layer_sizes(base, data)
+        data = base.load_data()
+        rows, sizes = len(data.train_labels), base.layer_sizes(data)
         results = []
         for batch_size in sizes_of_batches:
             config = base.with_overrides(batch_size=batch_size)

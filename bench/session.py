@@ -23,6 +23,7 @@ from bench import echo
 from bench.traffic import epoch_batches, round_bytes
 from common import model, phases
 from coordinator import run
+from coordinator.cluster_options import ClusterOptions
 from coordinator.config import TrainingConfig
 from coordinator.rundir import RunDirectory
 from coordinator.spawn import LOOPBACK_ANY_PORT, spawn_endpoint
@@ -130,19 +131,19 @@ def _next_command(connection, wait: Callable) -> str:
 
 @contextmanager
 def _trained_epochs(config: TrainingConfig, workers: int, second_layer_here: bool, verify: str, spawn_transport: str):
-    data = run.load_data(config)
-    sizes = run.layer_sizes(config, data)
+    data = config.load_data()
+    sizes = config.layer_sizes(data)
     params = model.initial_params(sizes, config.init, config.seed, config.dtype)
     with tempfile.TemporaryDirectory() as scratch:
         options = None
         if workers:
             endpoint = LOOPBACK_ANY_PORT if spawn_transport == "tcp" else spawn_endpoint(Path(scratch))
-            options = run.ClusterOptions(
+            options = ClusterOptions(
                 endpoint, workers, True, REGISTER_TIMEOUT, second_layer_here=second_layer_here, verify=verify
             )
         os.environ[phases.PHASES_DIR_VARIABLE] = scratch  # read by the workers spawned below
-        with run.products_backend(config, data, sizes, options, RunDirectory(Path(scratch))) as products:
-            trainer = Trainer(config, params, products, run.labels_of(data))
+        with run.products_backend(config, data, options, RunDirectory(Path(scratch))) as products:
+            trainer = Trainer(config, params, products, data.labels())
             warmup_rows = np.arange(min(WARMUP_STEPS * config.batch_size, len(data.train_labels)), dtype=np.int32)
             for start in range(0, len(warmup_rows), config.batch_size):
                 trainer.train_batch(warmup_rows[start : start + config.batch_size])

@@ -38,6 +38,24 @@ class Dataset:
     test_images: np.ndarray
     test_labels: np.ndarray
 
+    def images(self, split: str) -> np.ndarray:
+        return self.train_images if split == "train" else self.test_images
+
+    def labels(self) -> dict:
+        """split -> its labels."""
+        return {"train": self.train_labels, "test": self.test_labels}
+
+    def cut(self, train_limit: int | None, test_limit: int | None) -> Dataset:
+        """The first images of each split (None: all of them)."""
+        train, test = slice(train_limit), slice(test_limit)
+        return Dataset(self.train_images[train], self.train_labels[train], self.test_images[test], self.test_labels[test])
+
+
+SPLITS = ("train", "test")
+XOR_ROWS = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.uint8)
+XOR = Dataset(XOR_ROWS, np.array([0, 1, 1, 0], np.uint8), XOR_ROWS, np.array([0, 1, 1, 0], np.uint8))
+"""The seed's XOR network's four rows, used for training and testing alike."""
+
 
 def load_dataset(directory: Path | None = None, image_shape: tuple[int, int] = (28, 28)) -> Dataset:
     """Load the four standard IDX files from `directory` (default: the embedded MNIST copy)."""

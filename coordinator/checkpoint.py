@@ -16,8 +16,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import logging
 import signal
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,11 @@ import numpy as np
 from common.errors import UserError
 from common.exposure import ExposurePlan
 from common.model import Params
+from coordinator.config import TrainingConfig
 from coordinator.training import Progress, Trainer
+
+log = logging.getLogger("coordinator")
+STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}  # what the log says for each
 
 FOLDER = "checkpoints"
 FIELDS = ("checkpoint", "steps", "epoch", "epoch_step", "cost", "correct", "history", "config", "permutations",
@@ -197,3 +203,44 @@ class Checkpointer:
     def _stop_if_requested(self) -> None:
         if self.stop_requested:
             raise Interrupted(f"stopped at checkpoint {self.last.number:06d} (step {self.last.steps})")
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    return any((Path(run_dir) / FOLDER).glob("*.json"))
+
+
+def resume_point(run_dir: Path) -> tuple:
+    """(config, last checkpoint) of a run to continue, or CheckpointError."""
+    start = latest(Path(run_dir) / FOLDER)
+    try:
+        config = TrainingConfig(**start.config)
+    except TypeError as error:
+        raise CheckpointError(f"the last checkpoint's config does not fit this version: {error}") from None
+    return config, start
+
+
+@contextmanager
+def stop_between_steps(checkpoints: Checkpointer):
+    """Make the first Ctrl-C or SIGTERM a checkpoint and a stop after the current step; a second one stops at once.
+
+    SIGTERM is how `docker stop`, `docker-compose stop` and `kill` ask; the Interrupted that ends the run
+    carries the signal, so the exit code can say which (128 + its number, as a shell reports).
+    """
+    requests = []
+
+    def request_stop(signal_number, frame):
+        if checkpoints.stop_requested:
+            raise KeyboardInterrupt
+        checkpoints.stop_requested = True
+        requests.append(signal_number)
+        log.warning("%s: checkpointing after this step (again to stop at once)", STOP_SIGNALS[signal_number])
+
+    previous = {number: signal.signal(number, request_stop) for number in STOP_SIGNALS}
+    try:
+        yield
+    except Interrupted as stop:
+        stop.signal = requests[0]
+        raise
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

@@ -11,7 +11,7 @@ from common import cli, settings
 from common.cli import tcp_port_checked
 from common.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError, UserError
 from coordinator.checkpoint import Interrupted
-from coordinator.config import INPUT_COLUMNS, PRESETS
+from coordinator.config import PRESETS
 from coordinator.rundir import LOG_FILE, default_run_dir, discard_if_unstarted, logging_into
 from coordinator.verify import Verify
 
@@ -115,49 +115,62 @@ def train(
     log_format: Annotated[LogFormat, _option("LOG_FORMAT", "plain, or json: one JSON object per line.")] = LogFormat.plain,
 ):
     """Train the 784-128-10 sigmoid network on MNIST, the matrix products done by workers."""
-    from coordinator.display import output_for
-    from coordinator.run import ClusterOptions, has_checkpoints, resume_point, train as run_training
+    from coordinator.cluster_options import ClusterOptions
     from coordinator.spawn import spawn_endpoint
 
-    if preset not in PRESETS:
-        raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     overrides = dict(
         epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, hidden=hidden, loss=loss,
         dtype=dtype, data=None if data is None else str(data), train_limit=train_limit, test_limit=test_limit,
         input_divisor=None if scale is None else (255.0 if scale else 1.0), report_every=report_every,
         checkpoint_epochs=checkpoint_epochs, checkpoint_every=checkpoint_every,
     )
-    config, start = PRESETS[preset].config.with_overrides(**overrides), None
-    if resume_if_exists and (run_dir is None or resume is not None):
-        raise InputError("--resume-if-exists continues the run in --run-dir; give --run-dir and no --resume")
-    if resume is not None:
-        if any(value is not None for value in overrides.values()) or preset != "default" or run_dir:
-            raise InputError("--resume continues the run with its own settings and directory; give neither with it")
-        config, start = resume_point(resume)
-        run_dir = resume
-    elif resume_if_exists and has_checkpoints(run_dir):
-        given, (config, start) = config, resume_point(run_dir)
-        if config != given:
-            raise UserError(f"{run_dir} holds a run with other settings ({_differences(config, given)}); "
-                            "give another --run-dir, or continue it as it was with --resume")
+    config, start, run_dir = _what_to_train(preset, overrides, resume, resume_if_exists, run_dir)
     if start is not None and start.progress.epoch > config.epochs:  # a second `docker-compose up` after the end
         typer.echo(f"{run_dir} holds a finished run of {config.epochs} epochs: nothing to train")
         return
-    worker_count = spawn or workers or PRESETS[preset].workers  # both options are at least 1 when given
-    problems = config.problems() or ([] if local else _worker_problems(config, worker_count, replicas))
-    if problems:
-        raise InputError("; ".join(problems))
-    run_dir = run_dir or default_run_dir()
     cluster = None if local else ClusterOptions(
-        bind or (spawn_endpoint(run_dir) if spawn else OPEN_BIND), worker_count, spawn is not None, wait_timeout,
-        heartbeat_timeout=heartbeat_timeout,
+        bind or (spawn_endpoint(run_dir) if spawn else OPEN_BIND), spawn or workers or PRESETS[preset].workers,
+        spawn is not None, wait_timeout, heartbeat_timeout=heartbeat_timeout,
         rebalance=rebalance is Rebalance.epoch, verify=verify.value, verify_rate=verify_rate, replicas=replicas,
         curve_keys=curve_keys, status_bind=status_bind, second_layer_here=second_layer is SecondLayer.coordinator,
     )
+    problems = config.problems() or (cluster.problems(config) if cluster else [])
+    if problems:
+        raise InputError("; ".join(problems))
+    _train(config, start, run_dir, cluster, quiet, log_format)
+
+
+def _what_to_train(preset: str, overrides: dict, resume: Path | None, resume_if_exists: bool, run_dir: Path | None):
+    """(config, checkpoint to continue from or None, run directory) from the preset and options, or from a run."""
+    from coordinator.checkpoint import has_checkpoints, resume_point
+
+    if preset not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if resume_if_exists and (run_dir is None or resume is not None):
+        raise InputError("--resume-if-exists continues the run in --run-dir; give --run-dir and no --resume")
+    config = PRESETS[preset].config.with_overrides(**overrides)
+    if resume is not None:
+        if any(value is not None for value in overrides.values()) or preset != "default" or run_dir:
+            raise InputError("--resume continues the run with its own settings and directory; give neither with it")
+        return *resume_point(resume), resume
+    if resume_if_exists and has_checkpoints(run_dir):
+        saved, start = resume_point(run_dir)
+        if saved != config:
+            raise UserError(f"{run_dir} holds a run with other settings ({_differences(saved, config)}); "
+                            "give another --run-dir, or continue it as it was with --resume")
+        return saved, start, run_dir
+    return config, None, run_dir or default_run_dir()
+
+
+def _train(config, start, run_dir: Path, cluster, quiet: bool, log_format: LogFormat) -> None:
+    """Run the training with its display and log; a failed start leaves no directory, a bug one line and its log."""
+    from coordinator.display import output_for
+    from coordinator.run import train
+
     fresh = not run_dir.exists()
     try:
         with output_for(quiet, log_format.value, config.epochs, config.report_every) as output, logging_into(run_dir):
-            run_training(config, run_dir, cluster, output.epoch, start=start, on_status=output.status)
+            train(config, run_dir, cluster, output.epoch, start=start, on_status=output.status)
     except UserError:
         if fresh:  # a start that failed (a port in use, no workers) leaves no directory to wonder about
             discard_if_unstarted(run_dir)
@@ -170,18 +183,6 @@ def train(
     except Exception as error:  # a bug, ours not the user's, yet shown alike: one line, the traceback in the log
         text = str(error).partition("\n")[0]
         raise UserError(f"internal: {type(error).__name__}: {text} (traceback in {run_dir / LOG_FILE})") from None
-
-
-def _worker_problems(config, workers: int, replicas: int) -> list:
-    """Why `workers` in replicas of `replicas` cannot share this network's columns and units, as one-line texts."""
-    if workers % replicas:
-        return [f"{workers} workers cannot form replicas of {replicas}"]
-    most = config.most_slots() * replicas
-    if workers > most:
-        inputs = INPUT_COLUMNS[config.dataset]
-        return [f"{workers} workers cannot share {inputs} input columns and {config.hidden} hidden units "
-                f"(each needs one of both); use at most {most} (--workers or --spawn)"]
-    return []
 
 
 def _differences(saved, given) -> str:
@@ -233,7 +234,7 @@ def evaluate(
     data: Annotated[Path | None, _option("DATA", "Folder of MNIST-format IDX files (default: embedded MNIST).")] = None,
 ):
     """Print the test accuracy of a saved model."""
-    from coordinator.run import evaluate_model
+    from coordinator.rundir import evaluate_model
 
     accuracy = evaluate_model(model, data)
     typer.echo(f"test accuracy {accuracy:.2%}")

@@ -2,8 +2,10 @@
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from common import model, settings
+from common.data import XOR, Dataset, load_dataset
 
 INPUT_COLUMNS = {"mnist": 28 * 28, "xor": 2}  # an MNIST image's pixels; the XOR rows' two bits
 
@@ -16,10 +18,10 @@ class TrainingConfig:
     data: str | None = None  # folder of IDX files; None is the embedded MNIST
     epochs: int = 20
     batch_size: int = 32
-    learning_rate: float = 3.0
+    learning_rate: float = 0.5  # with bce: 94% after the first epoch, 98% after 20 (MSE at lr 3 gave 74% and 97.9%)
     seed: int = 0
     hidden: int = 128
-    loss: str = "mse"
+    loss: str = "bce"
     dtype: str = "float32"
     init: str = "scaled"
     input_divisor: float = 255.0  # 255 scales pixels to [0, 1]; 1 keeps them raw
@@ -29,6 +31,16 @@ class TrainingConfig:
     report_every: int = 1  # print every this many epochs
     checkpoint_epochs: int = 1  # checkpoint after every this many epochs (and after the last)
     checkpoint_every: int = 0  # also checkpoint every this many steps within an epoch; 0: never mid-epoch
+
+    def load_data(self) -> Dataset:
+        """The run's images and labels, cut to the configured limits."""
+        if self.dataset == "xor":
+            return XOR
+        return load_dataset(Path(self.data) if self.data else None).cut(self.train_limit, self.test_limit)
+
+    def layer_sizes(self, data: Dataset) -> tuple:
+        """(inputs, hidden, outputs): one output for the two-class XOR rows, one per digit otherwise."""
+        return data.train_images.shape[1], self.hidden, 1 if self.dataset == "xor" else 10
 
     def with_overrides(self, **overrides) -> "TrainingConfig":
         """This config with the given fields replaced; None means "keep"."""
@@ -70,12 +82,12 @@ PRESETS = {
     "default": Preset(TrainingConfig()),
     # The seed notebook: raw pixels, full batch, float64, and its initialisation.
     "seed": Preset(TrainingConfig(
-        input_divisor=1.0, batch_size=60_000, learning_rate=0.05, dtype="float64", init="legacy", seed=402
+        input_divisor=1.0, batch_size=60_000, learning_rate=0.05, loss="mse", dtype="float64", init="legacy", seed=402
     )),
     # The seed's 2-3-1 XOR network; its lr 10 went with a cost divided by 2, ours divides by the 4 rows.
     # Its two input columns go to two workers, as in the seed.
     "xor": Preset(TrainingConfig(
-        dataset="xor", hidden=3, epochs=5000, batch_size=4, learning_rate=20.0, dtype="float64",
+        dataset="xor", hidden=3, epochs=5000, batch_size=4, learning_rate=20.0, loss="mse", dtype="float64",
         init="legacy", seed=42, input_divisor=1.0, report_every=500, checkpoint_epochs=500,
     ), workers=2),
 }

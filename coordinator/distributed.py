@@ -313,7 +313,7 @@ def _identical(first: dict, second: dict) -> bool:
     return first.keys() == second.keys() and all(np.array_equal(first[name], second[name]) for name in first)
 
 
-class ClusterFirstLayer(ClusterProducts):
+class LocalSecondLayerProducts(ClusterProducts):
     """The first layer on the workers, the second layer's small products (B x H x O) here: one round per step.
 
     Workers then see only their pixels, W1 rows and d1, never a1, W2 or d2; the price is that the

@@ -12,9 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from common import model
+from common.data import load_dataset
 from common.errors import InputError, UserError
 from common.exposure import ExposurePlan
 from common.model import PARAM_NAMES, Params
+from coordinator.config import TrainingConfig
+from coordinator.training import LocalProducts, Trainer
 
 LOG_FILE = "coordinator.log"
 
@@ -134,3 +138,14 @@ def load_model(path: Path) -> tuple:
     if not (hidden and shapes_fit and params.b2.shape == (params.w2.shape[1],)):
         raise ModelError(f"model {path} has inconsistent array shapes")
     return params, float(arrays["input_divisor"])
+
+
+def evaluate_model(model_path: Path, data_dir: Path | None) -> float:
+    """The test accuracy of a saved model on an MNIST-format folder."""
+    params, input_divisor = load_model(model_path)
+    data = load_dataset(data_dir)
+    if params.w1.shape[0] != data.test_images.shape[1]:
+        raise ModelError(f"model {model_path} takes {params.w1.shape[0]} inputs, the images have {data.test_images.shape[1]}")
+    config = TrainingConfig(dtype=params.w1.dtype.name, input_divisor=input_divisor)
+    products = LocalProducts({"test": model.inputs(data.test_images, config.dtype, input_divisor)})
+    return Trainer(config, params, products, {"test": data.test_labels}).accuracy("test")

@@ -107,6 +107,10 @@ class RunWatch:
         for listener in self.listeners:
             listener(self.status)
 
+    def position(self) -> tuple:
+        """(epoch, step): where the run is, for the records."""
+        return self.status.epoch, self.status.step
+
     def batch_done(self, samples: int) -> None:
         self.update(state="training", samples=samples)
 

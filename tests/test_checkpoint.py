@@ -14,7 +14,7 @@ import pytest
 from common.exposure import ExposurePlan
 from common.model import Params
 from coordinator import checkpoint, run
-from coordinator.checkpoint import Checkpoint, read_chain
+from coordinator.checkpoint import Checkpoint, read_chain, resume_point
 from coordinator.config import PRESETS
 from coordinator.training import Progress
 from tests.cluster_harness import Harness, wait_for
@@ -99,7 +99,7 @@ def test_local_run_resumed_after_a_crash_is_bit_for_bit_the_same(tmp_path):
 
     with pytest.raises(Crash):
         run.train(config, tmp_path / "cut", None, on_epoch=lambda report: None, on_batch=crash_in_epoch_three)
-    resumed_config, start = run.resume_point(tmp_path / "cut")
+    resumed_config, start = resume_point(tmp_path / "cut")
     assert resumed_config == config and (start.progress.epoch, start.progress.step) == (3, 3)
     resumed = run.train(resumed_config, tmp_path / "cut", None, on_epoch=lambda report: None, start=start)
     for name, array in whole.arrays().items():

@@ -1,6 +1,7 @@
 """The command lines as a user meets them: real processes, real sockets, and one-line errors."""
 
 import json
+import logging
 import os
 import re
 import socket
@@ -15,7 +16,7 @@ import zmq
 from common import model, protocol, settings
 from common.protocol import Register
 from coordinator.config import PRESETS
-from coordinator.run import XOR_LABELS, XOR_ROWS
+from common.data import XOR
 from tests.cli_reference import README
 from tests.conftest import LOOPBACK_ANY_PORT, assert_one_line_error, lines_of, load_model, run_cli, start, wait_for_line
 
@@ -42,7 +43,7 @@ def test_train_on_two_spawned_workers_then_evaluate(train_run):
     assert [line.split()[:2] for line in done.stdout.splitlines()] == [["epoch", "1/2"], ["epoch", "2/2"]]
     assert "sees 392 input columns" in done.stderr
     endpoint = re.search(r"waiting for 2 workers on (\S+)", done.stderr)[1]
-    assert endpoint.startswith("tcp://127.0.0.1:") and not endpoint.endswith(":5555"), endpoint  # not every interface
+    assert endpoint == f"ipc://{(run_dir / 'workers.sock').resolve()}", endpoint  # a Unix socket: no network at all
     log = (run_dir / "coordinator.log").read_text()
     assert "INFO coordinator: worker A joined as slot" in log and "sees 392 input columns" in log
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
@@ -70,8 +71,8 @@ def test_each_preset_runs_as_documented(train_run, preset):
     if preset == "xor":
         assert done.stdout.count("epoch ") == 10  # every 500th of 5000 epochs
         p = model.Params(**load_model(run_dir))
-        outputs = model.activate(model.activate(XOR_ROWS @ p.w1, p.b1) @ p.w2, p.b2)[:, 0]
-        assert ((outputs > 0.5) == XOR_LABELS).all(), outputs
+        outputs = model.activate(model.activate(XOR.train_images @ p.w1, p.b1) @ p.w2, p.b2)[:, 0]
+        assert ((outputs > 0.5) == XOR.train_labels).all(), outputs
 
 
 @pytest.mark.slow
@@ -171,7 +172,7 @@ def test_an_internal_error_is_one_line_and_a_traceback_in_the_log(tmp_path, monk
     from coordinator.cli import console_script
 
     def broken_training(*args, **kwargs):
-        run.log.warning("about to fail")  # (in pytest the root logger stays at WARNING)
+        logging.getLogger("coordinator").warning("about to fail")  # (in pytest the root logger stays at WARNING)
         raise KeyError("gone")
 
     monkeypatch.setattr(run, "train", broken_training)

@@ -14,6 +14,7 @@ import pytest
 
 from common.protocol import FirstLayer, SecondBackward, SecondForward, Shard, Stop, Welcome
 from coordinator import run
+from coordinator.cluster_options import ClusterOptions
 from coordinator.config import TrainingConfig
 from coordinator.distributed import ClusterProducts
 from worker.connection import CoordinatorLink
@@ -92,7 +93,7 @@ def _recorded_run(run_dir, second_layer_here: bool) -> tuple:
             threads = [threading.Thread(target=work, args=(bound, name), daemon=True) for name in "AB"]
             for thread in threads:
                 thread.start()
-            options = run.ClusterOptions(LOOPBACK_ANY_PORT, WORKERS, False, 30, second_layer_here=second_layer_here)
+            options = ClusterOptions(LOOPBACK_ANY_PORT, WORKERS, False, 30, second_layer_here=second_layer_here)
             run.train(CONFIG, run_dir, options, on_epoch=lambda report: None)
         for thread in threads:
             thread.join(30)
@@ -113,7 +114,7 @@ def _shuffle_of(shuffled: np.ndarray, natural: np.ndarray) -> np.ndarray:
 
 def test_workers_receive_only_their_own_columns(recorded):
     by_slot, _, run_dir = recorded
-    data = run.load_data(CONFIG)
+    data = CONFIG.load_data()
     owners = np.load(run_dir / "exposure.npz")["column_owners"]
     for slot, messages in by_slot.items():
         chunks = [m for m in messages if isinstance(m, Shard)]

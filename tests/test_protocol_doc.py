@@ -12,7 +12,7 @@ import numpy as np
 from common import protocol, settings
 from common.protocol import FirstLayer, Register, SecondBackward, SecondForward, Shard
 from coordinator.config import TrainingConfig
-from coordinator.run import _largest_reply_bytes
+from coordinator.cluster_options import _largest_reply_bytes
 from coordinator.scheduler import Arrived, Disconnect, Scheduler
 from coordinator.status import RunStatus, WorkerStatus
 from worker.compute import WorkerState
