@@ -10,7 +10,6 @@ import numpy as np
 
 LOSSES = ("mse", "bce")
 INITIALISATIONS = ("scaled", "legacy")
-BCE_CLIP = 1e-12  # keeps log() finite when a sigmoid output rounds to 0 or 1
 
 
 @dataclass
@@ -82,7 +81,10 @@ def output_error(outputs: np.ndarray, target: np.ndarray, loss: str, batch_size:
         difference = outputs - target
         cost = float(np.sum(difference * difference)) / 2
         return cost, difference * outputs * (1 - outputs) / batch_size
-    clipped = np.clip(outputs, BCE_CLIP, 1 - BCE_CLIP)  # cost = -sum(y log a2 + (1 - y) log(1 - a2)) / m
+    # cost = -sum(y log a2 + (1 - y) log(1 - a2)) / m, with a2 kept off 0 and 1 by the dtype's own epsilon so that
+    # log() stays finite when a sigmoid output rounds to 0 or 1 (1 - 1e-12 is 1 in float32)
+    epsilon = np.finfo(outputs.dtype).eps
+    clipped = np.clip(outputs, epsilon, 1 - epsilon)
     cost = -float(np.sum(target * np.log(clipped) + (1 - target) * np.log(1 - clipped)))
     return cost, (outputs - target) / batch_size
 

@@ -76,3 +76,10 @@ def test_legacy_initialisation_is_the_seed_notebooks():
     assert np.array_equal(params.w1, np.random.randn(784, 128) * 0.01)
     assert np.array_equal(params.w2, np.random.randn(128, 10) * 0.01)
     assert not params.b1.any() and not params.b2.any()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_bce_cost_stays_finite_when_outputs_round_to_0_or_1(dtype):
+    outputs, target = np.array([[1.0, 0.0], [0.0, 1.0]], dtype), np.array([[1.0, 0.0], [1.0, 0.0]], dtype)
+    cost, error = model.output_error(outputs, target, "bce", 2)
+    assert np.isfinite(cost) and cost > 0 and np.isfinite(error).all()
