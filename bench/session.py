@@ -154,8 +154,11 @@ def _trained_epochs(config: TrainingConfig, workers: int, second_layer_here: boo
 def _timed_epoch(trainer: Trainer, cluster, phases_dir: Path) -> EpochMeasure:
     traffic = cluster.traffic if cluster else None
     before = (traffic.sent + traffic.received, traffic.rounds) if traffic else (0, 0)
-    phases_before = (phases.clock.seconds(), phases.read_shared(phases_dir))
+    workers_before = phases.read_shared(phases_dir)
+    phases.clock.lap("wait")  # the time between epochs is not the epoch's
+    phases_before = (phases.clock.seconds(), workers_before)
     report = trainer.run_epoch()
+    phases.clock.lap("math")  # the epoch's last stretch: its end and its report
     phases_after = (phases.clock.seconds(), phases.read_shared(phases_dir))
     after = (traffic.sent + traffic.received, traffic.rounds) if traffic else (0, 0)
     coordinator, workers = (

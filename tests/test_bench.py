@@ -24,7 +24,8 @@ ECHO_TIMEOUT = 60.0  # seconds; echo workers that take longer to start or answer
 def test_bench_writes_json_for_floor_cluster_and_transport(tmp_path):
     out = tmp_path / "results.json"
     done = run_cli("bench", "--workers", "2", "--batch-sizes", "64", "--epochs", "1", "--repeats", "1",
-                   "--train-limit", "640", "--second-layer", "workers,coordinator", "--verify", "off,all", "--out", out)
+                   "--train-limit", "640", "--second-layer", "workers,coordinator", "--verify", "off,all", "--profile",
+                   "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
     placements = [(r["mode"], r["second_layer"], r["verify"], r["workers"]) for r in rows]
@@ -42,8 +43,13 @@ def test_bench_writes_json_for_floor_cluster_and_transport(tmp_path):
         assert row["bytes_per_epoch"] <= 1.05 * row["min_bytes_per_epoch"]
         assert row["rounds_per_step"] == ROUNDS_PER_STEP[row["second_layer"]]
         assert row["worker_peak_rss_mb"] > 0
-    assert "| cluster | coordinator | all | 2 | 64 |" in done.stdout
-    assert "| transport | workers | - | 2 | 64 |" in done.stdout
+    assert "| cluster | coordinator | all | ipc | 2 | 64 |" in done.stdout
+    assert "| transport | workers | - | tcp | 2 | 64 |" in done.stdout
+    for row in (r for r in rows if r["mode"] == "cluster"):  # the step profile accounts for the coordinator's time
+        step_ms = row["epoch_seconds"] * 1000 / row["steps"]
+        assert 0.8 * step_ms <= sum(row["coordinator_ms_per_step"].values()) <= 1.05 * step_ms, row
+        assert row["worker_ms_per_step"]["compute"] > 0
+    assert "| 2 | 64 | coordinator | ipc |" in done.stdout  # a row of the profile table
 
 
 @pytest.mark.slow

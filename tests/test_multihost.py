@@ -168,5 +168,6 @@ def test_a_slow_link_loses_no_worker_while_the_shards_go_out(cluster, tmp_path):
     print(f"6 Mbit/s: shards in {sent.group(2)} s, whole run {time.monotonic() - started:.1f} s")
     assert float(sent.group(2)) >= 3 * 3.0, "the link was not slow enough to test anything"
     assert "dropped" not in errors and "registered again" not in errors, errors
-    for service in WORKER_SERVICES:
-        assert "registering again" not in (tmp_path / f"{service}.log").read_text()
+    for service in WORKER_SERVICES:  # started before the coordinator, a worker may register twice before its welcome
+        log = (tmp_path / f"{service}.log").read_text()
+        assert "registered as" in log and "registering again" not in log.split("registered as", 1)[1], log
