@@ -10,7 +10,7 @@ from pathlib import Path
 
 import zmq
 
-from common import keys, phases, protocol, settings
+from common import keys, phases, protocol, settings, sockets
 from common.errors import UserError
 from common.protocol import Stop
 from coordinator.scheduler import Admit, Arrived, Disconnect, Garbled, Refused, Scheduler, Send, Tick, Unreachable
@@ -70,12 +70,7 @@ class Cluster:
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         if curve_keys is not None:
             keys.make_server(self.socket, curve_keys)
-        try:
-            self.socket.bind(bind)
-        except zmq.ZMQError as error:
-            self.socket.close()
-            raise ClusterError(f"cannot bind {bind}: {error}") from None
-        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = sockets.bind(self.socket, bind, ClusterError)
         self.authenticates = curve_keys is not None
         self.poller = zmq.Poller()  # kept: socket.poll() would build one for every frame
         self.poller.register(self.socket, zmq.POLLIN)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from common import model, protocol, settings
+from common import model, protocol, settings, sockets
 from common.errors import UserError
 from common.protocol import (
     Failure, FirstLayer, Heartbeat, Register, RegisterAgain, Reject, Result, SecondBackward, SecondForward, Shard, Stop,
@@ -53,12 +53,7 @@ class Probe:
     def __init__(self, bind: str, context: zmq.Context | None = None):
         self.socket = (context or zmq.Context.instance()).socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        try:
-            self.socket.bind(bind)
-        except zmq.ZMQError as error:
-            self.socket.close()
-            raise ConformanceError(f"cannot bind {bind}: {error}") from None
-        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = sockets.bind(self.socket, bind, ConformanceError)
         self.peer = None  # the worker's identity, once it registered
         self.heartbeating = True  # we stop heartbeating after our stop, as a coordinator would
         self.next_heartbeat = 0.0

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from common import sockets
 from common.errors import UserError
 from common.settings import MAX_STATUS_REQUEST_BYTES, STATUS_POLL_INTERVAL
 from coordinator.training import batches
@@ -128,12 +129,7 @@ class StatusServer:
         self.socket = zmq.Context.instance().socket(zmq.REP)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_STATUS_REQUEST_BYTES)
-        try:
-            self.socket.bind(bind)
-        except zmq.ZMQError as error:
-            self.socket.close()
-            raise StatusError(f"cannot bind the status socket {bind}: {error}") from None
-        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = sockets.bind(self.socket, bind, StatusError, "the status socket ")
         self.answer = b"{}"
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._serve, name="status", daemon=True)
