@@ -114,6 +114,25 @@ class Cluster:
         while self._pump(deadline):
             pass
 
+    @property
+    def standbys(self) -> list:
+        """Admitted workers that hold no slot yet, in the order they came."""
+        return self.scheduler.standbys
+
+    @property
+    def replicas(self) -> int:
+        return self.scheduler.replicas
+
+    def peers_of(self, slot: int) -> list:
+        return self.scheduler.peers_of(slot)
+
+    def name_of(self, peer: bytes) -> str:
+        return self.scheduler.workers[peer].name
+
+    def take_lost(self) -> dict:
+        """slot -> why its worker was dropped, for the slots lost since the last look."""
+        return self.scheduler.take_lost()
+
     def assign(self, peer: bytes, slot: int) -> None:
         """Give a standby a slot (its shards are the caller's to send)."""
         self.scheduler.assign(peer, slot)

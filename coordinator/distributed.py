@@ -143,18 +143,17 @@ class ClusterProducts:
         self._restore_replicas()
         if not self.rebalance:
             return
-        for peer in self.cluster.scheduler.standbys:
+        for peer in self.cluster.standbys:
             new_slot, self.next_slot = self.next_slot, self.next_slot + 1
             self.cluster.assign(peer, new_slot)
             self._change_plan(self.plan.with_slot(new_slot, self.permutations), "rebalanced for a new worker")
 
     def _restore_replicas(self) -> None:
-        scheduler = self.cluster.scheduler
         for slot in self.plan.slots:
-            for _ in range(scheduler.replicas - len(scheduler.peers_of(slot))):
-                if not scheduler.standbys:
+            for _ in range(self.cluster.replicas - len(self.cluster.peers_of(slot))):
+                if not self.cluster.standbys:
                     return
-                self.cluster.assign(scheduler.standbys[0], slot)
+                self.cluster.assign(self.cluster.standbys[0], slot)
                 self.reasons[slot] = "replaces a lost replica"
 
     def _second_forward_requests(self) -> dict:
@@ -195,7 +194,7 @@ class ClusterProducts:
             trusted = self._trusted_answer(slot, request, results[slot])
             if trusted is not None:
                 settled[slot] = trusted
-        lost = self.cluster.scheduler.take_lost()
+        lost = self.cluster.take_lost()
         if lost:
             raise WorkerLost(lost)
         return settled
@@ -228,10 +227,10 @@ class ClusterProducts:
     def _recover(self, lost: dict) -> None:
         """Reassign lost slots; no messages here: the next attempt's shard transfers carry out the change."""
         for slot, reason in lost.items():
-            if self.cluster.scheduler.peers_of(slot):  # its worker registered again: it only needs its shards
+            if self.cluster.peers_of(slot):  # its worker registered again: it only needs its shards
                 continue
             log.warning("%s; reassigning slot %d", reason, slot)
-            standbys = self.cluster.scheduler.standbys
+            standbys = self.cluster.standbys
             if standbys:
                 self.cluster.assign(standbys[0], slot)
                 self.reasons[slot] = f"took over a lost worker's slot ({reason})"
@@ -247,7 +246,7 @@ class ClusterProducts:
         changed, self.plan = self.plan.changed_slots(plan), plan
         for slot in changed:
             self.reasons[slot] = reason
-            for peer in self.cluster.scheduler.peers_of(slot):
+            for peer in self.cluster.peers_of(slot):
                 self.holding.pop(peer, None)
                 self.transfers.pop(peer, None)
 
@@ -258,7 +257,7 @@ class ClusterProducts:
         while True:
             sends = {}
             for slot in self.plan.slots:
-                for peer in self.cluster.scheduler.peers_of(slot):
+                for peer in self.cluster.peers_of(slot):
                     if self.holding.get(peer) != slot:
                         sends[peer] = (slot, self._transfer_to(peer, slot).next_chunk(), Expected({}))
             if not sends:
@@ -278,7 +277,7 @@ class ClusterProducts:
         transfer = self.transfers.get(peer)
         if transfer is None or transfer.slot != slot:
             transfer = self.transfers[peer] = ShardTransfer(slot, self.images, self.plan.columns(slot))
-            self.on_exposure(slot, self.cluster.scheduler.workers[peer].name, self.plan, self.reasons[slot])
+            self.on_exposure(slot, self.cluster.name_of(peer), self.plan, self.reasons[slot])
         return transfer
 
 
