@@ -5,7 +5,8 @@ inside them, 10.78.0.0/24), limits the coordinator's link with a token bucket fi
 delay, is not available here), trains with `coordinator train`, and tears everything down, also on failure or
 Ctrl-C. What it reports, for each rate, batch size and setting:
 - epoch seconds: the median over the epochs after the first (the first also carries the image shards), scaled to
-  60,000 training images from `--train-limit` (the test pass at the epoch's end is scaled with it);
+  60,000 training images from `--train-limit`; the test pass at each epoch's end uses the same fraction of the
+  10,000 test images, so the scaled figure holds a whole test pass too;
 - bytes per epoch: what the coordinator's interface sent plus received over those epochs, TCP/IP headers
   included, read when each epoch's line arrives, scaled alike;
 - time to 97.5%: the epochs, and the seconds of training (not scaled), until the test accuracy first reaches it.
@@ -38,6 +39,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 SUBNET = "10.78.0"  # a private /24 assigned only inside the namespaces made here (the tests use 10.77.0)
 COORDINATOR_PORT = 5555
 FULL_TRAINING_SET = 60_000  # MNIST's training images: what every figure is scaled to
+FULL_TEST_SET = 10_000  # MNIST's test images: a run tests on the same fraction as it trains on
 TARGET_ACCURACY = 0.975
 RATE_PATTERN = re.compile(r"^\d+(\.\d+)?(kbit|mbit|gbit)$")  # the tc units this tool accepts
 WORKER_GIVE_UP = 30  # seconds a worker waits for a coordinator, as docker-compose.yml sets it
@@ -207,7 +209,6 @@ def main(
     repeats: Annotated[int, _option("REPEATS", "Runs per configuration; the median counts.", min=1)] = 1,
     train_limit: Annotated[int, _option("TRAIN_LIMIT", "Training images per epoch (scaled to 60,000).",
                                         min=1, max=FULL_TRAINING_SET)] = 10_000,
-    test_limit: Annotated[int, _option("TEST_LIMIT", "Test images.", min=1, max=10_000)] = 10_000,
     timeout: Annotated[float, _option("TIMEOUT", "Seconds one run may take before it counts as failed.", min=1)] = 1800,
     out: Annotated[Path, _option("OUT", "Where to write the JSON results.")] = Path("links.json"),
 ):
@@ -218,8 +219,7 @@ def main(
     sizes = _numbers(batch_sizes)
     _interrupt_on_sigterm()
     try:
-        rows = _measured_rows(chosen_rates, sizes, setting or [""], workers, epochs, repeats, train_limit, test_limit,
-                              timeout)
+        rows = _measured_rows(chosen_rates, sizes, setting or [""], workers, epochs, repeats, train_limit, timeout)
     except KeyboardInterrupt:
         typer.echo("interrupted; the namespaces are deleted", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -227,8 +227,9 @@ def main(
     typer.echo(markdown(rows))
 
 
-def _measured_rows(rates, sizes, settings, workers, epochs, repeats, train_limit, test_limit, timeout) -> list:
+def _measured_rows(rates, sizes, settings, workers, epochs, repeats, train_limit, timeout) -> list:
     """One LinkRow per rate, batch size and setting, each the median of `repeats` runs."""
+    test_limit = max(1, train_limit * FULL_TEST_SET // FULL_TRAINING_SET)
     rows = []
     for rate in rates:
         for batch_size in sizes:

@@ -223,12 +223,12 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records, sta
             raise ClusterError(f"the run's exposure plan has {len(plan.slots)} worker slots; resume with {workers} workers")
     scheduler = Scheduler(
         options.workers, settings.PROTOCOL_VERSION, np.dtype(config.dtype), options.heartbeat_timeout, options.replicas,
-        former_slots,
+        former_slots, wire_dtype=model.wire_dtype(config.wire, config.dtype),
     )
     try:
         cluster = Cluster(
             options.bind, scheduler, _largest_reply_bytes(config, inputs),
-            welcome=lambda slot: Welcome(slot, config.dtype, config.input_divisor), curve_keys=options.curve_keys,
+            welcome=lambda slot: Welcome(slot, config.dtype, config.input_divisor, config.wire), curve_keys=options.curve_keys,
         )
     except ClusterError as error:  # only binding fails here
         raise ClusterError(f"{error}; is another coordinator running? choose another address with --bind") from None
@@ -251,11 +251,11 @@ def _cluster_products(config, data, sizes, options: ClusterOptions, records, sta
         images = {split: images_of(data, split) for split in SPLITS}
         verifier = Verifier(
             options.verify, options.verify_rate, np.random.default_rng(secrets.randbits(128)),
-            inputs_for(images, config.dtype, config.input_divisor),
+            inputs_for(images, config.dtype, config.input_divisor), model.wire_roundoff(config.wire),
         )
         kind = ClusterFirstLayer if options.second_layer_here else ClusterProducts
         products = kind(
-            cluster, plan, images, permutation_seed, options.rebalance, verifier,
+            cluster, plan, images, permutation_seed, options.rebalance, verifier, config.wire,
             on_exposure=lambda *change: records.append_exposure(*position(), *change),
             on_quarantine=lambda *caught: records.append_quarantine(*position(), *caught),
         )
