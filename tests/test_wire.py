@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from bench.traffic import minimum_step_bytes
 from common import model
 from common.protocol import Result, SecondForward, Shard, decode, encode
 from coordinator.config import TrainingConfig
@@ -122,3 +123,12 @@ def test_a_narrow_wire_trains_like_the_exact_one_and_no_honest_worker_is_caught(
                      for path in (exact_dir, narrow_dir))
     assert abs(exact["test_accuracy"] - narrow["test_accuracy"]) <= 0.02
     assert 0 < max_difference(load_model(narrow_dir), load_model(exact_dir)) < 0.05
+
+
+@pytest.mark.parametrize("second_layer_here", [False, True])
+def test_the_least_traffic_counts_errors_and_partials_at_the_wire_width(second_layer_here):
+    batch, (inputs, hidden, outputs), workers, s, w = 64, (784, 128, 10), 7, 4, 2
+    formula = 2 * inputs * hidden * s + 2 * workers * batch * hidden * w + 4 * workers * batch
+    if not second_layer_here:
+        formula += batch * hidden * (s + w) + 2 * hidden * outputs * s + 2 * workers * batch * outputs * w
+    assert minimum_step_bytes(batch, (inputs, hidden, outputs), workers, s, second_layer_here, w) == formula
