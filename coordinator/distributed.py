@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from common import phases, settings
-from common.model import from_wire, to_wire
 from common.exposure import ExposurePlan, permuted, unpermuted
+from common.model import from_wire, to_wire
 from common.protocol import FirstLayer, SecondBackward, SecondForward, Shard
 from coordinator.cluster import ClusterError, WorkerLost
 from coordinator.scheduler import Expected
