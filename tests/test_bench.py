@@ -43,7 +43,7 @@ def test_bench_writes_json_for_floor_cluster_and_transport(tmp_path):
         assert row["rounds_per_step"] == ROUNDS_PER_STEP[row["second_layer"]]
         assert row["worker_peak_rss_mb"] > 0
     assert "| cluster | coordinator | all | ipc | 2 | 64 |" in done.stdout
-    assert "| transport | workers | - | 2 | 64 |" in done.stdout
+    assert "| transport | workers | - | tcp | 2 | 64 |" in done.stdout
 
 
 @pytest.mark.slow
