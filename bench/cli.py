@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 
 from bench.compare import MIB, accuracy_rows, speed_rows
@@ -104,6 +105,10 @@ def main(
     typer.echo(markdown(results))
     if profile:
         typer.echo("\n" + profile_markdown(results))
+        fits = coordinator_fits(results)
+        for (batch_size, second_layer), (fixed, per_worker) in fits.items():
+            typer.echo(f"coordinator busy ms/step, batch {batch_size}, second layer on {second_layer}: "
+                       f"{fixed:.2f} + {per_worker:.3f} * workers")
 
 
 def markdown(results: list) -> str:
@@ -145,6 +150,26 @@ def profile_markdown(results: list) -> str:
         cells += [f"{row['worker_ms_per_step'][phase]:.2f}" for phase in WORKER_PHASES]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def coordinator_busy_ms(row: dict) -> float:
+    """The coordinator's milliseconds a step in every phase but waiting for answers: what its own CPU does."""
+    return sum(ms for phase, ms in row["coordinator_ms_per_step"].items() if phase != "wait")
+
+
+def coordinator_fits(results: list) -> dict:
+    """(batch, second layer) -> (a, b) of the least-squares line a + b N through the coordinator's busy ms per step
+    against N workers, where at least two worker counts were measured."""
+    groups = {}
+    for row in results:
+        if row["measure"] == "epoch" and row.get("coordinator_ms_per_step"):
+            groups.setdefault((row["batch_size"], row["second_layer"]), []).append(row)
+    fits = {}
+    for key, rows in groups.items():
+        if len({row["workers"] for row in rows}) >= 2:
+            per_worker, fixed = np.polyfit([row["workers"] for row in rows], [coordinator_busy_ms(r) for r in rows], 1)
+            fits[key] = (float(fixed), float(per_worker))
+    return fits
 
 
 def _shown(value, spec: str) -> str:

@@ -3,39 +3,44 @@
 ROW_NUMBER_BYTES = 4  # a batch row travels as one int32
 
 
-def round_bytes(batch: int, sizes: tuple, workers: int, itemsize: int, second_layer_here: bool) -> list:
+def round_bytes(batch: int, sizes: tuple, workers: int, itemsize: int, second_layer_here: bool,
+                wire_itemsize: int | None = None) -> list:
     """(request, reply) payload bytes of one worker in each synchronous round of a step, as the average of the
-    workers' shares; `minimum_step_bytes` spells out each term."""
+    workers' shares; errors and partial products take `wire_itemsize` bytes a number (`--wire`; the run's own
+    by default); `minimum_step_bytes` spells out each term."""
     inputs, hidden, outputs = sizes
+    wire = itemsize if wire_itemsize is None else wire_itemsize
     w1_rows = inputs * hidden * itemsize / workers  # W1 rows out and dW1 rows back alike
-    hidden_rows = batch * hidden * itemsize  # d1 out, a z1 partial back
+    hidden_rows = batch * hidden * wire  # d1 out, a z1 partial back
     rounds = [(w1_rows + hidden_rows + ROW_NUMBER_BYTES * batch, w1_rows + hidden_rows)]  # the first layer
     if not second_layer_here:
         w2_rows = hidden * outputs * itemsize / workers  # W2 rows out, dW2 rows back
-        unit_columns = batch * hidden * itemsize / workers  # a1[:, J_w] out, e1[:, J_w] back
-        output_rows = batch * outputs * itemsize  # a z2 partial back, d2 out
-        rounds += [(unit_columns + w2_rows, output_rows), (output_rows, w2_rows + unit_columns)]  # forward, backward
+        activations, errors = (batch * hidden * size / workers for size in (itemsize, wire))  # a1[:, J_w], e1[:, J_w]
+        output_rows = batch * outputs * wire  # a z2 partial back, d2 out
+        rounds += [(activations + w2_rows, output_rows), (output_rows, w2_rows + errors)]  # forward, backward
     return rounds
 
 
-def minimum_step_bytes(batch: int, sizes: tuple, workers: int, itemsize: int, second_layer_here: bool) -> int:
+def minimum_step_bytes(batch: int, sizes: tuple, workers: int, itemsize: int, second_layer_here: bool,
+                       wire_itemsize: int | None = None) -> int:
     """Payload bytes one training step of `batch` rows must move between the coordinator and its workers.
 
-    With B rows, I inputs, H hidden units, O outputs, N workers and s bytes per number (K_w, J_w: worker
-    w's input columns and hidden units, which partition I and H):
+    With B rows, I inputs, H hidden units, O outputs, N workers, s bytes per number and w bytes per number of
+    an error or partial product on the wire (w = s unless `--wire` narrows it; K_w, J_w: worker w's input
+    columns and hidden units, which partition I and H):
 
-        2 I H s     W1 rows K_w out (shuffled), dW1 rows K_w back
-        2 N B H s   d1 out to every worker (it multiplies all H columns), a z1 partial back from each
-        4 N B       the batch's row numbers, int32, to every worker (its pixels are cached there)
+        2 I H s       W1 rows K_w out (shuffled), dW1 rows K_w back
+        2 N B H w     d1 out to every worker (it multiplies all H columns), a z1 partial back from each
+        4 N B         the batch's row numbers, int32, to every worker (its pixels are cached there)
       and, unless the coordinator computes the second layer itself:
-        2 B H s     a1[:, J_w] out, e1[:, J_w] back
-        2 H O s     W2 rows J_w out, dW2 rows J_w back
-        2 N B O s   d2 out to every worker, a z2 partial back from each
+        B H (s + w)   a1[:, J_w] out, e1[:, J_w] back
+        2 H O s       W2 rows J_w out, dW2 rows J_w back
+        2 N B O w     d2 out to every worker, a z2 partial back from each
 
     Input shards are sent once per run and are not part of an epoch; nor is message framing.
     """
     per_worker = sum(request + reply for request, reply in round_bytes(batch, sizes, workers, itemsize,
-                                                                       second_layer_here))
+                                                                       second_layer_here, wire_itemsize))
     return round(workers * per_worker)  # the shares were averages: whole bytes again
 
 

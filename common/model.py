@@ -125,3 +125,40 @@ def second_forward(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
 def second_backward(activations: np.ndarray, weights: np.ndarray, error: np.ndarray) -> tuple:
     """The second layer's weight gradient (j, O) and the error carried back to its inputs (B, j)."""
     return weight_gradient(activations, error), error @ weights.T  # (B, O) @ (O, j) -> (B, j)
+
+
+# Errors and partial products may cross the network narrower than the run computes (`--wire`); weights and
+# gradients never do. bfloat16 is float32's upper half: numpy has no such type, so its bits travel as uint16.
+WIRE_FORMATS = ("exact", "float16", "bfloat16")
+WIRE_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
+
+
+def wire_dtype(wire: str, dtype) -> np.dtype:
+    """The dtype an error or partial product travels in: the run's own ("exact"), float16, or bfloat16's bits."""
+    return WIRE_DTYPES.get(wire, np.dtype(dtype))
+
+
+def wire_roundoff(wire: str) -> tuple:
+    """(unit roundoff, absolute floor) of putting a value on the wire: (0, 0) when exact."""
+    if wire == "exact":
+        return 0.0, 0.0
+    if wire == "float16":
+        return float(np.finfo(np.float16).eps) / 2, float(np.finfo(np.float16).smallest_subnormal) / 2
+    return 2.0**-8, float(np.finfo(np.float32).smallest_subnormal) / 2  # bfloat16 keeps 8 bits of mantissa
+
+
+def to_wire(array: np.ndarray, wire: str) -> np.ndarray:
+    """An array as it travels: unchanged, cast to float16, or rounded to the nearest (even) bfloat16's bits."""
+    if wire == "exact":
+        return array
+    if wire == "float16":
+        return array.astype(np.float16)
+    bits = np.ascontiguousarray(array, np.float32).view(np.uint32)
+    return ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)  # drop 16 bits, ties to even
+
+
+def from_wire(array: np.ndarray, dtype) -> np.ndarray:
+    """An array off the wire in the run's dtype (itself when it came exact); uint16 is bfloat16's bits."""
+    if array.dtype == np.uint16:
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    return array.astype(dtype, copy=False)

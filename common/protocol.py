@@ -31,7 +31,7 @@ import msgpack
 import msgpack_numpy
 import numpy as np
 
-ALLOWED_DTYPES = frozenset({"|u1", "<i4", "<i8", "<f4", "<f8"})
+ALLOWED_DTYPES = frozenset({"|u1", "<u2", "<i4", "<i8", "<f2", "<f4", "<f8"})  # <u2: bfloat16's bits
 MAX_ARRAY_DIMS = 2
 MAX_TEXT_LENGTH = 256  # characters of a name or a reason
 ARRAY_MAP_KEYS = frozenset({b"nd", b"type", b"kind", b"shape", b"data"})
@@ -56,6 +56,7 @@ class Welcome:
     slot: int
     dtype: str  # "float32" or "float64"
     input_divisor: float  # pixels are divided by this (255 scales them to [0, 1])
+    wire: str  # "exact", "float16" or "bfloat16": how errors and partial products travel (WIRE_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class FirstLayer:
     split: str  # the split `rows` index
     rows: np.ndarray | None  # (B,) int32 images to multiply by the weights
     error_rows: np.ndarray | None  # (B', ) int32 training images of the gradient
-    error: np.ndarray | None  # (B', H) hidden error, columns permuted like `weights`
+    error: np.ndarray | None  # (B', H) hidden error, columns permuted like `weights`; on the wire
     learning_rate: float
 
 
@@ -118,7 +119,7 @@ class SecondBackward:
     """The worker's share of the second layer's weight gradient and back-propagated error."""
 
     request: int
-    error: np.ndarray  # (B, O) output error, columns permuted like the last SecondForward's weights
+    error: np.ndarray  # (B, O) output error, columns permuted like the last SecondForward's weights; on the wire
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,9 @@ class Deregister:
 @dataclass(frozen=True)
 class Heartbeat:
     """I am still here."""
+
+
+WIRE_PRODUCTS = frozenset({"partial", "error"})  # products that travel in the welcome's wire format; the rest exact
 
 
 MESSAGE_KINDS = {

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from common import keys, settings
+from common import keys, model, settings
 from common.data import SPLITS, Dataset
 from common.exposure import ExposurePlan
 from common.protocol import Welcome
@@ -67,7 +67,7 @@ class ClusterOptions:
         where it left off. `watch` follows the workers for the status, and says where the run is for the records."""
         plan, permutation_seed, former_slots = self._plan(config, data, records, start)
         scheduler = Scheduler(self.workers, settings.PROTOCOL_VERSION, np.dtype(config.dtype), self.heartbeat_timeout,
-                              self.replicas, former_slots)
+                              self.replicas, former_slots, wire_dtype=model.wire_dtype(config.wire, config.dtype))
         with self._allow_list(), self._cluster(config, data, scheduler) as cluster, self._spawned(cluster, records), \
                 self._status(watch):
             try:
@@ -107,7 +107,8 @@ class ClusterOptions:
         try:
             cluster = Cluster(
                 self.bind, scheduler, _largest_reply_bytes(config, data.train_images.shape[1]),
-                welcome=lambda slot: Welcome(slot, config.dtype, config.input_divisor), curve_keys=self.curve_keys,
+                welcome=lambda slot: Welcome(slot, config.dtype, config.input_divisor, config.wire),
+                curve_keys=self.curve_keys,
             )
         except ClusterError as error:  # only binding fails here
             raise ClusterError(f"{error}; is another coordinator running? choose another address with --bind") from None
@@ -150,11 +151,11 @@ class ClusterOptions:
         images = {split: data.images(split) for split in SPLITS}
         verifier = Verifier(
             self.verify, self.verify_rate, np.random.default_rng(secrets.randbits(128)),
-            inputs_for(images, config.dtype, config.input_divisor),
+            inputs_for(images, config.dtype, config.input_divisor), model.wire_roundoff(config.wire),
         )
         kind = LocalSecondLayerProducts if self.second_layer_here else ClusterProducts
         return kind(
-            cluster, plan, images, permutation_seed, self.rebalance, verifier,
+            cluster, plan, images, permutation_seed, self.rebalance, verifier, config.wire,
             on_exposure=lambda *change: records.append_exposure(*watch.position(), *change),
             on_quarantine=lambda *caught: records.append_quarantine(*watch.position(), *caught),
         )

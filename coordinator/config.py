@@ -23,6 +23,7 @@ class TrainingConfig:
     hidden: int = 128
     loss: str = "bce"
     dtype: str = "float32"
+    wire: str = "exact"  # how errors and partial products cross the network (model.WIRE_FORMATS)
     init: str = "scaled"
     input_divisor: float = 255.0  # 255 scales pixels to [0, 1]; 1 keeps them raw
     train_limit: int | None = None
@@ -56,6 +57,8 @@ class TrainingConfig:
             (1 <= self.hidden <= settings.MAX_HIDDEN_UNITS, f"hidden must be 1..{settings.MAX_HIDDEN_UNITS}"),
             (self.loss in model.LOSSES, f"loss must be one of {', '.join(model.LOSSES)}"),
             (self.dtype in ("float32", "float64"), "dtype must be float32 or float64"),
+            (self.wire in model.WIRE_FORMATS, f"wire must be one of {', '.join(model.WIRE_FORMATS)}"),
+            (self.wire == "exact" or self.dtype == "float32", "a narrower --wire needs a float32 run"),
             (self.init in model.INITIALISATIONS, f"init must be one of {', '.join(model.INITIALISATIONS)}"),
             (self.input_divisor > 0, "input divisor must be positive"),
             (self.train_limit is None or self.train_limit >= 1, "train limit must be at least 1"),

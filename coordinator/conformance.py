@@ -293,7 +293,7 @@ class Session:
 
     def _welcome_and_send(self, chunks: list) -> str:
         """Welcome the worker in slot 0 and send it shard chunks; the first problem, or ""."""
-        self.probe.send(Welcome(0, self.operands.dtype, self.operands.divisor))
+        self.probe.send(Welcome(0, self.operands.dtype, self.operands.divisor, "exact"))
         for chunk in chunks:
             problem = _answer_problem(self.probe.request(chunk), {}, self.operands.dtype)
             if problem:

@@ -24,6 +24,7 @@ import numpy as np
 
 from common import phases, settings
 from common.exposure import ExposurePlan, permuted, unpermuted
+from common.model import from_wire, to_wire
 from common.protocol import FirstLayer, SecondBackward, SecondForward, Shard
 from coordinator.cluster import ClusterError, WorkerLost
 from coordinator.scheduler import Expected
@@ -38,7 +39,7 @@ class ClusterProducts:
 
     def __init__(
         self, cluster, plan: ExposurePlan, images: dict, permutation_seed: int, rebalance: bool, verifier: Verifier,
-        on_exposure: Callable, on_quarantine: Callable,
+        wire: str, on_exposure: Callable, on_quarantine: Callable,
     ):
         self.cluster = cluster
         self.plan = plan
@@ -46,6 +47,7 @@ class ClusterProducts:
         self.permutations = np.random.default_rng(permutation_seed)
         self.rebalance = rebalance  # admit standbys at epoch boundaries, or keep them for losses only
         self.verifier = verifier
+        self.wire = wire  # how errors go out and partial products come back (model.WIRE_FORMATS)
         self.on_exposure = on_exposure  # (slot, worker name, plan, reason): a slot's columns changed hands
         self.on_quarantine = on_quarantine  # (Worker, slot, request kind, Evidence)
         self.second_permutation = None  # the output permutation of the last SecondForward round
@@ -65,7 +67,7 @@ class ClusterProducts:
             nonlocal shuffle
             shuffle = self.permutations.permutation(hidden)
             shuffled_weights = None if rows is None else permuted(weights, shuffle)
-            shuffled_error = None if error is None else permuted(error, shuffle)  # one array for every worker
+            shuffled_error = None if error is None else to_wire(permuted(error, shuffle), self.wire)  # one for all
             built = {}
             for slot in self.plan.slots:
                 columns, expected = self.plan.columns(slot), {}
@@ -87,7 +89,7 @@ class ClusterProducts:
 
         results = self._round(requests)
         gradient = None if error is None else unpermuted(self._stacked(results, "gradient", self.plan.columns), shuffle)
-        product = None if rows is None else unpermuted(self._summed(results, "partial"), shuffle)
+        product = None if rows is None else unpermuted(self._summed(results, "partial", weights.dtype), shuffle)
         phases.clock.lap("unshuffle")
         return gradient, product
 
@@ -95,7 +97,7 @@ class ClusterProducts:
         phases.clock.lap("math")
         self.second_operands = (activations, weights)
         results = self._round(self._second_forward_requests)
-        product = unpermuted(self._summed(results, "partial"), self.second_permutation)
+        product = unpermuted(self._summed(results, "partial", weights.dtype), self.second_permutation)
         phases.clock.lap("unshuffle")
         return product
 
@@ -104,7 +106,7 @@ class ClusterProducts:
         batch, outputs = error.shape
 
         def requests():
-            shuffled_error = permuted(error, self.second_permutation)  # one array for every worker
+            shuffled_error = to_wire(permuted(error, self.second_permutation), self.wire)  # one for every worker
             built = {}
             for slot in self.plan.slots:
                 units = len(self.plan.units(slot))
@@ -116,17 +118,18 @@ class ClusterProducts:
         gradient = self._stacked(results, "gradient", self.plan.units)
         backpropagated = np.empty((batch, len(self.plan.unit_owners)), error.dtype)
         for slot in self.plan.slots:
-            backpropagated[:, self.plan.units(slot)] = results[slot]["error"]
+            backpropagated[:, self.plan.units(slot)] = from_wire(results[slot]["error"], error.dtype)
         gradient = unpermuted(gradient, self.second_permutation)
         phases.clock.lap("unshuffle")
         return gradient, backpropagated
 
-    def _summed(self, results: dict, name: str) -> np.ndarray:
-        """The sum of every slot's partial product, added in slot order so that it is reproducible."""
+    def _summed(self, results: dict, name: str, dtype) -> np.ndarray:
+        """The sum of every slot's partial product, off the wire in `dtype`, added in slot order so that it is
+        reproducible."""
         slots = iter(self.plan.slots)
-        total = results[next(slots)][name].copy()
+        total = from_wire(results[next(slots)][name], dtype).copy()
         for slot in slots:
-            total += results[slot][name]
+            total += from_wire(results[slot][name], dtype)
         return total
 
     def _stacked(self, results: dict, name: str, rows_of: Callable) -> np.ndarray:

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common import settings
-from common.protocol import Deregister, Failure, Heartbeat, Register, RegisterAgain, Reject, Result
+from common.protocol import WIRE_PRODUCTS, Deregister, Failure, Heartbeat, Register, RegisterAgain, Reject, Result
 
 
+BFLOAT16_EXPONENT = 0x7F80  # the exponent bits of a bfloat16
 MAX_REMEMBERED_PEERS = 10_000  # connections kept in the replaced and told-to-register sets before they are cleared
 
 
@@ -133,11 +134,13 @@ class Scheduler:
     round_first_request: int = 1  # answers to requests before this one belong to abandoned rounds
     last_heartbeat: float = float("-inf")
     started: bool = False  # once all slots were filled, a lost slot is reassigned, not reopened
+    wire_dtype: np.dtype | None = None  # of the products in WIRE_PRODUCTS; the run's dtype when exact
 
     def __post_init__(self):
         slots = self.capacity // self.replicas
         self.open_slots = [slot for _ in range(self.replicas) for slot in range(slots)]  # one of each first
         self.banned = set()  # names and CURVE keys of quarantined workers
+        self.wire_dtype = self.dtype if self.wire_dtype is None else self.wire_dtype
         self.replaced = set()  # old connections of workers that registered again
         self.told_to_register = set()  # strangers already told to register again, so each is told once
 
@@ -307,8 +310,9 @@ class Scheduler:
         if set(products) != set(expected.shapes):
             return f"products {sorted(products)} instead of {sorted(expected.shapes)}"
         for name, array in products.items():
-            if array.dtype != self.dtype or array.shape != expected.shapes[name]:
-                return f"{name} is {array.dtype}{list(array.shape)}, not {self.dtype}{list(expected.shapes[name])}"
+            dtype = self.wire_dtype if name in WIRE_PRODUCTS else self.dtype
+            if array.dtype != dtype or array.shape != expected.shapes[name]:
+                return f"{name} is {array.dtype}{list(array.shape)}, not {dtype}{list(expected.shapes[name])}"
             if not _finite(array):
                 return f"{name} holds NaN or infinity"
         return ""
@@ -339,5 +343,7 @@ def _remember(peers: set, peer: bytes) -> None:
 def _finite(array: np.ndarray) -> bool:
     """Whether every element is finite, in one BLAS pass: a NaN or infinity makes the sum of squares one too;
     only when the squares overflow are the elements looked at one by one."""
+    if array.dtype == np.uint16:  # bfloat16's bits: an exponent of all ones is an infinity or a NaN
+        return not np.any((array & BFLOAT16_EXPONENT) == BFLOAT16_EXPONENT)
     flat = array.reshape(-1)
     return bool(np.isfinite(flat @ flat)) or bool(np.isfinite(flat).all())

@@ -10,13 +10,14 @@ happens with probability about 0.8 t_i / |delta|, so an error well above the rou
 almost surely, and each further check multiplies the escape odds again.
 """
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
 import numpy as np
 
 from common import model
-from common.protocol import FirstLayer, SecondBackward, SecondForward
+from common.protocol import WIRE_PRODUCTS, FirstLayer, SecondBackward, SecondForward
 
 
 
@@ -47,8 +48,9 @@ class Evidence:
 class Verifier:
     """Checks all, a secret random sample, or none of the results, against operands the coordinator holds."""
 
-    def __init__(self, mode: str, rate: float, rng: np.random.Generator, inputs):
+    def __init__(self, mode: str, rate: float, rng: np.random.Generator, inputs, wire_roundoff=(0.0, 0.0)):
         self.mode = mode
+        self.wire_roundoff = wire_roundoff  # (unit, absolute floor) of the rounding onto the wire: model.wire_roundoff
         self.rate = rate
         self.rng = rng  # secret: the worker cannot tell which answers are checked
         self.inputs = inputs  # (split, rows, columns) -> (B, k) float inputs, as the workers compute them
@@ -57,7 +59,9 @@ class Verifier:
         return self.mode == "all" or (self.mode == "sample" and self.rng.random() < self.rate)
 
     def check(self, request, products: dict, columns: np.ndarray, forward: SecondForward | None) -> Evidence | None:
-        """Evidence against one result, or None; `forward` is the worker's last SecondForward."""
+        """Evidence against one result, or None; `forward` is the worker's last SecondForward. Errors and products
+        on the wire are taken as the worker took and gave them, off the wire in the run's dtype."""
+        request, products = _off_wire(request, products, forward)
         if isinstance(request, FirstLayer):
             return self._first_layer(request, products, columns)
         if isinstance(request, SecondForward):
@@ -93,12 +97,30 @@ class Verifier:
         # the worker's rounding of P, then ours of both sides of the comparison
         allowance = (_gamma(depth, dtype) + _gamma(depth + width + 2, dtype)) * scale
         allowance += _gamma(width, dtype) * (np.abs(product) @ np.abs(r))
+        if name in WIRE_PRODUCTS:  # the worker's rounding of P onto the wire
+            unit, floor = self.wire_roundoff
+            allowance += unit * (np.abs(product) @ np.abs(r)) + floor * float(np.abs(r).sum())
         allowance = SAFETY * allowance + np.finfo(dtype).tiny
         excess = np.abs(actual - expected) - allowance
         worst = int(np.argmax(excess)) if excess.size else 0
         if excess.size and excess[worst] > 0:
             return Evidence(name, float(excess[worst] + allowance[worst]), float(allowance[worst]))
         return None
+
+
+def _off_wire(request, products: dict, forward: SecondForward | None) -> tuple:
+    """The request's error and the products in WIRE_PRODUCTS in the run's dtype, as the worker used and made them."""
+    if isinstance(request, SecondBackward):
+        dtype = forward.weights.dtype
+    elif isinstance(request, SecondForward):
+        dtype = request.activations.dtype
+    else:  # a first layer has its weights, or, without them, an error and so a gradient
+        dtype = products["gradient"].dtype if request.weights is None else request.weights.dtype
+    products = {name: model.from_wire(array, dtype) if name in WIRE_PRODUCTS else array
+                for name, array in products.items()}
+    if getattr(request, "error", None) is not None:
+        request = dataclasses.replace(request, error=model.from_wire(request.error, dtype))
+    return request, products
 
 
 class _Operand:

@@ -17,11 +17,11 @@ LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"
 PROCESS_TIMEOUT = 300  # seconds; a run that takes longer is a hang, not a slow machine
 
 
-def start(program: str, *args, env: dict | None = None, prefix: tuple = (), **popen) -> subprocess.Popen:
-    """`python -m program args` as a real process (after `prefix`, such as `ip netns exec NAME`): unbuffered, so
-    its lines arrive as it writes them, and reading no stdin; `popen` says where its output goes."""
+def start(program: str, *args, env: dict | None = None, **popen) -> subprocess.Popen:
+    """`python -m program args` as a real process: unbuffered, so its lines arrive as it writes them, and reading
+    no stdin; `popen` says where its output goes."""
     return subprocess.Popen(
-        [*prefix, sys.executable, "-m", program, *map(str, args)], stdin=subprocess.DEVNULL,
+        [sys.executable, "-m", program, *map(str, args)], stdin=subprocess.DEVNULL,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, **popen,
     )
 

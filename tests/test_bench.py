@@ -102,3 +102,16 @@ def test_echo_workers_answer_with_the_asked_size_and_leave():
     with echo.EchoRouter(LOOPBACK_ANY_PORT, 3, ECHO_TIMEOUT) as router:
         assert router.run_step([frames, frames]) == 2 * (3000 + round(3 * 333.5))
     assert [process.returncode for process in router.processes] == [0, 0, 0]  # each left on STOP, none killed
+
+
+def test_the_coordinator_fit_is_a_line_through_its_busy_time_per_step():
+    from bench.cli import coordinator_fits
+
+    def row(workers, busy):
+        phases = {"math": busy / 2, "build": busy / 2, "wait": 100.0}
+        return {"measure": "epoch", "workers": workers, "batch_size": 128, "second_layer": "workers",
+                "coordinator_ms_per_step": phases}
+
+    fits = coordinator_fits([row(2, 3.0), row(4, 5.0), row(7, 8.0), {"measure": "accuracy"}])
+    fixed, per_worker = fits[(128, "workers")]
+    assert (fixed, per_worker) == (pytest.approx(1.0), pytest.approx(1.0))  # 1 + 1 N, the wait left out

@@ -10,62 +10,14 @@ import time
 
 import pytest
 
-from coordinator.spawn import stop_workers
-from tests.conftest import PROCESS_TIMEOUT, compose_services, lines_of, start, wait_for_line
+from bench.hosts import Hosts, ip
+from tests.conftest import PROCESS_TIMEOUT, compose_services, lines_of, wait_for_line
 
 pytestmark = pytest.mark.slow  # every test here starts real processes
 
 SUBNET = "10.77.0"  # only ever assigned inside the test's own namespaces
 COORDINATOR_ADDRESS = f"{SUBNET}.1"
 WORKER_SERVICES = [f"worker-{letter}" for letter in "abcdefg"]
-
-
-def _ip(*args: str) -> None:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True)
-    assert done.returncode == 0, f"ip {' '.join(args)}: {done.stderr.strip()}"
-
-
-class Hosts:
-    """Namespaces wired to a bridge that lives in a namespace of its own; processes started in them."""
-
-    def __init__(self, prefix: str):
-        self.prefix = prefix  # short: interface names are at most 15 characters
-        self.namespaces = []
-        self.processes = []
-        self.switch = None
-
-    def add_switch(self) -> None:
-        self.switch = self._namespace("sw")
-        _ip("-n", self.switch, "link", "add", "name", "bridge0", "type", "bridge")
-        _ip("-n", self.switch, "link", "set", "bridge0", "up")
-
-    def _namespace(self, suffix: str) -> str:
-        name = f"{self.prefix}{suffix}"
-        _ip("netns", "add", name)
-        self.namespaces.append(name)
-        _ip("-n", name, "link", "set", "lo", "up")
-        return name
-
-    def add_host(self, index: int) -> tuple:
-        """A namespace with address 10.77.0.<index + 1> on the bridge: (namespace, its interface)."""
-        namespace, port, interface = self._namespace(f"h{index}"), f"p{index}", f"eth{index}"
-        _ip("-n", self.switch, "link", "add", port, "type", "veth", "peer", "name", interface, "netns", namespace)
-        _ip("-n", self.switch, "link", "set", port, "master", "bridge0", "up")
-        _ip("-n", namespace, "addr", "add", f"{SUBNET}.{index + 1}/24", "dev", interface)
-        _ip("-n", namespace, "link", "set", interface, "up")
-        return namespace, interface
-
-    def start(self, namespace: str, command: list, environment: dict, **kwargs) -> subprocess.Popen:
-        """`command` (a console script of this project) run with this Python inside a namespace."""
-        in_namespace = ("ip", "netns", "exec", namespace)  # exec keeps the pid
-        process = start(*command, env=environment, prefix=in_namespace, text=True, **kwargs)
-        self.processes.append(process)
-        return process
-
-    def tear_down(self) -> None:
-        stop_workers(self.processes)  # the coordinator's way with its spawned workers: SIGTERM, then SIGKILL
-        for namespace in reversed(self.namespaces):  # deleting a namespace deletes its veth ends too
-            subprocess.run(["ip", "netns", "delete", namespace], capture_output=True)
 
 
 @pytest.fixture
@@ -75,7 +27,7 @@ def cluster(tmp_path):
         pytest.skip("network namespaces need root")
     if shutil.which("ip") is None:
         pytest.skip("the `ip` command (iproute2) is not installed")
-    hosts = Hosts(f"sp{os.getpid() % 100000}")
+    hosts = Hosts(f"sp{os.getpid() % 100000}", SUBNET)
     try:
         hosts.add_switch()
         coordinator_namespace, _ = hosts.add_host(0)
@@ -89,15 +41,13 @@ def cluster(tmp_path):
             with open(tmp_path / f"{service_name}.log", "w") as log:
                 hosts.start(namespace, command, environment, stdout=log, stderr=subprocess.STDOUT)
             links[service_name] = (namespace, interface)
-        links["coordinator"] = (coordinator_namespace, "eth0")
-        links["switch"] = (hosts.switch, "p0")  # the switch's side of the coordinator's cable
 
         def train(*args):
             command = ["coordinator", "train", "--workers", "7", "--bind", f"tcp://{COORDINATOR_ADDRESS}:5555",
                        "--run-dir", str(tmp_path / "run"), *map(str, args)]
             return hosts.start(coordinator_namespace, command, {}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-        yield train, links
+        yield train, links, hosts
     finally:
         hosts.tear_down()
 
@@ -113,7 +63,7 @@ def _finish(process: subprocess.Popen, timeout: float) -> str:
 
 
 def test_seven_hosts_train_to_completion(cluster):
-    train, _ = cluster
+    train, _, _ = cluster
     coordinator = train("--train-limit", 2000, "--test-limit", 500, "--epochs", 2)
     lines = lines_of(coordinator.stdout)
     seen = wait_for_line(lines, "epoch 2/2", time.monotonic() + PROCESS_TIMEOUT)
@@ -125,14 +75,14 @@ def test_seven_hosts_train_to_completion(cluster):
 
 
 def test_run_completes_after_a_worker_link_is_cut(cluster):
-    train, links = cluster
+    train, links, _ = cluster
     # Long enough that the cut after epoch 1 lands well before the end: about 2 s an epoch.
     coordinator = train("--train-limit", 6000, "--test-limit", 500, "--epochs", 6, "--batch-size", 20)
     lines = lines_of(coordinator.stdout)
     seen = wait_for_line(lines, "epoch 1/6", time.monotonic() + PROCESS_TIMEOUT)
     assert seen and seen[-1].startswith("epoch 1/6") and coordinator.poll() is None, _finish(coordinator, 0)
     namespace, interface = links["worker-c"]
-    _ip("-n", namespace, "link", "set", interface, "down")
+    ip("-n", namespace, "link", "set", interface, "down")
     # Without recovery the coordinator gives up when the round's reply timeout passes; with it, it goes on.
     seen += wait_for_line(lines, "epoch 6/6", time.monotonic() + PROCESS_TIMEOUT)
     errors = _finish(coordinator, PROCESS_TIMEOUT)
@@ -140,25 +90,13 @@ def test_run_completes_after_a_worker_link_is_cut(cluster):
     assert [line.split()[1] for line in seen] == [f"{epoch}/6" for epoch in range(1, 7)]
 
 
-def _shape(links: dict, rate: str) -> None:
-    """Limit the coordinator's link to `rate` both ways, as a token bucket filter (netem is not available)."""
-    for end in ("coordinator", "switch"):
-        namespace, interface = links[end]
-        done = subprocess.run(
-            ["ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", interface, "root", "tbf", "rate", rate,
-             "burst", "64kb", "latency", "200ms"],
-            capture_output=True, text=True,
-        )
-        assert done.returncode == 0, done.stderr
-
-
 def test_a_slow_link_loses_no_worker_while_the_shards_go_out(cluster, tmp_path):
     """At 6 Mbit/s the 8.6 MB of shards take about 12 s, four times the heartbeat timeout; the workers waiting
     for theirs must still count as alive, and must not give up on the coordinator either."""
-    train, links = cluster
+    train, _, hosts = cluster
     if shutil.which("tc") is None:
         pytest.skip("the `tc` command (iproute2) is not installed")
-    _shape(links, "6mbit")
+    hosts.shape(0, "6mbit")
     started = time.monotonic()
     coordinator = train("--train-limit", 10_000, "--test-limit", 1000, "--epochs", 1, "--batch-size", 250,
                         "--hidden", 16, "--verify", "off")

@@ -16,7 +16,7 @@ from common.protocol import (
 ARRAY = np.arange(12, dtype=np.float32).reshape(3, 4)
 EVERY_KIND = [
     Register("A", 1),
-    Welcome(3, "float32", 255.0),
+    Welcome(3, "float32", 255.0, "bfloat16"),
     Reject("no"),
     RegisterAgain("unknown connection"),
     Shard(8, "train", 5, 10, np.zeros((5, 2), np.uint8)),

@@ -53,7 +53,7 @@ def test_honest_products_always_pass(dtype):
 @pytest.mark.parametrize("mode", [m for m in FAULTS if m not in ("stale", "flip")])
 def test_every_wrong_answer_fails(dtype, mode):
     verifier, forward = _verifier(dtype), None
-    for request, products in _answers(FaultyWorkerState(dtype, 255.0, mode), dtype):
+    for request, products in _answers(FaultyWorkerState(dtype, 255.0, "exact", mode), dtype):
         forward = request if isinstance(request, SecondForward) else forward
         assert verifier.check(request, products, np.arange(30), forward) is not None, type(request).__name__
 

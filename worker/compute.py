@@ -3,7 +3,7 @@
 import numpy as np
 
 from common import model, settings
-from common.protocol import FirstLayer, Result, SecondBackward, SecondForward, Shard
+from common.protocol import WIRE_PRODUCTS, FirstLayer, Result, SecondBackward, SecondForward, Shard
 
 
 class RequestError(ValueError):
@@ -13,8 +13,9 @@ class RequestError(ValueError):
 class WorkerState:
     """A worker's input columns of each split and the operands of its last second-layer forward."""
 
-    def __init__(self, dtype: str, input_divisor: float):
+    def __init__(self, dtype: str, input_divisor: float, wire: str = "exact"):
         self.dtype = np.dtype(dtype)
+        self.wire = wire  # errors come and partial products go in this format; the math is in `dtype`
         self.input_divisor = input_divisor
         self.inputs: dict[str, np.ndarray] = {}  # split -> (n, k) floats
         self.rows_loaded: dict[str, int] = {}  # split -> rows of `inputs` filled so far by shard chunks
@@ -47,7 +48,10 @@ class WorkerState:
 
     def compute(self, request) -> Result:
         """The result of one compute request, or RequestError."""
-        return Result(request.request, self.handlers[type(request)](request))
+        products = self.handlers[type(request)](request)
+        return Result(request.request, {
+            name: model.to_wire(array, self.wire) if name in WIRE_PRODUCTS else array for name, array in products.items()
+        })
 
     def first_layer(self, request: FirstLayer) -> dict:
         columns = self._columns()
@@ -57,11 +61,11 @@ class WorkerState:
             forward_inputs = self._rows_of(request.split, request.rows)
         if request.error is not None:
             gradient_inputs = self._rows_of("train", request.error_rows)
-            self._check(request.error, (len(request.error_rows), None), "error")
+            self._check(request.error, (len(request.error_rows), None), "error", self._wire_dtype())
             if request.weights is not None and request.weights.shape[1] != request.error.shape[1]:
                 raise RequestError("weights and error have different widths")
         gradient, partial = model.first_layer(
-            request.weights, forward_inputs, gradient_inputs, request.error, request.learning_rate
+            request.weights, forward_inputs, gradient_inputs, self._off_wire(request.error), request.learning_rate
         )
         products = {"gradient": gradient, "partial": partial}
         return {name: array for name, array in products.items() if array is not None}
@@ -76,8 +80,8 @@ class WorkerState:
         if self.second_operands is None:
             raise RequestError("second_backward before any second_forward")
         activations, weights = self.second_operands
-        self._check(request.error, (activations.shape[0], weights.shape[1]), "error")
-        gradient, error = model.second_backward(activations, weights, request.error)
+        self._check(request.error, (activations.shape[0], weights.shape[1]), "error", self._wire_dtype())
+        gradient, error = model.second_backward(activations, weights, self._off_wire(request.error))
         return {"gradient": gradient, "error": error}
 
     def _columns(self) -> int:
@@ -98,9 +102,16 @@ class WorkerState:
             raise RequestError(f"rows out of range for split {split!r}")
         return inputs[rows]
 
-    def _check(self, array, shape: tuple, name: str) -> None:
-        """Refuse an operand of the wrong dtype or shape (None in `shape` accepts any size)."""
-        if array is None or array.dtype != self.dtype or array.ndim != len(shape):
-            raise RequestError(f"{name} must be a {len(shape)}-d {self.dtype} array")
+    def _wire_dtype(self) -> np.dtype:
+        return model.wire_dtype(self.wire, self.dtype)
+
+    def _off_wire(self, error):
+        return None if error is None else model.from_wire(error, self.dtype)
+
+    def _check(self, array, shape: tuple, name: str, dtype=None) -> None:
+        """Refuse an operand of the wrong dtype (the run's, unless given) or shape (None in `shape` accepts any size)."""
+        dtype = self.dtype if dtype is None else dtype
+        if array is None or array.dtype != dtype or array.ndim != len(shape):
+            raise RequestError(f"{name} must be a {len(shape)}-d {dtype} array")
         if any(want is not None and have != want for have, want in zip(array.shape, shape)):
             raise RequestError(f"{name} has shape {array.shape}, expected {shape}")

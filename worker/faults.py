@@ -13,8 +13,8 @@ FLIP_EVERY = 7  # answers between two wrong elements: "once in a while", yet sev
 class FaultyWorkerState(WorkerState):
     """A worker that answers in shape, but wrongly, in one of several ways."""
 
-    def __init__(self, dtype: str, input_divisor: float, mode: str):
-        super().__init__(dtype, input_divisor)
+    def __init__(self, dtype: str, input_divisor: float, wire: str, mode: str):
+        super().__init__(dtype, input_divisor, wire)
         self.corrupt = getattr(self, mode)
         self.answers = 0
         self.previous = {}  # request kind -> the products of its last answer
@@ -63,8 +63,8 @@ class ExitingWorkerState(WorkerState):
     """A worker that dies the way kill -9 leaves it, at a chosen point of the protocol: on its `count`-th
     compute request, or in the middle (the second chunk) of its `count`-th shard transfer."""
 
-    def __init__(self, dtype: str, input_divisor: float, point: str, count: int):
-        super().__init__(dtype, input_divisor)
+    def __init__(self, dtype: str, input_divisor: float, wire: str, point: str, count: int):
+        super().__init__(dtype, input_divisor, wire)
         self.point, self.count = point, count
         self.requests = self.transfers = 0
 
@@ -89,7 +89,7 @@ def faulty_state(fault: str):
     """The make_state of `worker --fault`: MODE for a wrong answer, EXIT:N for a death; ValueError otherwise."""
     mode, _, count = fault.partition(":")
     if mode in FAULTS and not count:
-        return lambda dtype, divisor: FaultyWorkerState(dtype, divisor, mode)
+        return lambda dtype, divisor, wire: FaultyWorkerState(dtype, divisor, wire, mode)
     if mode in EXITS and count.isdigit() and int(count) >= 1:
-        return lambda dtype, divisor: ExitingWorkerState(dtype, divisor, mode, int(count))
+        return lambda dtype, divisor, wire: ExitingWorkerState(dtype, divisor, wire, mode, int(count))
     raise ValueError(f"unknown fault {fault!r}; choose one of {', '.join(FAULTS)}, or {':N, '.join(EXITS)}:N")

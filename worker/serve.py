@@ -20,7 +20,7 @@ def serve(link: CoordinatorLink, make_state=WorkerState) -> str:
             return message.reason
         if isinstance(message, Welcome):  # a new session: nothing held before is valid now
             log.info("%s registered as %s", link.name, "a standby" if message.slot < 0 else f"slot {message.slot}")
-            state = make_state(message.dtype, message.input_divisor)
+            state = make_state(message.dtype, message.input_divisor, message.wire)
         elif state is None:
             log.warning("ignored a %s that came before the welcome", type(message).__name__)
         else:

@@ -12,11 +12,11 @@ import msgpack
 import numpy as np
 import zmq
 
-VERSION = 2
+VERSION = 3
 HEARTBEAT_INTERVAL = 0.5  # seconds without sending anything before we send a heartbeat
 HEARTBEAT_TIMEOUT = 3.0  # seconds without a word from the coordinator before we take it as gone
 RECONNECT_WAIT = 1.0  # seconds between giving up on a connection and registering on a new one
-DTYPES = {"|u1", "<i4", "<i8", "<f4", "<f8"}  # what an array may be, as the coordinator's decoder allows
+DTYPES = {"|u1", "<u2", "<i4", "<i8", "<f2", "<f4", "<f8"}  # what an array may be, as the coordinator's decoder allows
 
 
 def pack(message: dict) -> bytes:
@@ -39,12 +39,29 @@ def array_of(m: dict) -> np.ndarray:
     return np.frombuffer(m[b"data"], dtype=m[b"type"]).reshape(m[b"shape"])
 
 
+def to_wire(array: np.ndarray, wire: str) -> np.ndarray:
+    """An error or partial product as it travels: as computed, float16, or bfloat16 (float32's upper 16 bits)."""
+    if wire == "exact":
+        return array
+    if wire == "float16":
+        return array.astype(np.float16)
+    bits = np.ascontiguousarray(array, np.float32).view(np.uint32)
+    return ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)  # round to nearest, ties to even
+
+
+def from_wire(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if array.dtype == np.uint16:  # bfloat16's bits
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    return array.astype(dtype, copy=False)
+
+
 class Session:
     """What a worker holds between one welcome and the next: its inputs and its second-layer operands."""
 
     def __init__(self, welcome: dict):
         self.dtype = np.dtype(welcome["dtype"])
         self.divisor = self.dtype.type(welcome["input_divisor"])
+        self.wire = welcome["wire"]  # how errors come and partial products go; we compute in self.dtype
         self.inputs = {}  # split -> (n, k) inputs
         self.second = None  # (activations (B, j), weights (j, O)) of the last second_forward
         self.handlers = {"shard": self.shard, "first_layer": self.first_layer,
@@ -56,6 +73,8 @@ class Session:
             products = self.handlers[request["kind"]](request)
         except (KeyError, IndexError, ValueError, TypeError) as error:
             return {"kind": "failure", "request": request["request"], "reason": repr(error)[:256]}
+        products = {name: to_wire(array, self.wire) if name in ("partial", "error") else array
+                    for name, array in products.items()}
         return {"kind": "result", "request": request["request"], "products": products}
 
     def shard(self, chunk: dict) -> dict:
@@ -69,7 +88,8 @@ class Session:
         products, weights = {}, request["weights"]
         if request["error"] is not None:
             # (B', k)^T @ (B', H) -> (k, H); this step's gradient, applied before the forward product
-            products["gradient"] = self.inputs["train"][request["error_rows"]].T @ request["error"]
+            error = from_wire(request["error"], self.dtype)
+            products["gradient"] = self.inputs["train"][request["error_rows"]].T @ error
             if weights is not None:
                 weights = weights - self.dtype.type(request["learning_rate"]) * products["gradient"]
         if request["rows"] is not None:
@@ -84,7 +104,7 @@ class Session:
         if self.second is None:
             raise ValueError("second_backward before any second_forward")
         activations, weights = self.second
-        error = request["error"]
+        error = from_wire(request["error"], self.dtype)
         return {"gradient": activations.T @ error, "error": error @ weights.T}  # (j, O) and (B, j)
 
 
