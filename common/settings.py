@@ -13,6 +13,11 @@ second, well inside the heartbeat timeout, so a worker waiting for its pixels ke
 MAX_SHARD_ROWS = 10_000_000
 """Largest split (images) a worker accepts: bounds what one shard chunk can make it allocate."""
 
+EVALUATION_REPLY_BYTES = 256 * 1024
+"""Largest partial product (bytes) a worker returns during a test pass, which has no batch size of its own:
+a worker's heartbeats wait behind its reply, so seven replies must cross a 20 Mbit/s link well inside the
+heartbeat timeout (4096 rows of 128 float32 would be 2 MiB each, 6 s on such a link)."""
+
 MAX_HIDDEN_UNITS = 4096
 """Largest hidden layer (units) a run may have: it bounds every message and the coordinator's memory."""
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import model
+from common import model, settings
 from common.model import Params
 from coordinator.config import TrainingConfig
 
@@ -81,6 +81,12 @@ class Trainer:
         self.outputs = params.w2.shape[1]
         self.pending = None  # (rows, hidden error) whose first-layer gradient is not yet applied
         self.progress = progress or Progress()
+
+    @property
+    def evaluation_rows(self) -> int:
+        """Rows per round of a test pass: as many as keep each worker's reply small (see settings)."""
+        row_bytes = self.params.w1.shape[1] * self.params.w1.dtype.itemsize
+        return max(1, min(self.config.chunk_rows, settings.EVALUATION_REPLY_BYTES // row_bytes))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -155,8 +161,8 @@ class Trainer:
     def accuracy(self, split: str) -> float:
         """The fraction of a split the current parameters classify correctly."""
         labels, correct = self.labels[split], 0
-        for start in range(0, len(labels), self.config.chunk_rows):
-            rows = np.arange(start, min(start + self.config.chunk_rows, len(labels)), dtype=np.int32)
+        for start in range(0, len(labels), self.evaluation_rows):
+            rows = np.arange(start, min(start + self.evaluation_rows, len(labels)), dtype=np.int32)
             hidden = model.activate(self._first_layer(split, rows), self.params.b1)
             outputs = model.activate(self.products.second_forward(hidden, self.params.w2), self.params.b2)
             correct += model.correct(outputs, labels[rows])
