@@ -137,7 +137,7 @@ def test_verify_off_lets_a_liar_silently_spoil_the_model(tmp_path, honest):
         assert not _quarantined(harness)
         difference = max_difference(load_model(harness.run_dir), honest["model"])
         print(f"off: max weight difference {difference:.2e}")
-        assert difference > 1e-3
+        assert difference > 1e-5  # far beyond the 1e-6 within which every honest run stays
     finally:
         harness.close()
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.cluster_harness import Harness
+from tests.cluster_harness import Harness, wait_for
 from tests.conftest import LOOPBACK_ANY_PORT, PROCESS_TIMEOUT, assert_one_line_error, lines_of, run_cli, start, wait_for_line
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -128,13 +128,16 @@ def _status_once_training(address: str) -> dict:
 @pytest.mark.slow
 def test_report_of_a_run_that_kept_a_standby(tmp_path):
     """A spare worker that never got a slot is in workers.json, and its bar in the report says so."""
-    # All three connect before the coordinator binds, so all register at once and the third is a spare: that
-    # needs the address beforehand, a named socket, where a TCP port picked now could be taken by then.
-    harness = Harness(tmp_path, bind=f"ipc://@scatterprop-test-{os.getpid()}-standby")
+    # C comes once training is under way, and the run is long enough for it to be admitted (as a spare, with
+    # --rebalance never) before the end, however slowly its process starts.
+    harness = Harness(tmp_path)
     try:
-        for name in ("A", "B", "C"):
-            harness.start_worker(name)
-        harness.start_coordinator("--workers", "2", "--rebalance", "never", *SHORT_RUN)
+        harness.start_coordinator("--workers", "2", "--rebalance", "never", *SHORT_RUN, "--epochs", "40")
+        harness.start_worker("A")
+        harness.start_worker("B")
+        harness.wait_for_epoch(1)
+        harness.start_worker("C")
+        wait_for(lambda: "worker C joined as a standby" in harness.log(harness.coordinator), 120, "C to join")
         assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
     finally:
         harness.close()
