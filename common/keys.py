@@ -24,6 +24,7 @@ COORDINATOR = "coordinator"
 ALLOWED = "allowed"
 WORKERS = "workers"
 SECRET_MODE = 0o600  # a secret key file is readable by its owner only
+MAX_REMEMBERED_KEYS = 10_000  # refused keys logged once each; past that the set starts afresh
 
 log = logging.getLogger("coordinator")
 
@@ -104,6 +105,8 @@ class AllowedKeys:
         if key in self.keys:
             return True
         if key not in self.refused:
+            if len(self.refused) >= MAX_REMEMBERED_KEYS:  # strangers can make up keys without end
+                self.refused.clear()
             self.refused.add(key)
             log.warning("refused CURVE key %s: it is not in %s", key.decode(), self.folder)
         return False
