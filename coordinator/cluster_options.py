@@ -151,7 +151,7 @@ class ClusterOptions:
         images = {split: data.images(split) for split in SPLITS}
         verifier = Verifier(
             self.verify, self.verify_rate, np.random.default_rng(secrets.randbits(128)),
-            inputs_for(images, config.dtype, config.input_divisor), model.wire_roundoff(config.wire),
+            inputs_for(images, config.dtype, config.input_divisor), config.dtype, model.wire_roundoff(config.wire),
         )
         kind = LocalSecondLayerProducts if self.second_layer_here else ClusterProducts
         return kind(

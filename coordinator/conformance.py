@@ -17,6 +17,7 @@ import zmq
 
 from common import model, protocol, settings, sockets
 from common.errors import UserError
+from coordinator.distributed import chunk_rows
 from common.protocol import (
     Failure, FirstLayer, Heartbeat, Register, RegisterAgain, Reject, Result, SecondBackward, SecondForward, Shard, Stop,
     Welcome,
@@ -138,9 +139,8 @@ class Operands:
 def shard_chunks(images: dict, rows_per_chunk: int) -> list:
     """Every split's images as Shard chunks, in order (request numbers are the Probe's to give)."""
     return [
-        Shard(0, split, start, len(pixels), pixels[start : start + rows_per_chunk])
-        for split, pixels in images.items()
-        for start in range(0, len(pixels), rows_per_chunk)
+        Shard(0, split, start, len(images[split]), images[split][start:stop])
+        for split, start, stop in chunk_rows(images, rows_per_chunk)
     ]
 
 

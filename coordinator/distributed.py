@@ -115,11 +115,10 @@ class ClusterProducts:
             return built
 
         results = self._round(requests, after_recovery=self._second_forward_again)
-        gradient = self._stacked(results, "gradient", self.plan.units)
+        gradient = unpermuted(self._stacked(results, "gradient", self.plan.units), self.second_permutation)
         backpropagated = np.empty((batch, len(self.plan.unit_owners)), error.dtype)
         for slot in self.plan.slots:
             backpropagated[:, self.plan.units(slot)] = from_wire(results[slot]["error"], error.dtype)
-        gradient = unpermuted(gradient, self.second_permutation)
         phases.clock.lap("unshuffle")
         return gradient, backpropagated
 
@@ -294,12 +293,7 @@ class ShardTransfer:
     sent: int = 0  # chunks answered so far
 
     def __post_init__(self):
-        rows_per_chunk = max(1, settings.SHARD_CHUNK_BYTES // max(1, len(self.columns)))
-        self.chunks = [
-            (split, offset, min(offset + rows_per_chunk, len(images)))
-            for split, images in self.images.items()
-            for offset in range(0, len(images), rows_per_chunk)
-        ]
+        self.chunks = chunk_rows(self.images, max(1, settings.SHARD_CHUNK_BYTES // max(1, len(self.columns))))
 
     @property
     def done(self) -> bool:
@@ -309,6 +303,15 @@ class ShardTransfer:
         split, start, stop = self.chunks[self.sent]
         images = self.images[split]
         return Shard(0, split, start, len(images), np.ascontiguousarray(images[start:stop][:, self.columns]))
+
+
+def chunk_rows(images: dict, rows_per_chunk: int) -> list:
+    """(split, first row, row after the last) of every shard chunk of every split, in the order they are sent."""
+    return [
+        (split, offset, min(offset + rows_per_chunk, len(pixels)))
+        for split, pixels in images.items()
+        for offset in range(0, len(pixels), rows_per_chunk)
+    ]
 
 
 def _identical(first: dict, second: dict) -> bool:

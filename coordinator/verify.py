@@ -48,8 +48,9 @@ class Evidence:
 class Verifier:
     """Checks all, a secret random sample, or none of the results, against operands the coordinator holds."""
 
-    def __init__(self, mode: str, rate: float, rng: np.random.Generator, inputs, wire_roundoff=(0.0, 0.0)):
+    def __init__(self, mode: str, rate: float, rng: np.random.Generator, inputs, dtype: str, wire_roundoff=(0.0, 0.0)):
         self.mode = mode
+        self.dtype = np.dtype(dtype)  # the run's: what the workers compute in, and wire values are read back into
         self.wire_roundoff = wire_roundoff  # (unit, absolute floor) of the rounding onto the wire: model.wire_roundoff
         self.rate = rate
         self.rng = rng  # secret: the worker cannot tell which answers are checked
@@ -61,7 +62,7 @@ class Verifier:
     def check(self, request, products: dict, columns: np.ndarray, forward: SecondForward | None) -> Evidence | None:
         """Evidence against one result, or None; `forward` is the worker's last SecondForward. Errors and products
         on the wire are taken as the worker took and gave them, off the wire in the run's dtype."""
-        request, products = _off_wire(request, products, forward)
+        request, products = _off_wire(request, products, self.dtype)
         if isinstance(request, FirstLayer):
             return self._first_layer(request, products, columns)
         if isinstance(request, SecondForward):
@@ -108,14 +109,8 @@ class Verifier:
         return None
 
 
-def _off_wire(request, products: dict, forward: SecondForward | None) -> tuple:
+def _off_wire(request, products: dict, dtype: np.dtype) -> tuple:
     """The request's error and the products in WIRE_PRODUCTS in the run's dtype, as the worker used and made them."""
-    if isinstance(request, SecondBackward):
-        dtype = forward.weights.dtype
-    elif isinstance(request, SecondForward):
-        dtype = request.activations.dtype
-    else:  # a first layer has its weights, or, without them, an error and so a gradient
-        dtype = products["gradient"].dtype if request.weights is None else request.weights.dtype
     products = {name: model.from_wire(array, dtype) if name in WIRE_PRODUCTS else array
                 for name, array in products.items()}
     if getattr(request, "error", None) is not None:

@@ -19,7 +19,7 @@ IMAGES = RNG.integers(0, 256, (50, 30), dtype=np.uint8)
 
 def _verifier(dtype: str) -> Verifier:
     inputs = lambda split, rows, columns: model.inputs(IMAGES[np.ix_(rows, columns)], dtype, 255.0)
-    return Verifier("all", 1.0, np.random.default_rng(0), inputs)
+    return Verifier("all", 1.0, np.random.default_rng(0), inputs, dtype)
 
 
 def _requests(dtype: str) -> list:

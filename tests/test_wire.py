@@ -78,7 +78,7 @@ def _shard() -> Shard:
 @pytest.mark.parametrize("wire", NARROW)
 def test_honest_narrow_answers_pass_freivalds_and_wrong_ones_fail(wire):
     inputs = lambda split, rows, columns: model.inputs(IMAGES[np.ix_(rows, columns)], "float32", 255.0)
-    verifier = Verifier("all", 1.0, np.random.default_rng(0), inputs, model.wire_roundoff(wire))
+    verifier = Verifier("all", 1.0, np.random.default_rng(0), inputs, "float32", model.wire_roundoff(wire))
     for _ in range(100):
         forward = None
         for request, products in zip(*_narrow_answers(wire)):

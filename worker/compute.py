@@ -57,7 +57,7 @@ class WorkerState:
         columns = self._columns()
         forward_inputs = gradient_inputs = None
         if request.rows is not None:
-            self._check(request.weights, (columns, None), "weights")
+            self._check(request.weights, (columns, None), "weights", self.dtype)
             forward_inputs = self._rows_of(request.split, request.rows)
         if request.error is not None:
             gradient_inputs = self._rows_of("train", request.error_rows)
@@ -71,8 +71,8 @@ class WorkerState:
         return {name: array for name, array in products.items() if array is not None}
 
     def second_forward(self, request: SecondForward) -> dict:
-        self._check(request.activations, (None, None), "activations")
-        self._check(request.weights, (request.activations.shape[1], None), "weights")
+        self._check(request.activations, (None, None), "activations", self.dtype)
+        self._check(request.weights, (request.activations.shape[1], None), "weights", self.dtype)
         self.second_operands = (request.activations, request.weights)
         return {"partial": model.second_forward(request.activations, request.weights)}
 
@@ -108,9 +108,8 @@ class WorkerState:
     def _off_wire(self, error):
         return None if error is None else model.from_wire(error, self.dtype)
 
-    def _check(self, array, shape: tuple, name: str, dtype=None) -> None:
-        """Refuse an operand of the wrong dtype (the run's, unless given) or shape (None in `shape` accepts any size)."""
-        dtype = self.dtype if dtype is None else dtype
+    def _check(self, array, shape: tuple, name: str, dtype: np.dtype) -> None:
+        """Refuse an operand of the wrong dtype or shape (None in `shape` accepts any size)."""
         if array is None or array.dtype != dtype or array.ndim != len(shape):
             raise RequestError(f"{name} must be a {len(shape)}-d {dtype} array")
         if any(want is not None and have != want for have, want in zip(array.shape, shape)):

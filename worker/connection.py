@@ -89,8 +89,7 @@ class CoordinatorLink:
             raise Rejected(message.reason)
         if isinstance(message, RegisterAgain):
             log.info("registering again: %s", message.reason)
-            self.welcomed = False
-            self.send(Register(self.name, settings.PROTOCOL_VERSION))
+            self._register()
             return None
         self.welcomed = self.welcomed or isinstance(message, Welcome)
         return None if isinstance(message, Heartbeat) else message
@@ -103,8 +102,12 @@ class CoordinatorLink:
         self.socket.connect(self.address)
         self.poller = zmq.Poller()  # kept: socket.poll() would build one for every message
         self.poller.register(self.socket, zmq.POLLIN)
-        self.welcomed = False
         self.last_heard = time.monotonic()
+        self._register()
+
+    def _register(self) -> None:
+        """Introduce this worker; until the welcome it is not admitted (and sends no heartbeats)."""
+        self.welcomed = False
         self.send(Register(self.name, settings.PROTOCOL_VERSION))
 
     def _reconnect(self, silence: float) -> None:
