@@ -114,7 +114,12 @@ def first_layer(weights, forward_inputs, gradient_inputs, error, learning_rate) 
         return gradient, None
     if gradient is not None:
         weights = descend(weights, gradient, learning_rate)
-    return gradient, forward_inputs @ weights  # (B, k) @ (k, H) -> (B, H)
+    return gradient, forward_product(forward_inputs, weights)
+
+
+def forward_product(layer_inputs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """A layer's (partial) matrix product: (B, k) @ (k, H) -> (B, H)."""
+    return layer_inputs @ weights
 
 
 def second_forward(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:

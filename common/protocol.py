@@ -6,8 +6,8 @@ ROUTER puts the worker's identity frame in front of it. NumPy arrays inside a me
 msgpack-numpy maps: {b"nd": True, b"type": "<f4", b"kind": b"", b"shape": [rows, cols], b"data": raw}.
 
     worker -> coordinator   register, result, failure, deregister, heartbeat
-    coordinator -> worker   welcome, reject, register_again, shard, first_layer, second_forward,
-                            second_backward, stop, heartbeat
+    coordinator -> worker   welcome, reject, register_again, shard, first_layer, kept_first_layer,
+                            return_rows, second_forward, second_backward, stop, heartbeat
 
 A session: the worker sends `register`; the coordinator answers `welcome` (or `reject`), sends the
 worker's columns of each split as `shard` chunks (once, and again whenever its columns change), then
@@ -106,6 +106,31 @@ class FirstLayer:
 
 
 @dataclass(frozen=True)
+class KeptFirstLayer:
+    """FirstLayer on first-layer rows the worker keeps between re-keys (`--rekey`): the gradient is applied to
+    the kept rows and not sent back, so only the error goes out and only the forward product comes back.
+
+    `weights`, when given, is a re-key: the kept rows become these before anything else. With no
+    weights, the worker uses the rows it kept, stepped by every error since they came.
+    """
+
+    request: int
+    weights: np.ndarray | None  # (k, H) first-layer rows of the worker's columns, columns permuted; or None
+    split: str  # the split `rows` index
+    rows: np.ndarray | None  # (B,) int32 images to multiply by the kept rows
+    error_rows: np.ndarray | None  # (B', ) int32 training images of the gradient
+    error: np.ndarray | None  # (B', H) hidden error, columns permuted like the kept rows; on the wire
+    learning_rate: float
+
+
+@dataclass(frozen=True)
+class ReturnRows:
+    """Send back the kept first-layer rows, as the errors since the last re-key left them."""
+
+    request: int
+
+
+@dataclass(frozen=True)
 class SecondForward:
     """The worker's partial product of the second layer; it keeps both arrays for the backward pass."""
 
@@ -167,6 +192,8 @@ MESSAGE_KINDS = {
     "register_again": RegisterAgain,
     "shard": Shard,
     "first_layer": FirstLayer,
+    "kept_first_layer": KeptFirstLayer,
+    "return_rows": ReturnRows,
     "second_forward": SecondForward,
     "second_backward": SecondBackward,
     "result": Result,

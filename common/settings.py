@@ -1,6 +1,6 @@
 """Tuning constants shared by the coordinator and the workers, each with its unit and its reason."""
 
-PROTOCOL_VERSION = 3  # bump on any change to a message's fields
+PROTOCOL_VERSION = 4  # bump on any change to a message's fields
 
 MAX_CHUNK_ROWS = 4096
 """Rows of one partial product (rows): a batch larger than this is sent in chunks whose gradients are

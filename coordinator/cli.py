@@ -55,6 +55,9 @@ def train(
     dtype: Annotated[str | None, _option("DTYPE", "float32 or float64.")] = None,
     wire: Annotated[str | None, _option("WIRE", "How errors and partial products cross the network: exact (the "
                                        "run's dtype), or for a float32 run float16 or bfloat16 (half the bytes).")] = None,
+    rekey: Annotated[str | None, _option("REKEY", "How long workers keep their first-layer rows and step them "
+                                         "themselves: every-step (the rows travel every step), every-epoch, or N "
+                                         "steps (fewer bytes; see Speed in the README).")] = None,
     scale: Annotated[bool | None, _option("SCALE", "Scale pixels to [0, 1] (--no-scale keeps 0-255).")] = None,
     data: Annotated[Path | None, _option("DATA", "Folder of MNIST-format IDX files (default: embedded MNIST).")] = None,
     train_limit: Annotated[int | None, _option("TRAIN_LIMIT", "Use only the first N training images.")] = None,
@@ -122,7 +125,7 @@ def train(
 
     overrides = dict(
         epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, hidden=hidden, loss=loss,
-        dtype=dtype, wire=wire, data=None if data is None else str(data), train_limit=train_limit, test_limit=test_limit,
+        dtype=dtype, wire=wire, rekey=rekey, data=None if data is None else str(data), train_limit=train_limit, test_limit=test_limit,
         input_divisor=None if scale is None else (255.0 if scale else 1.0), report_every=report_every,
         checkpoint_epochs=checkpoint_epochs, checkpoint_every=checkpoint_every,
     )

@@ -158,6 +158,7 @@ class ClusterOptions:
             cluster, plan, images, permutation_seed, self.rebalance, verifier, config.wire,
             on_exposure=lambda *change: records.append_exposure(*watch.position(), *change),
             on_quarantine=lambda *caught: records.append_quarantine(*watch.position(), *caught),
+            rekey_steps=config.rekey_steps,
         )
 
 

@@ -8,6 +8,7 @@ from common import model, settings
 from common.data import XOR, Dataset, load_dataset
 
 INPUT_COLUMNS = {"mnist": 28 * 28, "xor": 2}  # an MNIST image's pixels; the XOR rows' two bits
+REKEY_NAMES = {"every-step": 1, "every-epoch": None}  # --rekey by name: the steps between re-keys
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class TrainingConfig:
     loss: str = "bce"
     dtype: str = "float32"
     wire: str = "exact"  # how errors and partial products cross the network (model.WIRE_FORMATS)
+    rekey: str = "every-step"  # how long workers keep their first-layer rows: every-step, every-epoch or N steps
     init: str = "scaled"
     input_divisor: float = 255.0  # 255 scales pixels to [0, 1]; 1 keeps them raw
     train_limit: int | None = None
@@ -59,6 +61,9 @@ class TrainingConfig:
             (self.dtype in ("float32", "float64"), "dtype must be float32 or float64"),
             (self.wire in model.WIRE_FORMATS, f"wire must be one of {', '.join(model.WIRE_FORMATS)}"),
             (self.wire == "exact" or self.dtype == "float32", "a narrower --wire needs a float32 run"),
+            (self.rekey_steps != 0, "rekey must be every-step, every-epoch or a number of steps of at least 1"),
+            (self.rekey == "every-step" or self.batch_size <= self.chunk_rows,
+             f"--rekey {self.rekey} needs batches of at most {self.chunk_rows} images (chunk rows)"),
             (self.init in model.INITIALISATIONS, f"init must be one of {', '.join(model.INITIALISATIONS)}"),
             (self.input_divisor > 0, "input divisor must be positive"),
             (self.train_limit is None or self.train_limit >= 1, "train limit must be at least 1"),
@@ -69,6 +74,14 @@ class TrainingConfig:
             (self.checkpoint_every >= 0, "checkpoint every must be at least 0"),
         ]
         return [message for ok, message in checks if not ok]
+
+    @property
+    def rekey_steps(self) -> int | None:
+        """Steps between re-keys of the workers' kept rows: 1 sends the rows every step, None every epoch; 0 if
+        `rekey` is not valid."""
+        if self.rekey in REKEY_NAMES:
+            return REKEY_NAMES[self.rekey]
+        return int(self.rekey) if self.rekey.isdigit() and int(self.rekey) >= 1 else 0
 
     def most_slots(self) -> int:
         """The most worker slots the network splits into: each slot needs an input column and a hidden unit."""

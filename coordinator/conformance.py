@@ -19,8 +19,8 @@ from common import model, protocol, settings, sockets
 from common.errors import UserError
 from coordinator.distributed import chunk_rows
 from common.protocol import (
-    Failure, FirstLayer, Heartbeat, Register, RegisterAgain, Reject, Result, SecondBackward, SecondForward, Shard, Stop,
-    Welcome,
+    Failure, FirstLayer, Heartbeat, KeptFirstLayer, Register, RegisterAgain, Reject, Result, ReturnRows, SecondBackward,
+    SecondForward, Shard, Stop, Welcome,
 )
 
 ANSWER_TIMEOUT = 5.0  # seconds to wait for an answer: the operands are tiny, so nearly all of this is slack
@@ -187,6 +187,7 @@ class Session:
             ("first_layer forward", lambda: self.first_layer(forward=True, gradient=False)),
             ("first_layer gradient", lambda: self.first_layer(forward=False, gradient=True)),
             ("first_layer gradient then forward", lambda: self.first_layer(forward=True, gradient=True)),
+            ("kept rows", self.kept_rows),
             ("second_forward", self.second_forward),
             ("second_backward", self.second_backward),
             ("register_again", self.register_again),
@@ -220,6 +221,26 @@ class Session:
                     if array is not None}
         answer = self.probe.request(FirstLayer(0, weights, split, rows, error_rows, error, learning_rate))
         return _answer_problem(answer, expected, operands.dtype), f"{_shapes(expected)} as expected"
+
+    def kept_rows(self) -> tuple:
+        """A re-key with two steps and a forward product, then the rows the worker kept, stepped by both."""
+        operands, rng, learning_rate = self.operands, self.rng, 0.7
+        kept = operands.array(rng, COLUMNS, HIDDEN)
+        error_rows = [np.array(rows, np.int32) for rows in ([1, 9, 4], [0, 2, 2, 7])]
+        errors = [operands.array(rng, len(rows), HIDDEN) for rows in error_rows]
+        rows = np.array([5, 1], np.int32)
+        requests = [KeptFirstLayer(0, kept, "train", None, error_rows[0], errors[0], learning_rate),
+                    KeptFirstLayer(0, None, "test", rows, error_rows[1], errors[1], learning_rate)]
+        for step_rows, error in zip(error_rows, errors):
+            gradient = model.weight_gradient(operands.inputs("train")[step_rows], error)
+            kept = model.descend(kept, gradient, learning_rate)
+        expected = [{}, {"partial": model.forward_product(operands.inputs("test")[rows], kept)}]
+        for request, products in zip(requests, expected):
+            problem = _answer_problem(self.probe.request(request), products, operands.dtype)
+            if problem:
+                return f"kept_first_layer: {problem}", ""
+        problem = _answer_problem(self.probe.request(ReturnRows(0)), {"weights": kept}, operands.dtype)
+        return problem and f"return_rows: {problem}", "a re-key, two steps and a forward product on the kept rows"
 
     def second_forward(self) -> tuple:
         activations = self.rng.uniform(0, 1, (4, UNITS)).astype(self.operands.dtype)

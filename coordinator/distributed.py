@@ -22,13 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import phases, settings
+from common import model, phases, settings
 from common.exposure import ExposurePlan, permuted, unpermuted
 from common.model import from_wire, to_wire
-from common.protocol import FirstLayer, SecondBackward, SecondForward, Shard
+from common.protocol import FirstLayer, KeptFirstLayer, ReturnRows, SecondBackward, SecondForward, Shard
 from coordinator.cluster import ClusterError, WorkerLost
+from coordinator.kept import KeptPeriod, LoggedStep
 from coordinator.scheduler import Expected
-from coordinator.training import LocalProducts
+from coordinator.training import LocalProducts, stepped
 from coordinator.verify import Verifier
 
 log = logging.getLogger("coordinator")
@@ -39,7 +40,7 @@ class ClusterProducts:
 
     def __init__(
         self, cluster, plan: ExposurePlan, images: dict, permutation_seed: int, rebalance: bool, verifier: Verifier,
-        wire: str, on_exposure: Callable, on_quarantine: Callable,
+        wire: str, on_exposure: Callable, on_quarantine: Callable, rekey_steps: int | None = 1,
     ):
         self.cluster = cluster
         self.plan = plan
@@ -50,6 +51,9 @@ class ClusterProducts:
         self.wire = wire  # how errors go out and partial products come back (model.WIRE_FORMATS)
         self.on_exposure = on_exposure  # (slot, worker name, plan, reason): a slot's columns changed hands
         self.on_quarantine = on_quarantine  # (Worker, slot, request kind, Evidence)
+        self.rekey_steps = rekey_steps  # steps between re-keys of kept rows: 1 sends the rows every step; None: epochs
+        self.kept = None  # the KeptPeriod under way, if any
+        self.kept_tracking = None  # what the kept rows' answers of the current round are checked against
         self.second_permutation = None  # the output permutation of the last SecondForward round
         self.second_operands = None  # (activations, weights) of the last second-layer forward
         self.last_second_forward = {}  # slot -> its last SecondForward request, the operands it keeps
@@ -58,9 +62,47 @@ class ClusterProducts:
         self.transfers = {}  # peer -> its ShardTransfer under way
         self.reasons = {slot: "initial plan" for slot in plan.slots}  # why a slot's columns last moved
 
-    def first_layer(self, weights, split, rows, error_rows, error, learning_rate) -> tuple:
-        phases.clock.lap("math")  # the trainer's own, since the last round
+    def forward(self, weights, split, rows) -> np.ndarray:
+        """The first layer's product for some rows of a split; with `--rekey`, with the kept rows."""
+        if self.rekey_steps == 1:
+            return self._first_layer_round(weights, split, rows, None)[1]
+        if self.kept is None:
+            self.kept = self._new_period(weights)
+        return self._kept_round(split, rows, None)
+
+    def gradient(self, weights, error_rows, error) -> np.ndarray:
+        """The first layer's weight gradient of a chunk (a batch of several chunks adds theirs up)."""
+        return self._first_layer_round(weights, "train", None, (error_rows, error, 0.0))[0]
+
+    def step_then_forward(self, weights, error_rows, error, learning_rate, split, rows) -> tuple:
+        """(the weights after the step as far as the coordinator knows them, the forward product with them).
+
+        With kept rows, the workers hold the current weights; the coordinator learns them at each re-key.
+        """
+        step = (error_rows, error, learning_rate)
+        if self.rekey_steps == 1:
+            gradient, product = self._first_layer_round(weights, split, rows, step)
+            return model.descend(weights, gradient, learning_rate), product
+        if self.kept is None:
+            self.kept = self._new_period(weights)
+        elif self.rekey_steps and self.kept.steps >= self.rekey_steps:
+            weights = self._collected()
+            self.kept = self._new_period(weights)
+        return weights, self._kept_round(split, rows, step)
+
+    def settle(self, weights, pending, learning_rate) -> np.ndarray:
+        """The weights with a pending step applied; ends a kept period, so these are the current weights."""
+        if self.kept is None:
+            return stepped(self, weights, pending, learning_rate)
+        if pending is not None:
+            self._kept_round("train", None, (*pending, learning_rate))
+        return self._collected()
+
+    def _first_layer_round(self, weights, split, rows, step) -> tuple:
+        """(gradient, product) of a round that sends the weights: a step (error rows, error, learning rate), if
+        given, is a gradient, applied before the forward product of `rows`, if given."""
         hidden = weights.shape[1]
+        error_rows, error, learning_rate = step or (None, None, 0.0)
         shuffle = None
 
         def requests():
@@ -87,11 +129,69 @@ class ClusterProducts:
                 built[slot] = (request, Expected(expected))
             return built
 
+        phases.clock.lap("math")  # the trainer's own, since the last round
         results = self._round(requests)
         gradient = None if error is None else unpermuted(self._stacked(results, "gradient", self.plan.columns), shuffle)
         product = None if rows is None else unpermuted(self._summed(results, "partial", weights.dtype), shuffle)
         phases.clock.lap("unshuffle")
         return gradient, product
+
+    def _kept_round(self, split, rows, step) -> np.ndarray | None:
+        """A round on the kept rows: the step's error goes out (one frame for all), only forward products come
+        back; the workers apply the step to their rows, and the coordinator logs it."""
+        logged = tracking = None
+
+        def requests():
+            nonlocal logged, tracking
+            period = self.kept  # a recovery starts a new one, with rebuilt rows and a fresh permutation
+            error_rows, error, learning_rate = step or (None, None, 0.0)
+            wire_error = None if error is None else to_wire(permuted(error, period.permutation), self.wire)
+            logged = None if step is None else LoggedStep(error_rows, from_wire(wire_error, error.dtype), learning_rate)
+            tracking = self.kept_tracking = period.tracking_after(logged)
+            expected = Expected({} if rows is None else {"partial": (len(rows), period.start.shape[1])})
+            return {
+                slot: (KeptFirstLayer(0, period.rows_for(slot), split, rows, error_rows, wire_error, float(learning_rate)),
+                       expected)
+                for slot in self.plan.slots
+            }
+
+        phases.clock.lap("math")
+        results = self._round(requests)
+        period = self.kept
+        period.advance(logged, tracking)
+        product = None if rows is None else unpermuted(self._summed(results, "partial", period.start.dtype), period.permutation)
+        phases.clock.lap("unshuffle")
+        return product
+
+    def _new_period(self, weights: np.ndarray) -> KeptPeriod:
+        """A kept period from these weights (natural order) under the current plan, with a fresh permutation and a
+        fresh secret check vector; the rows go out with its first round."""
+        hidden = weights.shape[1]
+        return KeptPeriod(weights, self.permutations.permutation(hidden), self.plan,
+                          self.verifier.rng.standard_normal(hidden), self.verifier.inputs)
+
+    def _collected(self) -> np.ndarray:
+        """End the kept period: W1 in natural order, from the workers' rows checked against the log, or rebuilt
+        from the log when a worker is lost or caught."""
+        while True:
+            period = self.kept
+            if not period.sent:  # no worker holds its rows yet, so nothing has stepped them
+                self.kept = None
+                return unpermuted(period.start, period.permutation)
+
+            def requests():
+                self.kept_tracking = period.tracking
+                hidden = period.start.shape[1]
+                return {slot: (ReturnRows(0), Expected({"weights": (len(period.plan.columns(slot)), hidden)}))
+                        for slot in period.plan.slots}
+
+            try:
+                results = self._attempt(requests)
+            except WorkerLost as lost:
+                self._recover(lost.lost)  # which starts a new period from the rebuilt rows
+                continue
+            self.kept = None
+            return unpermuted(self._stacked(results, "weights", period.plan.columns), period.permutation)
 
     def second_forward(self, activations, weights) -> np.ndarray:
         phases.clock.lap("math")
@@ -141,14 +241,23 @@ class ClusterProducts:
 
     def epoch_ended(self) -> None:
         """Between epochs, let standbys stand in for lost replicas, then give each one still waiting a fair
-        share of the columns and units, taken from those holding most (unless standbys are kept for losses)."""
+        share of the columns and units, taken from those holding most (unless standbys are kept for losses).
+        Kept rows are collected first when that moves them, or when they are re-keyed every epoch."""
+        rekey = self.kept is not None and (self.rekey_steps is None or self._standbys_join())
+        weights = self._collected() if rekey else None
         self._restore_replicas()
-        if not self.rebalance:
-            return
-        for peer in self.cluster.standbys:
-            new_slot, self.next_slot = self.next_slot, self.next_slot + 1
-            self.cluster.assign(peer, new_slot)
-            self._change_plan(self.plan.with_slot(new_slot, self.permutations), "rebalanced for a new worker")
+        if self.rebalance:
+            for peer in self.cluster.standbys:
+                new_slot, self.next_slot = self.next_slot, self.next_slot + 1
+                self.cluster.assign(peer, new_slot)
+                self._change_plan(self.plan.with_slot(new_slot, self.permutations), "rebalanced for a new worker")
+        if weights is not None:
+            self.kept = self._new_period(weights)
+
+    def _standbys_join(self) -> bool:
+        """Whether epoch_ended will give a standby a slot."""
+        missing_replica = any(len(self.cluster.peers_of(slot)) < self.cluster.replicas for slot in self.plan.slots)
+        return bool(self.cluster.standbys) and (self.rebalance or missing_replica)
 
     def _restore_replicas(self) -> None:
         for slot in self.plan.slots:
@@ -178,16 +287,20 @@ class ClusterProducts:
         """Run a round until every slot has a trusted answer, recovering from lost or lying workers."""
         while True:
             try:
-                self._deliver_shards()
-                built = requests()
-                phases.clock.lap("build")
-                settled = self._settled(built, self.cluster.run_round(built))
-                phases.clock.lap("check")
-                return settled
+                return self._attempt(requests)
             except WorkerLost as lost:
                 self._recover(lost.lost)
                 if after_recovery:
                     after_recovery()
+
+    def _attempt(self, requests: Callable) -> dict:
+        """One try at a round: shards first where they are missing, then the requests (raises WorkerLost)."""
+        self._deliver_shards()
+        built = requests()
+        phases.clock.lap("build")
+        settled = self._settled(built, self.cluster.run_round(built))
+        phases.clock.lap("check")
+        return settled
 
     def _settled(self, built: dict, results: dict) -> dict:
         """slot -> one trusted answer; raises WorkerLost when quarantines leave a slot with no worker."""
@@ -209,7 +322,7 @@ class ClusterProducts:
         """
         first = answers[0][1]
         if all(_identical(first, products) for _, products in answers[1:]):
-            evidence = self._caught(slot, request, first) if self.verifier.chosen() else None
+            evidence = self._caught(slot, request, first) if self.verifier.chosen(request) else None
             verdicts = [(worker, products, evidence) for worker, products in answers]
         else:
             verdicts = [(worker, products, self._caught(slot, request, products)) for worker, products in answers]
@@ -220,7 +333,9 @@ class ClusterProducts:
 
     def _caught(self, slot: int, request, products: dict):
         """The Freivalds evidence against one answer, or None."""
-        return self.verifier.check(request, products, self.plan.columns(slot), self.last_second_forward.get(slot))
+        return self.verifier.check(
+            request, products, self.plan.columns(slot), self.last_second_forward.get(slot), self.kept_tracking
+        )
 
     def _quarantine(self, worker, slot: int, request, evidence) -> None:
         self.cluster.quarantine(worker, str(evidence))
@@ -242,6 +357,8 @@ class ClusterProducts:
             except ValueError:
                 raise ClusterError(f"every worker is lost ({reason})") from None
             self._change_plan(plan, f"took over columns of a lost worker ({reason})")
+        if self.kept is not None:  # rows of a lost worker, or of moved columns, are gone: rebuild all, re-key all
+            self.kept = self._new_period(self.kept.replayed())
 
     def _change_plan(self, plan: ExposurePlan, reason: str) -> None:
         """Adopt a new plan; the workers of every slot whose columns or units changed must be sent them again."""

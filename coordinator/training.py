@@ -2,8 +2,9 @@
 
 A backend computes the three groups of matrix products of a step (first layer, second layer forward,
 second layer backward); `LocalProducts` does it in this process, `ClusterProducts` on the workers.
-The first layer's weight gradient of a step is sent together with the next forward product, so one
-round of messages both ends a step and starts the next (see FirstLayer in the protocol).
+The first layer's gradient step of a batch is taken together with the next forward product
+(`step_then_forward`), so one round of messages both ends a step and starts the next (see FirstLayer in
+the protocol); `settle` applies the last one on its own.
 """
 
 import time
@@ -54,10 +55,22 @@ class LocalProducts:
         self.second_operands = None
         self.plan = self.permutations = None  # one process: nothing is split or shuffled
 
-    def first_layer(self, weights, split, rows, error_rows, error, learning_rate) -> tuple:
-        forward_inputs = None if rows is None else self.inputs[split][rows]
-        gradient_inputs = None if error is None else self.inputs["train"][error_rows]
-        return model.first_layer(weights, forward_inputs, gradient_inputs, error, learning_rate)
+    def forward(self, weights, split, rows) -> np.ndarray:
+        """The first layer's product for some rows of a split: (B, I) @ (I, H) -> (B, H)."""
+        return model.forward_product(self.inputs[split][rows], weights)
+
+    def gradient(self, weights, error_rows, error) -> np.ndarray:
+        """The first layer's weight gradient of a chunk of training rows: (I, H)."""
+        return model.weight_gradient(self.inputs["train"][error_rows], error)
+
+    def step_then_forward(self, weights, error_rows, error, learning_rate, split, rows) -> tuple:
+        """(the weights after a gradient step, the forward product of some rows with them)."""
+        weights = stepped(self, weights, (error_rows, error), learning_rate)
+        return weights, self.forward(weights, split, rows)
+
+    def settle(self, weights, pending, learning_rate) -> np.ndarray:
+        """The weights with a pending step applied, if there is one."""
+        return stepped(self, weights, pending, learning_rate)
 
     def second_forward(self, activations, weights) -> np.ndarray:
         self.second_operands = (activations, weights)
@@ -68,6 +81,13 @@ class LocalProducts:
 
     def epoch_ended(self) -> None:
         """Nothing changes between epochs in one process."""
+
+
+def stepped(products, weights, pending, learning_rate) -> np.ndarray:
+    """The first layer's weights after the gradient step of `pending` (error rows, error), from `products`."""
+    if pending is None:
+        return weights
+    return model.descend(weights, products.gradient(weights, *pending), learning_rate)
 
 
 class Trainer:
@@ -136,7 +156,7 @@ class Trainer:
         b1_gradient, b2_gradient = np.zeros_like(p.b1), np.zeros_like(p.b2)
         cost = correct = 0
         for chunk in chunks:
-            hidden = model.activate(self._first_layer("train", chunk), p.b1)
+            hidden = model.activate(self._forward("train", chunk), p.b1)
             outputs = model.activate(self.products.second_forward(hidden, p.w2), p.b2)
             target = model.targets(self.labels["train"][chunk], self.outputs, p.w2.dtype)
             chunk_cost, output_error = model.output_error(outputs, target, self.config.loss, len(rows))
@@ -150,7 +170,7 @@ class Trainer:
             if len(chunks) == 1:
                 self.pending = (chunk, hidden_error)  # applied with the next forward product
             else:
-                w1_gradient += self.products.first_layer(p.w1, "train", None, chunk, hidden_error, lr)[0]
+                w1_gradient += self.products.gradient(p.w1, chunk, hidden_error)
         if len(chunks) > 1:
             p.w1 = model.descend(p.w1, w1_gradient, lr)
         p.w2 = model.descend(p.w2, w2_gradient, lr)
@@ -163,22 +183,21 @@ class Trainer:
         labels, correct = self.labels[split], 0
         for start in range(0, len(labels), self.evaluation_rows):
             rows = np.arange(start, min(start + self.evaluation_rows, len(labels)), dtype=np.int32)
-            hidden = model.activate(self._first_layer(split, rows), self.params.b1)
+            hidden = model.activate(self._forward(split, rows), self.params.b1)
             outputs = model.activate(self.products.second_forward(hidden, self.params.w2), self.params.b2)
             correct += model.correct(outputs, labels[rows])
         return correct / len(labels)
 
     def settle(self) -> None:
-        """Apply a pending first-layer gradient on its own, so the parameters are final."""
-        if self.pending is not None:
-            self._first_layer("train", None)
-
-    def _first_layer(self, split: str, rows) -> np.ndarray | None:
-        """The first layer's product for some rows, applying the pending gradient first in the same round."""
-        error_rows, error = self.pending or (None, None)
-        lr = self.config.learning_rate
-        gradient, product = self.products.first_layer(self.params.w1, split, rows, error_rows, error, lr)
-        if gradient is not None:
-            self.params.w1 = model.descend(self.params.w1, gradient, lr)
+        """Apply a pending first-layer step on its own, so the parameters are final (this ends a kept period)."""
+        self.params.w1 = self.products.settle(self.params.w1, self.pending, self.config.learning_rate)
         self.pending = None
+
+    def _forward(self, split: str, rows) -> np.ndarray:
+        """The first layer's product for some rows, taking the pending step first in the same round."""
+        if self.pending is None:
+            return self.products.forward(self.params.w1, split, rows)
+        (error_rows, error), lr = self.pending, self.config.learning_rate
+        self.pending = None
+        self.params.w1, product = self.products.step_then_forward(self.params.w1, error_rows, error, lr, split, rows)
         return product

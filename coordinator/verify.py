@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from common import model
-from common.protocol import WIRE_PRODUCTS, FirstLayer, SecondBackward, SecondForward
-
-
+from common.protocol import WIRE_PRODUCTS, FirstLayer, KeptFirstLayer, ReturnRows, SecondBackward, SecondForward
+from coordinator.kept import Tracking
 
 class Verify(str, enum.Enum):
     """Which results are Freivalds-checked: none, a secret random sample, or all."""
@@ -56,13 +55,25 @@ class Verifier:
         self.rng = rng  # secret: the worker cannot tell which answers are checked
         self.inputs = inputs  # (split, rows, columns) -> (B, k) float inputs, as the workers compute them
 
-    def chosen(self) -> bool:
+    def chosen(self, request) -> bool:
+        """Whether to check an answer to `request`: kept rows coming back are checked whenever anything is, since
+        they are the weights themselves and come once a re-key."""
+        if self.mode == "sample" and isinstance(request, ReturnRows):
+            return True
         return self.mode == "all" or (self.mode == "sample" and self.rng.random() < self.rate)
 
-    def check(self, request, products: dict, columns: np.ndarray, forward: SecondForward | None) -> Evidence | None:
-        """Evidence against one result, or None; `forward` is the worker's last SecondForward. Errors and products
-        on the wire are taken as the worker took and gave them, off the wire in the run's dtype."""
+    def check(self, request, products: dict, columns: np.ndarray, forward: SecondForward | None = None,
+              kept: Tracking | None = None) -> Evidence | None:
+        """Evidence against one result, or None; `forward` is the worker's last SecondForward, `kept` what is known
+        of its kept rows. Errors and products on the wire are taken as the worker took and gave them, off the wire
+        in the run's dtype."""
         request, products = _off_wire(request, products, self.dtype)
+        if isinstance(request, KeptFirstLayer):
+            return self._kept_partial(request, products, columns, kept)
+        if isinstance(request, ReturnRows):
+            returned = products["weights"].astype(np.float64)
+            return self._against_tracking("weights", returned, kept, columns, _gamma(returned.shape[1], self.dtype)
+                                          * (np.abs(returned) @ np.abs(kept.r)))
         if isinstance(request, FirstLayer):
             return self._first_layer(request, products, columns)
         if isinstance(request, SecondForward):
@@ -80,6 +91,25 @@ class Verifier:
             forward_inputs = self.inputs(request.split, request.rows, columns)
             evidence = self._compare("partial", products["partial"], forward_inputs, weights)
         return evidence
+
+    def _kept_partial(self, request: KeptFirstLayer, products: dict, columns: np.ndarray, kept: Tracking):
+        """Evidence that the forward product is not X W(t) for the kept rows W(t), or None."""
+        if request.rows is None:
+            return None
+        inputs = self.inputs(request.split, request.rows, columns).astype(np.float64)
+        partial = products["partial"].astype(np.float64)
+        unit, floor = self.wire_roundoff
+        rounding = (_gamma(inputs.shape[1], self.dtype) * (np.abs(inputs) @ kept.magnitude[columns])
+                    + unit * (np.abs(partial) @ np.abs(kept.r)) + floor * float(np.abs(kept.r).sum()))
+        return self._against_tracking("partial", partial, kept, columns, rounding, inputs)
+
+    def _against_tracking(self, name, product, kept: Tracking, columns, rounding, inputs=None) -> Evidence | None:
+        """Evidence that product r != inputs (W(t) r) (or W(t) r itself, with no inputs), or None; everything
+        in float64, so only the workers' rounding needs allowing for: `rounding` plus the kept rows' drift."""
+        w_r, drift = kept.w_r[columns], kept.drift[columns]
+        expected, drift = (w_r, drift) if inputs is None else (inputs @ w_r, np.abs(inputs) @ drift)
+        allowance = SAFETY * (rounding + drift) + np.finfo(self.dtype).tiny
+        return _evidence(name, product @ kept.r, expected, allowance)
 
     def _second_backward(self, request: SecondBackward, products: dict, forward: SecondForward) -> Evidence | None:
         return self._compare(
@@ -102,11 +132,16 @@ class Verifier:
             unit, floor = self.wire_roundoff
             allowance += unit * (np.abs(product) @ np.abs(r)) + floor * float(np.abs(r).sum())
         allowance = SAFETY * allowance + np.finfo(dtype).tiny
-        excess = np.abs(actual - expected) - allowance
-        worst = int(np.argmax(excess)) if excess.size else 0
-        if excess.size and excess[worst] > 0:
-            return Evidence(name, float(excess[worst] + allowance[worst]), float(allowance[worst]))
-        return None
+        return _evidence(name, actual, expected, allowance)
+
+
+def _evidence(name: str, actual: np.ndarray, expected: np.ndarray, allowance: np.ndarray) -> Evidence | None:
+    """Evidence for the row whose |actual - expected| most exceeds its allowance, or None if none does."""
+    excess = np.abs(actual - expected) - allowance
+    worst = int(np.argmax(excess)) if excess.size else 0
+    if excess.size and excess[worst] > 0:
+        return Evidence(name, float(excess[worst] + allowance[worst]), float(allowance[worst]))
+    return None
 
 
 def _off_wire(request, products: dict, dtype: np.dtype) -> tuple:

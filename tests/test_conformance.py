@@ -13,7 +13,7 @@ from tests.conftest import LOOPBACK_ANY_PORT, PROCESS_TIMEOUT, lines_of, wait_fo
 
 BAD_WORKERS = Path(__file__).resolve().parent / "bad_workers.py"
 REGISTRATION_TIMEOUT = 60  # seconds: a worker process starting on two busy cores
-COMPUTE_CHECKS = {"first_layer forward", "first_layer gradient", "first_layer gradient then forward",
+COMPUTE_CHECKS = {"first_layer forward", "first_layer gradient", "first_layer gradient then forward", "kept rows",
                   "second_forward", "second_backward", "register_again"}
 WORKERS = {
     "ours": [sys.executable, "-m", "worker", "--connect"],
@@ -45,7 +45,7 @@ def test_checks_pass_and_fail_as_they_should(worker):
         process.kill()
         process.wait()
     assert {check.name for check in checks if not check.passed} == FAILING[worker], [str(c) for c in checks]
-    assert len(checks) == 11
+    assert len(checks) == 12
 
 
 @pytest.mark.slow
@@ -67,7 +67,7 @@ def test_command_prints_one_line_per_check_and_fails_on_any_failure():
                 process.kill()
                 process.wait()
     verdicts = [line.split()[0] for line in seen[:-1]]
-    assert verdicts == ["PASS"] * 9 + ["FAIL", "PASS"], seen
+    assert verdicts == ["PASS"] * 10 + ["FAIL", "PASS"], seen
     assert seen[-3].startswith("FAIL heartbeats: 0 heartbeats in 2.5 s idle")
     assert seen[-1] == "10 of 11 checks passed\n"
 

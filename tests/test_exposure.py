@@ -4,6 +4,7 @@ A real coordinator and two real workers talk over loopback TCP in this process (
 what the coordinator meant to send and what each worker received can be recorded and compared.
 """
 
+import dataclasses
 import logging
 import threading
 from concurrent.futures import Future
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from common.protocol import FirstLayer, SecondBackward, SecondForward, Shard, Stop, Welcome
+from common.protocol import FirstLayer, KeptFirstLayer, ReturnRows, SecondBackward, SecondForward, Shard, Stop, Welcome
 from coordinator import run
 from coordinator.cluster_options import ClusterOptions
 from coordinator.config import TrainingConfig
@@ -68,20 +69,31 @@ def recorded(tmp_path_factory):
     return _recorded_run(tmp_path_factory.mktemp("exposure"), second_layer_here=False)
 
 
-def _recorded_run(run_dir, second_layer_here: bool) -> tuple:
-    sent = {"first_layer": [], "second_forward": []}
-    original_first, original_second = ClusterProducts.first_layer, ClusterProducts.second_forward
+RECORDED = ("_first_layer_round", "_kept_round", "_new_period", "second_forward")  # ClusterProducts' methods
 
-    def recording_first_layer(self, weights, split, rows, error_rows, error, lr):
-        sent["first_layer"].append((None if rows is None else weights.copy(), error))
-        return original_first(self, weights, split, rows, error_rows, error, lr)
 
-    def recording_second_forward(self, activations, weights):
+def _recorded_run(run_dir, second_layer_here: bool, config: TrainingConfig = CONFIG) -> tuple:
+    sent = {"first_layer": [], "kept_first_layer": [], "kept_weights": [], "second_forward": []}
+    originals = {name: getattr(ClusterProducts, name) for name in RECORDED}
+
+    def first_layer_round(self, weights, split, rows, step):
+        sent["first_layer"].append((None if rows is None else weights.copy(), None if step is None else step[1]))
+        return originals["_first_layer_round"](self, weights, split, rows, step)
+
+    def kept_round(self, split, rows, step):
+        sent["kept_first_layer"].append(None if step is None else step[1])
+        return originals["_kept_round"](self, split, rows, step)
+
+    def new_period(self, weights):
+        sent["kept_weights"].append(weights.copy())
+        return originals["_new_period"](self, weights)
+
+    def second_forward(self, activations, weights):
         sent["second_forward"].append((activations, weights.copy()))
-        return original_second(self, activations, weights)
+        return originals["second_forward"](self, activations, weights)
 
-    ClusterProducts.first_layer = recording_first_layer
-    ClusterProducts.second_forward = recording_second_forward
+    for name, recording in zip(RECORDED, (first_layer_round, kept_round, new_period, second_forward)):
+        setattr(ClusterProducts, name, recording)
     links = []
 
     def work(bound: BoundAddress, name: str) -> None:
@@ -94,11 +106,12 @@ def _recorded_run(run_dir, second_layer_here: bool) -> tuple:
             for thread in threads:
                 thread.start()
             options = ClusterOptions(LOOPBACK_ANY_PORT, WORKERS, False, 30, second_layer_here=second_layer_here)
-            run.train(CONFIG, run_dir, options, on_epoch=lambda report: None)
+            run.train(config, run_dir, options, on_epoch=lambda report: None)
         for thread in threads:
             thread.join(30)
     finally:
-        ClusterProducts.first_layer, ClusterProducts.second_forward = original_first, original_second
+        for name, original in originals.items():
+            setattr(ClusterProducts, name, original)
         for link in links:
             link.close()
     by_slot = {link.received[0].slot: link.received for link in links}
@@ -191,3 +204,27 @@ def test_the_workers_of_a_round_share_its_fresh_shuffle(recorded):
     }
     first, second = shuffles.values()
     assert len(first) > 10 and all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_kept_rows_arrive_freshly_shuffled_once_a_re_key_and_the_errors_follow_their_order(tmp_path):
+    """With --rekey every-epoch, a worker gets its W1 rows once a period, under a fresh shuffle shared by the
+    round's workers; every error of the period comes in that same order, and no gradient ever goes back."""
+    config = dataclasses.replace(CONFIG, rekey="every-epoch")
+    by_slot, sent, run_dir = _recorded_run(tmp_path, second_layer_here=True, config=config)
+    owners = np.load(run_dir / "exposure.npz")["column_owners"]
+    shuffles = {}
+    for slot, messages in by_slot.items():
+        assert {type(m) for m in messages} == {Welcome, Shard, KeptFirstLayer, ReturnRows, Stop}
+        columns = np.flatnonzero(owners == slot)
+        kept = [m for m in messages if isinstance(m, KeptFirstLayer)]
+        assert len(kept) == len(sent["kept_first_layer"]) > 10
+        periods, shuffle = iter(sent["kept_weights"]), None
+        for message, error in zip(kept, sent["kept_first_layer"]):
+            if message.weights is not None:  # a re-key
+                shuffle = _shuffle_of(message.weights, next(periods)[columns])
+                shuffles.setdefault(slot, []).append(shuffle.tobytes())
+            if error is not None:
+                assert np.array_equal(message.error, error[:, shuffle])
+        assert next(periods, None) is None  # every period's rows were sent
+    first, second = shuffles.values()
+    assert first == second and len(set(first)) == len(first) >= 2  # shared by the round, fresh each period

@@ -9,8 +9,8 @@ import pytest
 
 from common import protocol
 from common.protocol import (
-    Deregister, Failure, FirstLayer, Heartbeat, ProtocolError, Register, RegisterAgain, Reject, Result, SecondBackward,
-    SecondForward, Shard, Stop, Welcome,
+    Deregister, Failure, FirstLayer, Heartbeat, KeptFirstLayer, ProtocolError, Register, RegisterAgain, Reject, Result,
+    ReturnRows, SecondBackward, SecondForward, Shard, Stop, Welcome,
 )
 
 ARRAY = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -22,6 +22,9 @@ EVERY_KIND = [
     Shard(8, "train", 5, 10, np.zeros((5, 2), np.uint8)),
     FirstLayer(1, ARRAY, "test", np.arange(3, dtype=np.int32), None, None, 0.5),
     FirstLayer(2, None, "train", None, np.arange(3, dtype=np.int32), ARRAY, 1.0),
+    KeptFirstLayer(9, ARRAY, "train", np.arange(3, dtype=np.int32), np.arange(3, dtype=np.int32), ARRAY, 0.5),
+    KeptFirstLayer(10, None, "test", np.arange(3, dtype=np.int32), None, None, 0.0),
+    ReturnRows(11),
     SecondForward(4, ARRAY, ARRAY.T.copy()),
     SecondBackward(5, ARRAY),
     Result(6, {"partial": ARRAY, "gradient": ARRAY.astype(np.float64)}),

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from common import protocol, settings
-from common.protocol import FirstLayer, Register, SecondBackward, SecondForward, Shard
+from common.protocol import FirstLayer, KeptFirstLayer, Register, ReturnRows, SecondBackward, SecondForward, Shard
 from coordinator.config import TrainingConfig
 from coordinator.cluster_options import _largest_reply_bytes
 from coordinator.scheduler import Arrived, Disconnect, Scheduler
@@ -151,6 +151,11 @@ def _products_our_worker_returns() -> dict:
             FirstLayer(4, None, "train", None, rows, error, 1.0),
             FirstLayer(5, weights, "train", rows, rows, error, 1.0),
         ],
+        "kept_first_layer": [
+            KeptFirstLayer(8, weights, "train", None, None, None, 1.0),
+            KeptFirstLayer(9, None, "train", rows, rows, error, 1.0),
+        ],
+        "return_rows": [ReturnRows(10)],
         "second_forward": [SecondForward(6, np.ones((3, 4)), np.ones((4, 2)))],
         "second_backward": [SecondBackward(7, np.ones((3, 2)))],
     }

@@ -3,7 +3,9 @@
 import numpy as np
 
 from common import model, settings
-from common.protocol import WIRE_PRODUCTS, FirstLayer, Result, SecondBackward, SecondForward, Shard
+from common.protocol import (
+    WIRE_PRODUCTS, FirstLayer, KeptFirstLayer, Result, ReturnRows, SecondBackward, SecondForward, Shard,
+)
 
 
 class RequestError(ValueError):
@@ -11,7 +13,8 @@ class RequestError(ValueError):
 
 
 class WorkerState:
-    """A worker's input columns of each split and the operands of its last second-layer forward."""
+    """A worker's input columns of each split, its kept first-layer rows, and the operands of its last second-layer
+    forward."""
 
     def __init__(self, dtype: str, input_divisor: float, wire: str = "exact"):
         self.dtype = np.dtype(dtype)
@@ -19,10 +22,13 @@ class WorkerState:
         self.input_divisor = input_divisor
         self.inputs: dict[str, np.ndarray] = {}  # split -> (n, k) floats
         self.rows_loaded: dict[str, int] = {}  # split -> rows of `inputs` filled so far by shard chunks
+        self.kept_rows: np.ndarray | None = None  # (k, H) first-layer rows stepped here between re-keys
         self.second_operands: tuple | None = None  # (activations (B, j), weights (j, O))
         self.handlers = {
             Shard: self.load_shard,
             FirstLayer: self.first_layer,
+            KeptFirstLayer: self.kept_first_layer,
+            ReturnRows: self.return_rows,
             SecondForward: self.second_forward,
             SecondBackward: self.second_backward,
         }
@@ -69,6 +75,26 @@ class WorkerState:
         )
         products = {"gradient": gradient, "partial": partial}
         return {name: array for name, array in products.items() if array is not None}
+
+    def kept_first_layer(self, request: KeptFirstLayer) -> dict:
+        """Re-key if rows come, step the kept rows by the error's gradient, then the forward product with them."""
+        weights = self.kept_rows if request.weights is None else request.weights
+        if weights is None:
+            raise RequestError("kept_first_layer without weights before any re-key")
+        self._check(weights, (self._columns(), None), "kept rows", self.dtype)
+        forward_inputs = None if request.rows is None else self._rows_of(request.split, request.rows)
+        if request.error is not None:  # every check before the kept rows change, so a refused request changes nothing
+            gradient_inputs = self._rows_of("train", request.error_rows)
+            self._check(request.error, (len(request.error_rows), weights.shape[1]), "error", self._wire_dtype())
+            gradient = model.weight_gradient(gradient_inputs, self._off_wire(request.error))
+            weights = model.descend(weights, gradient, request.learning_rate)
+        self.kept_rows = weights
+        return {} if forward_inputs is None else {"partial": model.forward_product(forward_inputs, weights)}
+
+    def return_rows(self, request: ReturnRows) -> dict:
+        if self.kept_rows is None:
+            raise RequestError("return_rows before any kept rows")
+        return {"weights": self.kept_rows}
 
     def second_forward(self, request: SecondForward) -> dict:
         self._check(request.activations, (None, None), "activations", self.dtype)

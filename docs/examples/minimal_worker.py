@@ -12,7 +12,7 @@ import msgpack
 import numpy as np
 import zmq
 
-VERSION = 3
+VERSION = 4
 HEARTBEAT_INTERVAL = 0.5  # seconds without sending anything before we send a heartbeat
 HEARTBEAT_TIMEOUT = 3.0  # seconds without a word from the coordinator before we take it as gone
 RECONNECT_WAIT = 1.0  # seconds between giving up on a connection and registering on a new one
@@ -56,16 +56,19 @@ def from_wire(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 class Session:
-    """What a worker holds between one welcome and the next: its inputs and its second-layer operands."""
+    """What a worker holds between one welcome and the next: its inputs, its kept first-layer rows and its
+    second-layer operands."""
 
     def __init__(self, welcome: dict):
         self.dtype = np.dtype(welcome["dtype"])
         self.divisor = self.dtype.type(welcome["input_divisor"])
         self.wire = welcome["wire"]  # how errors come and partial products go; we compute in self.dtype
         self.inputs = {}  # split -> (n, k) inputs
+        self.kept = None  # (k, H) first-layer rows kept between re-keys
         self.second = None  # (activations (B, j), weights (j, O)) of the last second_forward
-        self.handlers = {"shard": self.shard, "first_layer": self.first_layer,
-                         "second_forward": self.second_forward, "second_backward": self.second_backward}
+        self.handlers = {"shard": self.shard, "first_layer": self.first_layer, "kept_first_layer": self.kept_first_layer,
+                         "return_rows": self.return_rows, "second_forward": self.second_forward,
+                         "second_backward": self.second_backward}
 
     def answer(self, request: dict) -> dict:
         """The result of a numbered request, or a failure saying why it cannot be carried out."""
@@ -95,6 +98,21 @@ class Session:
         if request["rows"] is not None:
             products["partial"] = self.inputs[request["split"]][request["rows"]] @ weights  # (B, k) @ (k, H)
         return products
+
+    def kept_first_layer(self, request: dict) -> dict:
+        weights = self.kept if request["weights"] is None else request["weights"]  # new weights: a re-key
+        if weights is None:
+            raise ValueError("kept_first_layer without weights before any re-key")
+        products = self.first_layer({**request, "weights": weights})
+        if "gradient" in products:  # stepped here, and kept; the gradient is not sent back
+            weights = weights - self.dtype.type(request["learning_rate"]) * products.pop("gradient")
+        self.kept = weights
+        return products
+
+    def return_rows(self, request: dict) -> dict:
+        if self.kept is None:
+            raise ValueError("return_rows before any kept rows")
+        return {"weights": self.kept}
 
     def second_forward(self, request: dict) -> dict:
         self.second = (request["activations"], request["weights"])  # kept for second_backward
