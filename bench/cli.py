@@ -51,6 +51,10 @@ def main(
         str, _option("SPAWN_TRANSPORT", "How the cluster reaches its spawned workers, comma-separated: ipc (a Unix "
                      "socket, as `coordinator train --spawn` does), tcp (loopback).")
     ] = "ipc",
+    rekey: Annotated[
+        str, _option("REKEY", "How long the cluster's workers keep their first-layer rows, comma-separated: "
+                     "every-step, every-epoch, or a number of steps (see `coordinator train --rekey`).")
+    ] = "every-step",
     floor_threads: Annotated[
         int | None, _option("FLOOR_THREADS", "BLAS threads of the floor (default: the library's own choice).", min=1)
     ] = None,
@@ -80,9 +84,13 @@ def main(
     links = spawn_transport.split(",")
     if not set(links) <= {"ipc", "tcp"}:
         raise typer.BadParameter(f"spawn transport {spawn_transport!r}: choose ipc, tcp or both")
+    rekeys = rekey.split(",")
+    unknown = [interval for interval in rekeys if TrainingConfig(rekey=interval).rekey_steps == 0]
+    if unknown:
+        raise typer.BadParameter(f"rekey {unknown[0]!r}: choose every-step, every-epoch or a number of steps")
     clusters = [
-        (count, placement == "coordinator", mode, link)
-        for placement in placements for mode in modes for link in links for count in worker_counts
+        (count, placement == "coordinator", mode, link, interval)
+        for placement in placements for mode in modes for link in links for interval in rekeys for count in worker_counts
     ]
     base = TrainingConfig(hidden=hidden, dtype=dtype, train_limit=train_limit, test_limit=0)
     problems = base.problems()
@@ -106,22 +114,22 @@ def main(
     if profile:
         typer.echo("\n" + profile_markdown(results))
         fits = coordinator_fits(results)
-        for (batch_size, second_layer), (fixed, per_worker) in fits.items():
-            typer.echo(f"coordinator busy ms/step, batch {batch_size}, second layer on {second_layer}: "
+        for (batch_size, second_layer, interval), (fixed, per_worker) in fits.items():
+            typer.echo(f"coordinator busy ms/step, batch {batch_size}, second layer on {second_layer}, rekey {interval}: "
                        f"{fixed:.2f} + {per_worker:.3f} * workers")
 
 
 def markdown(results: list) -> str:
     """The results as Markdown tables: speed, then time to accuracy if measured."""
     lines = [
-        "| mode | second layer | verify | link | workers | batch | s/epoch | x floor | rounds/step | MB/epoch "
+        "| mode | second layer | verify | link | rekey | workers | batch | s/epoch | x floor | rounds/step | MB/epoch "
         "| min MB/epoch | x min | coordinator MB | worker MB |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in (r for r in results if r["measure"] == "epoch"):
         over_minimum = row["bytes_per_epoch"] / row["min_bytes_per_epoch"] if row["min_bytes_per_epoch"] else None
         lines.append("| " + " | ".join([
-            row["mode"], row["second_layer"], row["verify"], row["spawn_transport"], str(row["workers"]),
+            row["mode"], row["second_layer"], row["verify"], row["spawn_transport"], row["rekey"], str(row["workers"]),
             str(row["batch_size"]), f"{row['epoch_seconds']:.2f}",
             f"{row['ratio_to_floor']:.2f}", f"{row['rounds_per_step']:g}", f"{row['bytes_per_epoch'] / MIB:.1f}",
             f"{row['min_bytes_per_epoch'] / MIB:.1f}", _shown(over_minimum, ".3f"),
@@ -140,12 +148,13 @@ def markdown(results: list) -> str:
 def profile_markdown(results: list) -> str:
     """Milliseconds per step in each phase, for every cluster row: the coordinator's, then its workers' summed."""
     rows = [r for r in results if r["measure"] == "epoch" and r.get("coordinator_ms_per_step")]
-    header = ["workers", "batch", "second layer", "link", "ms/step"]
+    header = ["workers", "batch", "second layer", "link", "rekey", "ms/step"]
     header += [f"coordinator {phase}" for phase in COORDINATOR_PHASES] + [f"workers {phase}" for phase in WORKER_PHASES]
-    lines = ["| " + " | ".join(header) + " |", "|---:|---:|---|---|" + "---:|" * (len(header) - 4)]
+    lines = ["| " + " | ".join(header) + " |", "|---:|---:|---|---|---|" + "---:|" * (len(header) - 5)]
     for row in rows:
         steps_ms = row["epoch_seconds"] * 1000 / row["steps"]
-        cells = [str(row["workers"]), str(row["batch_size"]), row["second_layer"], row["spawn_transport"], f"{steps_ms:.2f}"]
+        cells = [str(row["workers"]), str(row["batch_size"]), row["second_layer"], row["spawn_transport"], row["rekey"],
+                 f"{steps_ms:.2f}"]
         cells += [f"{row['coordinator_ms_per_step'][phase]:.2f}" for phase in COORDINATOR_PHASES]
         cells += [f"{row['worker_ms_per_step'][phase]:.2f}" for phase in WORKER_PHASES]
         lines.append("| " + " | ".join(cells) + " |")
@@ -158,12 +167,12 @@ def coordinator_busy_ms(row: dict) -> float:
 
 
 def coordinator_fits(results: list) -> dict:
-    """(batch, second layer) -> (a, b) of the least-squares line a + b N through the coordinator's busy ms per step
+    """(batch, second layer, rekey) -> (a, b) of the least-squares line a + b N through the coordinator's busy ms per step
     against N workers, where at least two worker counts were measured."""
     groups = {}
     for row in results:
         if row["measure"] == "epoch" and row.get("coordinator_ms_per_step"):
-            groups.setdefault((row["batch_size"], row["second_layer"]), []).append(row)
+            groups.setdefault((row["batch_size"], row["second_layer"], row["rekey"]), []).append(row)
     fits = {}
     for key, rows in groups.items():
         if len({row["workers"] for row in rows}) >= 2:

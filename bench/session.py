@@ -91,9 +91,10 @@ def training_session(
 
 
 def transport_session(rows: int, batch_size: int, sizes: tuple, workers: int, itemsize: int,
-                      second_layer_here: bool) -> Session:
-    """Only the messages a cluster's epoch moves, with their sizes, through echo workers (see bench.echo)."""
-    arguments = (rows, batch_size, sizes, workers, itemsize, second_layer_here)
+                      second_layer_here: bool, rows_travel: bool = True) -> Session:
+    """Only the messages a cluster's epoch's steps move, with their sizes, through echo workers (see bench.echo);
+    with `rows_travel` False, those of kept rows between re-keys."""
+    arguments = (rows, batch_size, sizes, workers, itemsize, second_layer_here, rows_travel)
     return Session(f"transport, {workers} workers", _echoed_epochs, arguments)
 
 
@@ -147,6 +148,7 @@ def _trained_epochs(config: TrainingConfig, workers: int, second_layer_here: boo
             warmup_rows = np.arange(min(WARMUP_STEPS * config.batch_size, len(data.train_labels)), dtype=np.int32)
             for start in range(0, len(warmup_rows), config.batch_size):
                 trainer.train_batch(warmup_rows[start : start + config.batch_size])
+            products.epoch_ended()  # so that a timed epoch is a whole period of rows kept every epoch
             cluster = getattr(products, "cluster", None)
             yield lambda: _timed_epoch(trainer, cluster, Path(scratch)), cluster.idle if cluster else time.sleep
 
@@ -157,7 +159,10 @@ def _timed_epoch(trainer: Trainer, cluster, phases_dir: Path) -> EpochMeasure:
     workers_before = phases.read_shared(phases_dir)
     phases.clock.lap("wait")  # the time between epochs is not the epoch's
     phases_before = (phases.clock.seconds(), workers_before)
+    started = time.perf_counter()
     report = trainer.run_epoch()
+    trainer.products.epoch_ended()  # where kept rows are re-keyed every epoch
+    seconds = time.perf_counter() - started
     phases.clock.lap("math")  # the epoch's last stretch: its end and its report
     phases_after = (phases.clock.seconds(), phases.read_shared(phases_dir))
     after = (traffic.sent + traffic.received, traffic.rounds) if traffic else (0, 0)
@@ -166,17 +171,18 @@ def _timed_epoch(trainer: Trainer, cluster, phases_dir: Path) -> EpochMeasure:
         for before_, after_, names in zip(phases_before, phases_after, (phases.COORDINATOR_PHASES, phases.WORKER_PHASES))
     )
     return EpochMeasure(
-        report.seconds, report.test_accuracy, after[0] - before[0], after[1] - before[1],
+        seconds, report.test_accuracy, after[0] - before[0], after[1] - before[1],
         coordinator if cluster else {}, workers if cluster else {},
     )
 
 
 @contextmanager
-def _echoed_epochs(rows: int, batch_size: int, sizes: tuple, workers: int, itemsize: int, second_layer_here: bool):
+def _echoed_epochs(rows: int, batch_size: int, sizes: tuple, workers: int, itemsize: int, second_layer_here: bool,
+                   rows_travel: bool):
     batches = epoch_batches(rows, batch_size)
     steps = {  # batch size -> its step's rounds of request frames, made before any timing
         batch: [echo.requests(request, reply, workers)
-                for request, reply in round_bytes(batch, sizes, workers, itemsize, second_layer_here)]
+                for request, reply in round_bytes(batch, sizes, workers, itemsize, second_layer_here, None, rows_travel)]
         for batch in set(batches)
     }
     epoch = [steps[batch] for batch in batches]

@@ -4,13 +4,14 @@ ROW_NUMBER_BYTES = 4  # a batch row travels as one int32
 
 
 def round_bytes(batch: int, sizes: tuple, workers: int, itemsize: int, second_layer_here: bool,
-                wire_itemsize: int | None = None) -> list:
+                wire_itemsize: int | None = None, rows_travel: bool = True) -> list:
     """(request, reply) payload bytes of one worker in each synchronous round of a step, as the average of the
     workers' shares; errors and partial products take `wire_itemsize` bytes a number (`--wire`; the run's own
-    by default); `minimum_step_bytes` spells out each term."""
+    by default); W1's rows travel with the step unless workers keep them (`--rekey`); `minimum_step_bytes` spells
+    out each term."""
     inputs, hidden, outputs = sizes
     wire = itemsize if wire_itemsize is None else wire_itemsize
-    w1_rows = inputs * hidden * itemsize / workers  # W1 rows out and dW1 rows back alike
+    w1_rows = inputs * hidden * itemsize / workers if rows_travel else 0  # W1 rows out and dW1 rows back alike
     hidden_rows = batch * hidden * wire  # d1 out, a z1 partial back
     rounds = [(w1_rows + hidden_rows + ROW_NUMBER_BYTES * batch, w1_rows + hidden_rows)]  # the first layer
     if not second_layer_here:
@@ -22,14 +23,15 @@ def round_bytes(batch: int, sizes: tuple, workers: int, itemsize: int, second_la
 
 
 def minimum_step_bytes(batch: int, sizes: tuple, workers: int, itemsize: int, second_layer_here: bool,
-                       wire_itemsize: int | None = None) -> int:
+                       wire_itemsize: int | None = None, rows_travel: bool = True) -> int:
     """Payload bytes one training step of `batch` rows must move between the coordinator and its workers.
 
     With B rows, I inputs, H hidden units, O outputs, N workers, s bytes per number and w bytes per number of
     an error or partial product on the wire (w = s unless `--wire` narrows it; K_w, J_w: worker w's input
     columns and hidden units, which partition I and H):
 
-        2 I H s       W1 rows K_w out (shuffled), dW1 rows K_w back
+        2 I H s       W1 rows K_w out (shuffled), dW1 rows K_w back; not while workers keep their rows (`--rekey`),
+                      when instead W1's rows go out and come back once per re-key (`minimum_epoch_bytes`)
         2 N B H w     d1 out to every worker (it multiplies all H columns), a z1 partial back from each
         4 N B         the batch's row numbers, int32, to every worker (its pixels are cached there)
       and, unless the coordinator computes the second layer itself:
@@ -39,8 +41,8 @@ def minimum_step_bytes(batch: int, sizes: tuple, workers: int, itemsize: int, se
 
     Input shards are sent once per run and are not part of an epoch; nor is message framing.
     """
-    per_worker = sum(request + reply for request, reply in round_bytes(batch, sizes, workers, itemsize,
-                                                                       second_layer_here, wire_itemsize))
+    rounds = round_bytes(batch, sizes, workers, itemsize, second_layer_here, wire_itemsize, rows_travel)
+    per_worker = sum(request + reply for request, reply in rounds)
     return round(workers * per_worker)  # the shares were averages: whole bytes again
 
 
@@ -51,7 +53,15 @@ def epoch_batches(rows: int, batch_size: int) -> list:
 
 
 def minimum_epoch_bytes(rows: int, batch_size: int, sizes: tuple, workers: int, itemsize: int,
-                        second_layer_here: bool) -> int:
-    """The sum of `minimum_step_bytes` over an epoch's batches."""
-    return sum(minimum_step_bytes(batch, sizes, workers, itemsize, second_layer_here)
-               for batch in epoch_batches(rows, batch_size))
+                        second_layer_here: bool, rekey_steps: int | None = 1) -> int:
+    """The sum of `minimum_step_bytes` over an epoch's batches; with kept rows (`rekey_steps` N > 1, or None for
+    every epoch), plus 2 I H s for each re-key: one, or steps / N on average (a checkpoint adds one)."""
+    batches = epoch_batches(rows, batch_size)
+    kept = rekey_steps != 1
+    steps = sum(minimum_step_bytes(batch, sizes, workers, itemsize, second_layer_here, rows_travel=not kept)
+                for batch in batches)
+    if not kept:
+        return steps
+    rekeys = 1 if rekey_steps is None else len(batches) / rekey_steps
+    inputs, hidden, _ = sizes
+    return round(steps + rekeys * 2 * inputs * hidden * itemsize)

@@ -43,13 +43,31 @@ def test_bench_writes_json_for_floor_cluster_and_transport(tmp_path):
         assert row["bytes_per_epoch"] <= 1.05 * row["min_bytes_per_epoch"]
         assert row["rounds_per_step"] == ROUNDS_PER_STEP[row["second_layer"]]
         assert row["worker_peak_rss_mb"] > 0
-    assert "| cluster | coordinator | all | ipc | 2 | 64 |" in done.stdout
-    assert "| transport | workers | - | tcp | 2 | 64 |" in done.stdout
+    assert "| cluster | coordinator | all | ipc | every-step | 2 | 64 |" in done.stdout
+    assert "| transport | workers | - | tcp | every-step | 2 | 64 |" in done.stdout
     for row in (r for r in rows if r["mode"] == "cluster"):  # the step profile accounts for the coordinator's time
         step_ms = row["epoch_seconds"] * 1000 / row["steps"]
         assert 0.8 * step_ms <= sum(row["coordinator_ms_per_step"].values()) <= 1.05 * step_ms, row
         assert row["worker_ms_per_step"]["compute"] > 0
-    assert "| 2 | 64 | coordinator | ipc |" in done.stdout  # a row of the profile table
+    assert "| 2 | 64 | coordinator | ipc | every-step |" in done.stdout  # a row of the profile table
+
+
+@pytest.mark.slow
+def test_bench_with_kept_rows_moves_the_least_the_design_allows(tmp_path):
+    """With --rekey, W1's rows travel once a re-key instead of every step: the minimum counts that, and the
+    measured traffic (re-keys included, once an epoch or every 5 of its 10 steps) stays within 5% of it."""
+    out = tmp_path / "results.json"
+    done = run_cli("bench", "--workers", "2", "--batch-sizes", "64", "--repeats", "1", "--train-limit", "640",
+                   "--second-layer", "coordinator", "--verify", "off", "--rekey", "every-epoch,5", "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["mode"], r["rekey"]) for r in rows] == [
+        ("local", "-"), ("cluster", "every-epoch"), ("transport", "every-epoch"), ("cluster", "5"),
+    ]
+    every_epoch, _, every_five = rows[1:]
+    assert every_epoch["min_bytes_per_epoch"] < every_five["min_bytes_per_epoch"]
+    for row in (every_epoch, every_five):  # the transport row moves the steps' messages, not the re-keys
+        assert row["min_bytes_per_epoch"] <= row["bytes_per_epoch"] <= 1.05 * row["min_bytes_per_epoch"], row
 
 
 @pytest.mark.slow
@@ -110,8 +128,8 @@ def test_the_coordinator_fit_is_a_line_through_its_busy_time_per_step():
     def row(workers, busy):
         phases = {"math": busy / 2, "build": busy / 2, "wait": 100.0}
         return {"measure": "epoch", "workers": workers, "batch_size": 128, "second_layer": "workers",
-                "coordinator_ms_per_step": phases}
+                "rekey": "every-step", "coordinator_ms_per_step": phases}
 
     fits = coordinator_fits([row(2, 3.0), row(4, 5.0), row(7, 8.0), {"measure": "accuracy"}])
-    fixed, per_worker = fits[(128, "workers")]
+    fixed, per_worker = fits[(128, "workers", "every-step")]
     assert (fixed, per_worker) == (pytest.approx(1.0), pytest.approx(1.0))  # 1 + 1 N, the wait left out

@@ -152,9 +152,10 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_killed_coordinator_resumes_to_the_same_weights(tmp_path, uninterrupted):
+@pytest.mark.parametrize("rekey", ["every-step", "every-epoch"])  # checkpoints end a period of kept rows
+def test_killed_coordinator_resumes_to_the_same_weights(tmp_path, uninterrupted, rekey):
     run_dir = tmp_path / "run"
-    coordinator = _start_training(run_dir, *SPAWNED, *RUN)
+    coordinator = _start_training(run_dir, *SPAWNED, *RUN, "--rekey", rekey)
     _when_first_checkpoint_appears(coordinator, run_dir)
     coordinator.send_signal(signal.SIGKILL)
     coordinator.communicate()

@@ -69,7 +69,7 @@ def test_command_prints_one_line_per_check_and_fails_on_any_failure():
     verdicts = [line.split()[0] for line in seen[:-1]]
     assert verdicts == ["PASS"] * 10 + ["FAIL", "PASS"], seen
     assert seen[-3].startswith("FAIL heartbeats: 0 heartbeats in 2.5 s idle")
-    assert seen[-1] == "10 of 11 checks passed\n"
+    assert seen[-1] == "11 of 12 checks passed\n"
 
 
 def test_command_refuses_an_address_it_cannot_bind():

@@ -47,6 +47,13 @@ def test_second_layer_on_the_coordinator_matches_local(train_run, local_models):
     assert max_difference(load_model(run_dir), local_model) < TOLERANCE
 
 
+@pytest.mark.parametrize("workers, rekey", [(7, "every-epoch"), (2, "13")])
+def test_kept_rows_match_local(train_run, local_models, workers, rekey):
+    local_model, _ = _local(train_run, local_models, SMALL_RUN)
+    _, run_dir = train_run("--spawn", workers, "--bind", LOOPBACK_ANY_PORT, "--rekey", rekey, *SMALL_RUN)
+    assert max_difference(load_model(run_dir), local_model) < TOLERANCE
+
+
 def test_chunked_full_batch_matches_local(train_run, local_models):
     local_model, _ = _local(train_run, local_models, CHUNKED_RUN)
     _, run_dir = train_run("--spawn", 2, "--bind", LOOPBACK_ANY_PORT, *CHUNKED_RUN)

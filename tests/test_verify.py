@@ -50,7 +50,7 @@ def test_honest_products_always_pass(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("mode", [m for m in FAULTS if m not in ("stale", "flip")])
+@pytest.mark.parametrize("mode", [m for m in FAULTS if m not in ("stale", "flip", "rows")])  # rows: test_rekey
 def test_every_wrong_answer_fails(dtype, mode):
     verifier, forward = _verifier(dtype), None
     for request, products in _answers(FaultyWorkerState(dtype, 255.0, "exact", mode), dtype):
@@ -104,7 +104,7 @@ def _quarantined(harness: Harness) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("fault", [m for m in FAULTS if m != "rows"])  # rows lies only with --rekey: test_rekey
 def test_verify_all_catches_each_fault_on_its_first_bad_answer(tmp_path, honest, fault):
     harness = _run_with_liar(tmp_path, fault, "--verify", "all")
     try:

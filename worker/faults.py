@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from common.protocol import Result, Shard
+from common.protocol import Result, ReturnRows, Shard
 from worker.compute import WorkerState
 
 FLIP_EVERY = 7  # answers between two wrong elements: "once in a while", yet several times per epoch
@@ -54,6 +54,10 @@ class FaultyWorkerState(WorkerState):
             for name, array in products.items()
         }
 
+    def rows(self, kind, products: dict) -> dict:
+        """Honest products, but the kept first-layer rows sent back at a re-key slightly wrong."""
+        return self.skew(kind, products) if kind is ReturnRows else products
+
     def zeros(self, kind, products: dict) -> dict:
         """Nothing but zeros."""
         return {name: np.zeros_like(array) for name, array in products.items()}
@@ -80,7 +84,7 @@ class ExitingWorkerState(WorkerState):
         return super().compute(request)
 
 
-FAULTS = ("skew", "flip", "permute", "stale", "zeros")
+FAULTS = ("skew", "flip", "permute", "stale", "zeros", "rows")
 EXITS = ("exit-at-request", "exit-in-transfer")
 EXIT_CODE = 9  # as if killed: not 0, so a test can tell the fault fired
 
