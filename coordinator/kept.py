@@ -59,18 +59,20 @@ class KeptPeriod:
 
     def tracking_after(self, step: LoggedStep | None) -> Tracking:
         """The tracking once the workers apply `step`: W r moves by -lr X^T (D r); the bounds grow by the
-        workers' rounding of the gradient, of its scaling, and of the subtraction."""
+        workers' rounding of the gradient, of its scaling and of the subtraction, and by ours of X^T (D r)."""
         if step is None:
             return self.tracking
-        known = self.tracking
-        inputs = self.inputs("train", step.error_rows, slice(None)).astype(np.float64)  # (B, I)
+        known, lr = self.tracking, abs(step.learning_rate)
+        inputs = self.inputs("train", step.error_rows, slice(None))  # (B, I), >= 0: pixels over a positive divisor
         error = step.error.astype(np.float64)
-        lr = abs(step.learning_rate)
-        moved = inputs.T @ (error @ self.r)  # (I, B) @ (B,) -> (I,)
-        size = np.abs(inputs).T @ (np.abs(error) @ np.abs(self.r))
+        along = np.stack([error @ self.r, np.abs(error) @ np.abs(self.r)], axis=1)  # (B, 2): D r and |D| |r|
+        # one pass over X, in the run's dtype: (I, B) @ (B, 2) -> (I, 2)
+        moved, size = (inputs.T @ along.astype(inputs.dtype)).astype(np.float64).T
+        unit = _unit_roundoff(inputs.dtype)
+        rounding = _gamma(len(inputs) + 2, unit)
+        size *= 1 + rounding  # an upper bound still, after our own rounding
         magnitude = known.magnitude + lr * size
-        unit = _unit_roundoff(self.start.dtype)
-        drift = known.drift + _gamma(len(inputs) + 2, unit) * lr * size + unit * magnitude
+        drift = known.drift + 2 * rounding * lr * size + unit * magnitude  # the workers' rounding, and ours of `moved`
         return Tracking(self.r, known.w_r - step.learning_rate * moved, magnitude, drift)
 
     def advance(self, step: LoggedStep | None, tracking: Tracking) -> None:
