@@ -143,6 +143,18 @@ class Scheduler:
         self.wire_dtype = self.dtype if self.wire_dtype is None else self.wire_dtype
         self.replaced = set()  # old connections of workers that registered again
         self.told_to_register = set()  # strangers already told to register again, so each is told once
+        self.event_handlers = {
+            Tick: lambda event: self._tick(event.now),
+            Unreachable: lambda event: self._drop(event.peer, "cannot be reached"),
+            Garbled: lambda event: self._drop(event.peer, f"sent a bad frame: {event.reason}"),
+            Arrived: self._arrived,
+        }
+        self.message_handlers = {  # (peer, message, arrival time) -> actions, for admitted workers
+            Heartbeat: lambda peer, message, at: [],  # its arrival was the sign of life
+            Result: self._result,
+            Failure: self._failure,
+            Deregister: lambda peer, message, at: self._drop(peer, f"left: {message.reason}"),
+        }
 
     @property
     def ready(self) -> bool:
@@ -196,29 +208,25 @@ class Scheduler:
         return actions
 
     def handle(self, event) -> list:
-        if isinstance(event, Tick):
-            return self._tick(event.now)
-        if isinstance(event, Unreachable):
-            return self._drop(event.peer, "cannot be reached")
-        if isinstance(event, Garbled):
-            return self._drop(event.peer, f"sent a bad frame: {event.reason}")
+        """The actions an event calls for: each kind of event, and of worker message, has its handler."""
+        return self.event_handlers[type(event)](event)
+
+    def _arrived(self, event: Arrived) -> list:
         message = event.message
-        if isinstance(message, Register):
+        if isinstance(message, Register):  # the one message a peer may send before it is admitted
             return self._register(event.peer, message, event.at, event.key)
         if event.peer not in self.workers:
             return self._stranger(event.peer, f"sent {type(message).__name__} without registering")
         self.workers[event.peer].last_seen = event.at
-        if isinstance(message, Heartbeat):
-            return []
-        if isinstance(message, Result):
-            return self._result(event.peer, message, event.at)
-        if isinstance(message, Failure) and message.request >= self.round_first_request:
-            return self._drop(event.peer, f"failed request {message.request}: {message.reason}")
-        if isinstance(message, Failure):
+        return self.message_handlers.get(type(message), self._unexpected)(event.peer, message, event.at)
+
+    def _failure(self, peer: bytes, message: Failure, at: float) -> list:
+        if message.request < self.round_first_request:
             return []  # a failure in an abandoned round, which was sent again (perhaps differently)
-        if isinstance(message, Deregister):
-            return self._drop(event.peer, f"left: {message.reason}")
-        return self._drop(event.peer, f"sent a {type(message).__name__}, which workers do not send")
+        return self._drop(peer, f"failed request {message.request}: {message.reason}")
+
+    def _unexpected(self, peer: bytes, message, at: float) -> list:
+        return self._drop(peer, f"sent a {type(message).__name__}, which workers do not send")
 
     def _register(self, peer: bytes, message: Register, now: float, key: str | None) -> list:
         if peer in self.workers:
