@@ -13,6 +13,10 @@ then the round is sent again. The math does not depend on who computed what.
 Recovery only changes the plan and who holds which slot; before every round, each worker that lacks its
 slot's current columns is sent them, in chunks (see ShardTransfer). So a peer may vanish at any moment,
 in the middle of a transfer included, and the next attempt simply starts from what is true then.
+
+With `--rekey`, workers keep their first-layer rows between re-keys (see coordinator.kept): a round then
+carries only the error, and any recovery rebuilds every row from the log and starts a new period, since
+kept rows are state that a lost worker takes with it.
 """
 
 import logging
@@ -64,11 +68,16 @@ class ClusterProducts:
 
     def forward(self, weights, split, rows) -> np.ndarray:
         """The first layer's product for some rows of a split; with `--rekey`, with the kept rows."""
-        if self.rekey_steps == 1:
+        if not self.keeps_rows:
             return self._first_layer_round(weights, split, rows, None)[1]
         if self.kept is None:
             self.kept = self._new_period(weights)
         return self._kept_round(split, rows, None)
+
+    @property
+    def keeps_rows(self) -> bool:
+        """Whether workers keep their first-layer rows between re-keys (`--rekey`) rather than get them every step."""
+        return self.rekey_steps != 1
 
     def gradient(self, weights, error_rows, error) -> np.ndarray:
         """The first layer's weight gradient of a chunk (a batch of several chunks adds theirs up)."""
@@ -80,7 +89,7 @@ class ClusterProducts:
         With kept rows, the workers hold the current weights; the coordinator learns them at each re-key.
         """
         step = (error_rows, error, learning_rate)
-        if self.rekey_steps == 1:
+        if not self.keeps_rows:
             gradient, product = self._first_layer_round(weights, split, rows, step)
             return model.descend(weights, gradient, learning_rate), product
         if self.kept is None:
