@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from coordinator.status import request_status
-from tests.conftest import LOOPBACK_ANY_PORT, start
+from tests.conftest import LOOPBACK_ANY_PORT, load_model, start
 
 BOUND = re.compile(r"waiting for \d+ workers on (\S+)")  # what the coordinator logs once it has bound
 STATUS = re.compile(r"status served on (\S+)")  # logged with --status-bind
@@ -110,3 +110,14 @@ class Harness:
         process.log_path = log_path
         self.processes.append(process)
         return process
+
+
+def one_process_model(directory: Path, *args) -> dict:
+    """The model.npz arrays of `coordinator train --local` with these arguments: what a distributed run must match."""
+    harness = Harness(directory)
+    try:
+        harness.start_coordinator("--local", *args)
+        assert harness.finish() == 0, harness.log(harness.coordinator)
+        return load_model(harness.run_dir)
+    finally:
+        harness.close()

@@ -11,7 +11,7 @@ from common import model
 from common.protocol import KeptFirstLayer, ReturnRows, Shard
 from coordinator.kept import KeptPeriod, LoggedStep
 from coordinator.verify import Verifier
-from tests.cluster_harness import Harness
+from tests.cluster_harness import Harness, one_process_model
 from tests.conftest import load_model, max_difference
 from worker.compute import RequestError, WorkerState
 from worker.faults import EXIT_CODE
@@ -120,13 +120,7 @@ TOLERANCE = 1e-9  # the issue asks for 1e-6 after a loss; the log replays the wo
 
 @pytest.fixture(scope="module")
 def undisturbed(tmp_path_factory) -> dict:
-    harness = Harness(tmp_path_factory.mktemp("local"))
-    try:
-        harness.start_coordinator("--local", *RUN)
-        assert harness.finish() == 0, harness.log(harness.coordinator)
-        return load_model(harness.run_dir)
-    finally:
-        harness.close()
+    return one_process_model(tmp_path_factory.mktemp("local"), *RUN)
 
 
 def _cluster(tmp_path, faults: dict, *args) -> Harness:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.cluster_harness import Harness, wait_for
+from tests.cluster_harness import Harness, one_process_model, wait_for
 from tests.conftest import LOOPBACK_ANY_PORT, load_model, max_difference
 from worker.faults import EXIT_CODE
 
@@ -31,13 +31,7 @@ def harness(tmp_path):
 @pytest.fixture(scope="module")
 def undisturbed(tmp_path_factory) -> dict:
     """The one-process run, which the distributed run matches to 1e-9 when nothing goes wrong."""
-    harness = Harness(tmp_path_factory.mktemp("local"))
-    try:
-        harness.start_coordinator("--local", *RUN)
-        assert harness.finish() == 0, harness.log(harness.coordinator)
-        return load_model(harness.run_dir)
-    finally:
-        harness.close()
+    return one_process_model(tmp_path_factory.mktemp("local"), *RUN)
 
 
 def _start_cluster(harness: Harness, workers: int, *args) -> list:
