@@ -4,17 +4,20 @@ Notation: B rows in a batch, I inputs (784), H hidden units (128), O outputs (10
 the I input columns and j of the H hidden units; the same functions serve it and the one-process run.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 
-LOSSES = ("mse", "bce")
-INITIALISATIONS = ("scaled", "legacy")
+INITIALISATIONS = ("scaled", "uniform", "normal", "legacy")
+UNIFORM_LIMIT = 0.1  # the notebooks' uniform weights lie in [-0.1, 0.1)
+NORMAL_STD = 0.01  # and their normal ones have this standard deviation (the seed notebook's randn * 0.01)
 
 
 @dataclass
 class Params:
-    """The weights and biases of the I-H-O sigmoid network."""
+    """The weights and biases of the I-H-O network."""
 
     w1: np.ndarray  # (I, H)
     b1: np.ndarray  # (H,)
@@ -33,8 +36,11 @@ class Params:
 PARAM_NAMES = tuple(field.name for field in fields(Params))  # also the array names in model.npz and checkpoints
 
 
-def initial_params(sizes: tuple, init: str, seed: int, dtype: str) -> Params:
-    """Fresh parameters: "legacy" is the seed notebook's randn * 0.01, "scaled" divides by sqrt(fan-in)."""
+def initial_params(
+    sizes: tuple, init: str, seed: int, dtype: str, uniform_limit: float = UNIFORM_LIMIT, normal_std: float = NORMAL_STD
+) -> Params:
+    """Fresh weights and zero biases: "scaled" is randn / sqrt(fan-in), "uniform" lies in [-limit, limit),
+    "normal" is randn * std, "legacy" the seed notebook's randn * 0.01 from numpy's global generator."""
     inputs, hidden, outputs = sizes
     if init == "legacy":
         np.random.seed(seed)  # the seed notebook drew from numpy's global generator, in this order
@@ -42,8 +48,12 @@ def initial_params(sizes: tuple, init: str, seed: int, dtype: str) -> Params:
         w2 = np.random.randn(hidden, outputs) * 0.01
     else:
         rng = np.random.default_rng(seed)
-        w1 = rng.standard_normal((inputs, hidden)) / np.sqrt(inputs)
-        w2 = rng.standard_normal((hidden, outputs)) / np.sqrt(hidden)
+        draw = {
+            "scaled": lambda shape: rng.standard_normal(shape) / np.sqrt(shape[0]),
+            "uniform": lambda shape: rng.uniform(-uniform_limit, uniform_limit, shape),
+            "normal": lambda shape: rng.standard_normal(shape) * normal_std,
+        }[init]
+        w1, w2 = draw((inputs, hidden)), draw((hidden, outputs))
     return Params(w1.astype(dtype), np.zeros(hidden, dtype), w2.astype(dtype), np.zeros(outputs, dtype))
 
 
@@ -70,28 +80,105 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-z))
 
 
-def activate(partial_sum: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """A layer's output from its summed matrix product: (B, n) + (n,) -> (B, n)."""
-    return sigmoid(partial_sum + bias)
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Each row's exponentials over their sum, the row's largest taken off first so none overflows: (B, O)."""
+    exponentials = np.exp(z - z.max(axis=1, keepdims=True))
+    return exponentials / exponentials.sum(axis=1, keepdims=True)
 
 
-def output_error(outputs: np.ndarray, target: np.ndarray, loss: str, batch_size: int) -> tuple:
-    """The chunk's summed cost and dLoss/dz2 of a batch of `batch_size` rows: (B, O) -> (float, (B, O))."""
-    if loss == "mse":  # cost = sum((a2 - y)^2) / (2m)
-        difference = outputs - target
-        cost = float(np.sum(difference * difference)) / 2
-        return cost, difference * outputs * (1 - outputs) / batch_size
-    # cost = -sum(y log a2 + (1 - y) log(1 - a2)) / m, with a2 kept off 0 and 1 by the dtype's own epsilon so that
-    # log() stays finite when a sigmoid output rounds to 0 or 1 (1 - 1e-12 is 1 in float32)
+def softmax_backward(error: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+    """dLoss/dz from dLoss/da through softmax's Jacobian: a * (g - sum(g * a)) per row, (B, O) -> (B, O)."""
+    return outputs * (error - np.sum(error * outputs, axis=1, keepdims=True))
+
+
+class Function(NamedTuple):
+    """A layer's element-wise function and its chain rule: dLoss/da -> dLoss/dz, written with the output a."""
+
+    forward: Callable  # z -> a
+    backward: Callable  # (dLoss/da, a) -> dLoss/dz
+
+
+FUNCTIONS = {
+    "sigmoid": Function(sigmoid, lambda error, a: error * a * (1 - a)),
+    "relu": Function(lambda z: np.maximum(z, 0), lambda error, a: error * (a > 0)),
+    "tanh": Function(np.tanh, lambda error, a: error * (1 - a * a)),
+    "softmax": Function(softmax, softmax_backward),
+    "linear": Function(lambda z: z, lambda error, a: error),
+}
+ACTIVATIONS = ("sigmoid", "relu", "tanh")  # of the hidden layer
+OUTPUTS = ("sigmoid", "softmax", "linear")  # of the output layer
+
+
+def squared_error(outputs: np.ndarray, target: np.ndarray) -> float:
+    """sum((a2 - y)^2) / 2 over the chunk."""
+    difference = outputs - target
+    return float(np.sum(difference * difference)) / 2
+
+
+def binary_cross_entropy(outputs: np.ndarray, target: np.ndarray) -> float:
+    """-sum(y log a2 + (1 - y) log(1 - a2)) over the chunk, with a2 kept off 0 and 1 by the dtype's own epsilon so
+    that log() stays finite when a sigmoid output rounds to 0 or 1 (1 - 1e-12 is 1 in float32)."""
     epsilon = np.finfo(outputs.dtype).eps
     clipped = np.clip(outputs, epsilon, 1 - epsilon)
-    cost = -float(np.sum(target * np.log(clipped) + (1 - target) * np.log(1 - clipped)))
-    return cost, (outputs - target) / batch_size
+    return -float(np.sum(target * np.log(clipped) + (1 - target) * np.log(1 - clipped)))
 
 
-def hidden_error(backpropagated: np.ndarray, activations: np.ndarray) -> np.ndarray:
-    """dLoss/dz1 from the error carried back through the second layer: (B, H) * (B, H) -> (B, H)."""
-    return backpropagated * activations * (1 - activations)
+def cross_entropy(outputs: np.ndarray, target: np.ndarray) -> float:
+    """-sum(y log a2) over the chunk, a2 kept off 0 as above."""
+    return -float(np.sum(target * np.log(np.maximum(outputs, np.finfo(outputs.dtype).eps))))
+
+
+class Loss(NamedTuple):
+    """A cost function, and the output function it belongs with."""
+
+    cost: Callable  # (outputs, target) -> the chunk's summed cost
+    output: str | None  # the output function whose slope the loss's own cancels, so dLoss/dz2 = a2 - y; None: any
+
+
+LOSSES = {
+    "mse": Loss(squared_error, None),
+    "bce": Loss(binary_cross_entropy, "sigmoid"),
+    "ce": Loss(cross_entropy, "softmax"),
+}
+
+
+def activate(partial_sum: np.ndarray, bias: np.ndarray, function: str) -> np.ndarray:
+    """A layer's output from its summed matrix product: (B, n) + (n,) -> (B, n)."""
+    return FUNCTIONS[function].forward(partial_sum + bias)
+
+
+def output_error(outputs: np.ndarray, target: np.ndarray, loss: str, output: str, batch_size: int) -> tuple:
+    """The chunk's summed cost and dLoss/dz2 of a batch of `batch_size` rows: (B, O) -> (float, (B, O)).
+
+    The batch's cost is the mean over its rows, so each error is divided by `batch_size`. bce after sigmoid
+    and ce after softmax give a2 - y; mse goes through the output function's chain rule.
+    """
+    cost = LOSSES[loss].cost(outputs, target)
+    if LOSSES[loss].output == output:
+        return cost, (outputs - target) / batch_size
+    return cost, FUNCTIONS[output].backward(outputs - target, outputs) / batch_size
+
+
+def dropout_masks(seed: int) -> np.random.Generator:
+    """The run's generator of dropout masks: a stream of the seed apart from the weights' and the batch orders'."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
+
+
+def dropout_mask(masks: np.random.Generator, shape: tuple, rate: float, dtype) -> np.ndarray:
+    """Inverted dropout: each unit dropped with probability `rate`, the kept ones scaled by 1 / (1 - rate): (B, H).
+
+    At rate 0 every unit is kept as it is, and no number is drawn.
+    """
+    if rate == 0:
+        return np.ones(shape, dtype)
+    kept = masks.random(shape) >= rate
+    return kept.astype(dtype) / np.asarray(1 - rate, dtype)
+
+
+def hidden_error(backpropagated: np.ndarray, activations: np.ndarray, mask: np.ndarray, function: str) -> np.ndarray:
+    """dLoss/dz1 from the error carried back through the second layer to the masked activations a1 * mask:
+    (B, H) * (B, H) -> (B, H); `activations` are a1 before the mask."""
+    return FUNCTIONS[function].backward(backpropagated * mask, activations)
 
 
 def weight_gradient(layer_inputs: np.ndarray, error: np.ndarray) -> np.ndarray:

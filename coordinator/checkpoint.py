@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import model
 from common.errors import UserError
 from common.exposure import ExposurePlan
 from common.model import Params
@@ -36,7 +37,8 @@ STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}  # w
 
 FOLDER = "checkpoints"
 FIELDS = ("checkpoint", "steps", "epoch", "epoch_step", "cost", "correct", "history", "config", "permutations",
-          "arrays_sha256", "prev", "sha256")
+          "masks", "arrays_sha256", "prev", "sha256")
+ADDED_FIELDS = {"masks"}  # absent from the checkpoints of earlier versions, which still continue
 
 
 class CheckpointError(UserError):
@@ -60,6 +62,7 @@ class Checkpoint:
     steps: int = 0  # gradient steps of the whole run
     number: int = 0  # position in the chain, from 1
     sha256: str | None = None
+    masks: dict | None = None  # the state of the dropout masks' generator; None in a checkpoint from before dropout
 
 
 def file_sha256(path: Path) -> str:
@@ -85,7 +88,7 @@ def save(folder: Path, checkpoint: Checkpoint, prev: str | None) -> str:
         "checkpoint": checkpoint.number, "steps": checkpoint.steps, "epoch": progress.epoch,
         "epoch_step": progress.step, "cost": progress.cost, "correct": progress.correct,
         "history": checkpoint.history, "config": checkpoint.config, "permutations": checkpoint.permutations,
-        "arrays_sha256": file_sha256(arrays_path), "prev": prev,
+        "masks": checkpoint.masks, "arrays_sha256": file_sha256(arrays_path), "prev": prev,
     }
     metadata["sha256"] = metadata_sha256(metadata)
     text = json.dumps(metadata, indent=1) + "\n"
@@ -124,7 +127,7 @@ def _link_problem(path: Path, number: int, prev: str | None) -> str:
         metadata = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         return f"cannot read its metadata ({error})"
-    if not isinstance(metadata, dict) or set(metadata) != set(FIELDS):
+    if not isinstance(metadata, dict) or not set(FIELDS) - ADDED_FIELDS <= set(metadata) <= set(FIELDS):
         return "its metadata does not have the checkpoint fields"
     if metadata["sha256"] != metadata_sha256(metadata):
         return "its metadata was changed"
@@ -156,7 +159,7 @@ def latest(folder: Path) -> Checkpoint:
     progress = Progress(metadata["epoch"], metadata["epoch_step"], metadata["cost"], metadata["correct"])
     return Checkpoint(
         params, progress, metadata["history"], metadata["config"], metadata["permutations"], plan,
-        metadata["steps"], metadata["checkpoint"], metadata["sha256"],
+        metadata["steps"], metadata["checkpoint"], metadata["sha256"], metadata.get("masks"),
     )
 
 
@@ -195,7 +198,7 @@ class Checkpointer:
         checkpoint = Checkpoint(
             Params(**trainer.params.arrays()), dataclasses.replace(trainer.progress), list(self.history),
             self.last.config, None if products.permutations is None else products.permutations.bit_generator.state,
-            products.plan, trainer.steps_done, self.last.number + 1,
+            products.plan, trainer.steps_done, self.last.number + 1, masks=trainer.masks.bit_generator.state,
         )
         checkpoint.sha256 = save(self.folder, checkpoint, self.last.sha256)
         self.last = checkpoint
@@ -216,6 +219,8 @@ def resume_point(run_dir: Path) -> tuple:
         config = TrainingConfig(**start.config)
     except TypeError as error:
         raise CheckpointError(f"the last checkpoint's config does not fit this version: {error}") from None
+    if start.masks is None:  # a run from before dropout existed drew no masks: its generator is as new
+        start.masks = model.dropout_masks(config.seed).bit_generator.state
     return config, start
 
 

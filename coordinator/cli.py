@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from common import cli, settings
+from common import cli, model, settings
 from common.cli import tcp_port_checked
 from common.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError, UserError
 from coordinator.checkpoint import Interrupted
@@ -49,9 +49,24 @@ def train(
     epochs: Annotated[int | None, _option("EPOCHS", "Passes over the training images.")] = None,
     batch_size: Annotated[int | None, _option("BATCH_SIZE", "Images per gradient step.")] = None,
     lr: Annotated[float | None, _option("LR", "Learning rate.")] = None,
-    seed: Annotated[int | None, _option("SEED", "Seed of the initial weights, batch order and exposure plan.")] = None,
+    seed: Annotated[int | None, _option(
+        "SEED", "Seed of the initial weights, dropout masks, batch order and exposure plan.")] = None,
     hidden: Annotated[int | None, _option("HIDDEN", "Hidden units.")] = None,
-    loss: Annotated[str | None, _option("LOSS", "mse or bce.")] = None,
+    activation: Annotated[str | None, _option("ACTIVATION", "Hidden units' function: sigmoid, relu or tanh.")] = None,
+    output: Annotated[str | None, _option("OUTPUT", "Output layer's function: sigmoid, softmax or linear.")] = None,
+    loss: Annotated[str | None, _option(
+        "LOSS", "mse (any output), bce (binary cross-entropy, sigmoid output) or ce (cross-entropy, softmax output)."
+    )] = None,
+    dropout: Annotated[float | None, _option(
+        "DROPOUT", "Probability that a hidden unit is dropped in a training step (inverted: kept ones scaled up)."
+    )] = None,
+    init: Annotated[str | None, _option(
+        "INIT", "Initial weights: scaled (randn / sqrt(fan-in)), uniform, normal, or legacy (the seed notebook's)."
+    )] = None,
+    uniform_limit: Annotated[float | None, _option(
+        "UNIFORM_LIMIT", f"--init uniform draws in [-limit, limit) (default {model.UNIFORM_LIMIT}).")] = None,
+    normal_std: Annotated[float | None, _option(
+        "NORMAL_STD", f"--init normal draws with this standard deviation (default {model.NORMAL_STD}).")] = None,
     dtype: Annotated[str | None, _option("DTYPE", "float32 or float64.")] = None,
     wire: Annotated[str | None, _option("WIRE", "How errors and partial products cross the network: exact (the "
                                        "run's dtype), or for a float32 run float16 or bfloat16 (half the bytes).")] = None,
@@ -119,13 +134,15 @@ def train(
     quiet: Annotated[bool, _option("QUIET", "Plain lines only, no live progress display.")] = False,
     log_format: Annotated[LogFormat, _option("LOG_FORMAT", "plain, or json: one JSON object per line.")] = LogFormat.plain,
 ):
-    """Train the 784-128-10 sigmoid network on MNIST, the matrix products done by workers."""
+    """Train the network (784-128-10 sigmoid by default) on MNIST, the matrix products done by workers."""
     from coordinator.cluster_options import ClusterOptions
     from coordinator.spawn import spawn_endpoint
 
     overrides = dict(
-        epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, hidden=hidden, loss=loss,
-        dtype=dtype, wire=wire, rekey=rekey, data=None if data is None else str(data), train_limit=train_limit, test_limit=test_limit,
+        epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, hidden=hidden, activation=activation,
+        output=output, loss=loss, dropout=dropout, init=init, uniform_limit=uniform_limit, normal_std=normal_std,
+        dtype=dtype, wire=wire, rekey=rekey, data=None if data is None else str(data), train_limit=train_limit,
+        test_limit=test_limit,
         input_divisor=None if scale is None else (255.0 if scale else 1.0), report_every=report_every,
         checkpoint_epochs=checkpoint_epochs, checkpoint_every=checkpoint_every,
     )

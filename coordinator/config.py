@@ -8,6 +8,7 @@ from common import model, settings
 from common.data import XOR, Dataset, load_dataset
 
 INPUT_COLUMNS = {"mnist": 28 * 28, "xor": 2}  # an MNIST image's pixels; the XOR rows' two bits
+OUTPUT_UNITS = {"mnist": 10, "xor": 1}  # one per digit; one for the two-class XOR rows
 REKEY_NAMES = {"every-step": 1, "every-epoch": None}  # --rekey by name: the steps between re-keys
 
 
@@ -22,11 +23,16 @@ class TrainingConfig:
     learning_rate: float = 0.5  # with bce: 94% after the first epoch, 98% after 20 (MSE at lr 3 gave 74% and 97.9%)
     seed: int = 0
     hidden: int = 128
-    loss: str = "bce"
+    activation: str = "sigmoid"  # of the hidden units (model.ACTIVATIONS)
+    output: str = "sigmoid"  # of the output layer (model.OUTPUTS)
+    loss: str = "bce"  # model.LOSSES; bce needs sigmoid outputs, ce (softmax cross-entropy) softmax ones
+    dropout: float = 0.0  # the probability that a hidden unit is dropped in a training step
     dtype: str = "float32"
     wire: str = "exact"  # how errors and partial products cross the network (model.WIRE_FORMATS)
     rekey: str = "every-step"  # how long workers keep their first-layer rows: every-step, every-epoch or N steps
     init: str = "scaled"
+    uniform_limit: float = model.UNIFORM_LIMIT  # init "uniform" draws weights in [-limit, limit)
+    normal_std: float = model.NORMAL_STD  # init "normal" draws them with this standard deviation
     input_divisor: float = 255.0  # 255 scales pixels to [0, 1]; 1 keeps them raw
     train_limit: int | None = None
     test_limit: int | None = None
@@ -42,8 +48,8 @@ class TrainingConfig:
         return load_dataset(Path(self.data) if self.data else None).cut(self.train_limit, self.test_limit)
 
     def layer_sizes(self, data: Dataset) -> tuple:
-        """(inputs, hidden, outputs): one output for the two-class XOR rows, one per digit otherwise."""
-        return data.train_images.shape[1], self.hidden, 1 if self.dataset == "xor" else 10
+        """(inputs, hidden, outputs) of the network for this data set."""
+        return data.train_images.shape[1], self.hidden, OUTPUT_UNITS[self.dataset]
 
     def with_overrides(self, **overrides) -> "TrainingConfig":
         """This config with the given fields replaced; None means "keep"."""
@@ -51,13 +57,21 @@ class TrainingConfig:
 
     def problems(self) -> list:
         """What is wrong with these settings, as one-line texts."""
+        # bce and ce hold only after the output function whose slope they cancel; mse after any
+        loss_output = model.LOSSES[self.loss].output if self.loss in model.LOSSES else None
         checks = [
             (self.dataset in ("mnist", "xor"), f"unknown dataset {self.dataset!r}"),
             (self.epochs >= 1, "epochs must be at least 1"),
             (self.batch_size >= 1, "batch size must be at least 1"),
             (self.learning_rate > 0, "learning rate must be positive"),
             (1 <= self.hidden <= settings.MAX_HIDDEN_UNITS, f"hidden must be 1..{settings.MAX_HIDDEN_UNITS}"),
+            (self.activation in model.ACTIVATIONS, f"activation must be one of {', '.join(model.ACTIVATIONS)}"),
+            (self.output in model.OUTPUTS, f"output must be one of {', '.join(model.OUTPUTS)}"),
             (self.loss in model.LOSSES, f"loss must be one of {', '.join(model.LOSSES)}"),
+            (loss_output in (None, self.output), f"loss {self.loss} needs output {loss_output}, not {self.output}"),
+            (self.output != "softmax" or OUTPUT_UNITS.get(self.dataset) != 1,
+             f"softmax needs several outputs; {self.dataset} has one"),
+            (0 <= self.dropout < 1, "dropout must be at least 0 and less than 1"),
             (self.dtype in ("float32", "float64"), "dtype must be float32 or float64"),
             (self.wire in model.WIRE_FORMATS, f"wire must be one of {', '.join(model.WIRE_FORMATS)}"),
             (self.wire == "exact" or self.dtype == "float32", "a narrower --wire needs a float32 run"),
@@ -65,6 +79,8 @@ class TrainingConfig:
             (self.rekey == "every-step" or self.batch_size <= self.chunk_rows,
              f"--rekey {self.rekey} needs batches of at most {self.chunk_rows} images (chunk rows)"),
             (self.init in model.INITIALISATIONS, f"init must be one of {', '.join(model.INITIALISATIONS)}"),
+            (self.uniform_limit > 0, "uniform limit must be positive"),
+            (self.normal_std > 0, "normal std must be positive"),
             (self.input_divisor > 0, "input divisor must be positive"),
             (self.train_limit is None or self.train_limit >= 1, "train limit must be at least 1"),
             (self.test_limit is None or self.test_limit >= 0, "test limit must be at least 0"),
@@ -106,4 +122,14 @@ PRESETS = {
         dataset="xor", hidden=3, epochs=5000, batch_size=4, learning_rate=20.0, loss="mse", dtype="float64",
         init="legacy", seed=42, input_divisor=1.0, report_every=500, checkpoint_epochs=500,
     ), workers=2),
+    # The dropout notebook: 784-100-10 ReLU, linear outputs and squared error, learning from 1,000 images.
+    "relu-dropout": Preset(TrainingConfig(
+        hidden=100, activation="relu", output="linear", loss="mse", dropout=0.5, init="uniform", batch_size=100,
+        learning_rate=0.1, train_limit=1000, test_limit=1000, epochs=300, report_every=10, checkpoint_epochs=50,
+    )),
+    # The tanh-and-softmax notebook's network in the same setting: 784-100-10 tanh, softmax outputs, cross-entropy.
+    "tanh-softmax": Preset(TrainingConfig(
+        hidden=100, activation="tanh", output="softmax", loss="ce", dropout=0.5, init="uniform", batch_size=100,
+        learning_rate=0.02, train_limit=1000, test_limit=1000, epochs=300, report_every=10, checkpoint_epochs=50,
+    )),
 }

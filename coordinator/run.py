@@ -37,6 +37,7 @@ def train(
     watch = watch_from(config, data, start.progress, [on_status] if on_status else [])
     with products_backend(config, data, cluster, records, start, watch) as products:
         trainer = Trainer(config, start.params, products, data.labels(), dataclasses.replace(start.progress))
+        trainer.masks.bit_generator.state = start.masks
         checkpoints = Checkpointer(records.path / CHECKPOINT_FOLDER, trainer, start)
 
         def on_epoch_recorded(report):
@@ -52,7 +53,7 @@ def train(
 
         with stop_between_steps(checkpoints):
             trainer.train(on_epoch_recorded, on_batch_watched, checkpoints.after_step)
-    records.save_model(trainer.params, config.input_divisor)
+    records.save_model(trainer.params, config)
     return trainer.params
 
 
@@ -60,8 +61,11 @@ def _fresh_start(config: TrainingConfig, data: Dataset, run_dir: Path) -> Checkp
     """Where a new run starts: fresh parameters, in a directory that holds no other run."""
     if has_checkpoints(run_dir):
         raise CheckpointError(f"{run_dir} already holds a run's checkpoints; continue it with --resume")
-    params = model.initial_params(config.layer_sizes(data), config.init, config.seed, config.dtype)
-    return Checkpoint(params, Progress(), [], dataclasses.asdict(config))
+    params = model.initial_params(
+        config.layer_sizes(data), config.init, config.seed, config.dtype, config.uniform_limit, config.normal_std
+    )
+    masks = model.dropout_masks(config.seed).bit_generator.state
+    return Checkpoint(params, Progress(), [], dataclasses.asdict(config), masks=masks)
 
 
 def watch_from(config: TrainingConfig, data: Dataset, progress: Progress, listeners: list) -> RunWatch:

@@ -21,6 +21,9 @@ from coordinator.config import TrainingConfig
 from coordinator.training import LocalProducts, Trainer
 
 LOG_FILE = "coordinator.log"
+# The settings model.npz keeps beside the parameters: what an evaluation needs, and the loss it was trained for.
+# A file from before the network was a setting holds only input_divisor; its sigmoid layers are the defaults.
+MODEL_SETTINGS = ("input_divisor", "activation", "output", "loss")
 
 log = logging.getLogger("coordinator")
 
@@ -119,33 +122,38 @@ class RunDirectory:
         text = json.dumps([dataclasses.asdict(status) for status in statuses], indent=2)
         (self.path / "workers.json").write_text(text + "\n")
 
-    def save_model(self, params: Params, input_divisor: float) -> None:
-        np.savez(self.path / "model.npz", **params.arrays(), input_divisor=np.array(input_divisor))
+    def save_model(self, params: Params, config: TrainingConfig) -> None:
+        settings = {name: np.array(getattr(config, name)) for name in MODEL_SETTINGS}
+        np.savez(self.path / "model.npz", **params.arrays(), **settings)
 
 
 def load_model(path: Path) -> tuple:
-    """(Params, input divisor) from a model.npz, refusing anything that is not plain arrays of the right shapes."""
+    """(Params, the TrainingConfig that evaluates them) from a model.npz, refusing anything that is not plain
+    arrays of the right shapes and known settings."""
     if Path(path).is_file() and not zipfile.is_zipfile(path):  # numpy would try to unpickle it, and advise allow_pickle
         raise ModelError(f"{path} is not a model file (a model.npz written by `coordinator train`)")
     try:
         with np.load(path, allow_pickle=False) as saved:
-            arrays = {name: saved[name] for name in (*PARAM_NAMES, "input_divisor")}
-    except (OSError, ValueError, KeyError) as error:
+            params = Params.from_arrays({name: saved[name] for name in PARAM_NAMES})
+            settings = {name: saved[name].item() for name in MODEL_SETTINGS if name in saved}
+            settings["input_divisor"] = float(saved["input_divisor"])  # in every model file, old ones too
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise ModelError(f"cannot read model {path}: {error}") from None
-    params = Params.from_arrays(arrays)
     inputs, hidden = params.w1.shape if params.w1.ndim == 2 else (0, 0)
     shapes_fit = params.b1.shape == (hidden,) and params.w2.ndim == 2 and params.w2.shape[0] == hidden
     if not (hidden and shapes_fit and params.b2.shape == (params.w2.shape[1],)):
         raise ModelError(f"model {path} has inconsistent array shapes")
-    return params, float(arrays["input_divisor"])
+    config = TrainingConfig(dtype=params.w1.dtype.name, hidden=hidden, **settings)
+    if config.problems():
+        raise ModelError(f"model {path} has unusable settings: {'; '.join(config.problems())}")
+    return params, config
 
 
 def evaluate_model(model_path: Path, data_dir: Path | None) -> float:
     """The test accuracy of a saved model on an MNIST-format folder."""
-    params, input_divisor = load_model(model_path)
+    params, config = load_model(model_path)
     data = load_dataset(data_dir)
     if params.w1.shape[0] != data.test_images.shape[1]:
         raise ModelError(f"model {model_path} takes {params.w1.shape[0]} inputs, the images have {data.test_images.shape[1]}")
-    config = TrainingConfig(dtype=params.w1.dtype.name, input_divisor=input_divisor)
-    products = LocalProducts({"test": model.inputs(data.test_images, config.dtype, input_divisor)})
+    products = LocalProducts({"test": model.inputs(data.test_images, config.dtype, config.input_divisor)})
     return Trainer(config, params, products, {"test": data.test_labels}).accuracy("test")

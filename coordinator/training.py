@@ -101,6 +101,7 @@ class Trainer:
         self.outputs = params.w2.shape[1]
         self.pending = None  # (rows, hidden error) whose first-layer gradient is not yet applied
         self.progress = progress or Progress()
+        self.masks = model.dropout_masks(config.seed)  # drawn here only: no mask leaves the coordinator
 
     @property
     def evaluation_rows(self) -> int:
@@ -151,17 +152,19 @@ class Trainer:
     def train_batch(self, rows: np.ndarray) -> tuple:
         """One step of gradient descent on a batch, in chunks; returns its summed cost and correct count."""
         chunks = [rows[i : i + self.config.chunk_rows] for i in range(0, len(rows), self.config.chunk_rows)]
-        p, lr = self.params, self.config.learning_rate
+        p, config, lr = self.params, self.config, self.config.learning_rate
         w1_gradient, w2_gradient = np.zeros_like(p.w1), np.zeros_like(p.w2)
         b1_gradient, b2_gradient = np.zeros_like(p.b1), np.zeros_like(p.b2)
         cost = correct = 0
         for chunk in chunks:
-            hidden = model.activate(self._forward("train", chunk), p.b1)
-            outputs = model.activate(self.products.second_forward(hidden, p.w2), p.b2)
+            hidden = model.activate(self._forward("train", chunk), p.b1, config.activation)
+            mask = model.dropout_mask(self.masks, hidden.shape, config.dropout, hidden.dtype)  # (B, H)
+            # the workers that compute the second layer get the activations already masked
+            outputs = model.activate(self.products.second_forward(hidden * mask, p.w2), p.b2, config.output)
             target = model.targets(self.labels["train"][chunk], self.outputs, p.w2.dtype)
-            chunk_cost, output_error = model.output_error(outputs, target, self.config.loss, len(rows))
+            chunk_cost, output_error = model.output_error(outputs, target, config.loss, config.output, len(rows))
             chunk_w2_gradient, backpropagated = self.products.second_backward(output_error)
-            hidden_error = model.hidden_error(backpropagated, hidden)
+            hidden_error = model.hidden_error(backpropagated, hidden, mask, config.activation)
             w2_gradient += chunk_w2_gradient
             b2_gradient += output_error.sum(axis=0)
             b1_gradient += hidden_error.sum(axis=0)
@@ -183,8 +186,9 @@ class Trainer:
         labels, correct = self.labels[split], 0
         for start in range(0, len(labels), self.evaluation_rows):
             rows = np.arange(start, min(start + self.evaluation_rows, len(labels)), dtype=np.int32)
-            hidden = model.activate(self._forward(split, rows), self.params.b1)
-            outputs = model.activate(self.products.second_forward(hidden, self.params.w2), self.params.b2)
+            hidden = model.activate(self._forward(split, rows), self.params.b1, self.config.activation)
+            outputs = model.activate(self.products.second_forward(hidden, self.params.w2), self.params.b2,
+                                     self.config.output)  # no dropout when evaluating
             correct += model.correct(outputs, labels[rows])
         return correct / len(labels)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common import model
 from common.exposure import ExposurePlan
 from common.model import Params
 from coordinator import checkpoint, run
@@ -70,6 +71,21 @@ def test_chain_names_the_first_broken_link(tmp_path, tamper, broken):
     assert len(links) == 1
 
 
+def test_a_chain_from_before_dropout_continues_with_a_new_mask_generator(tmp_path):
+    _chain_of_three(tmp_path / checkpoint.FOLDER)
+    prev = None
+    for path in sorted((tmp_path / checkpoint.FOLDER).glob("*.json")):  # as the version before wrote them
+        metadata = json.loads(path.read_text())
+        del metadata["masks"]
+        metadata["prev"] = prev
+        metadata["sha256"] = prev = checkpoint.metadata_sha256(metadata)
+        path.write_text(json.dumps(metadata))
+    links, broken = read_chain(tmp_path / checkpoint.FOLDER)
+    assert (len(links), broken) == (3, None)
+    config, start = resume_point(tmp_path)
+    assert start.masks == model.dropout_masks(config.seed).bit_generator.state
+
+
 def test_a_half_written_checkpoint_is_not_a_link(tmp_path):
     _chain_of_three(tmp_path)
     (tmp_path / "000004.npz").write_bytes(b"cut short by a crash")
@@ -89,12 +105,22 @@ class Crash(Exception):
     pass
 
 
-def test_local_run_resumed_after_a_crash_is_bit_for_bit_the_same(tmp_path):
-    config = replace(PRESETS["xor"].config, epochs=5, batch_size=1, checkpoint_epochs=1, checkpoint_every=3)
+# Checkpointed every 3 steps and crashed at the 4th or 5th step of epoch 3, so resumed from its 3rd step: the XOR
+# rows one at a time, and 200 images in batches of 20 with dropout, whose masks must go on as they would have.
+CRASHED_RUNS = {
+    "xor": (replace(PRESETS["xor"].config, epochs=5, batch_size=1, checkpoint_epochs=1, checkpoint_every=3), 4),
+    "dropout": (replace(PRESETS["relu-dropout"].config, epochs=4, train_limit=200, test_limit=50, batch_size=20,
+                        dtype="float64", checkpoint_epochs=1, checkpoint_every=3), 100),
+}
+
+
+@pytest.mark.parametrize("crashed", CRASHED_RUNS)
+def test_local_run_resumed_after_a_crash_is_bit_for_bit_the_same(tmp_path, crashed):
+    config, crash_after_rows = CRASHED_RUNS[crashed]
     whole = run.train(config, tmp_path / "whole", None, on_epoch=lambda report: None)
 
     def crash_in_epoch_three(rows_done):
-        if rows_done == 4 and len((tmp_path / "cut" / "history.jsonl").read_text().splitlines()) == 2:
+        if rows_done == crash_after_rows and len((tmp_path / "cut" / "history.jsonl").read_text().splitlines()) == 2:
             raise Crash
 
     with pytest.raises(Crash):

@@ -25,6 +25,8 @@ PRESET_SHORTENINGS = {
     "default": ("--epochs", "1", "--train-limit", "2000", "--test-limit", "500"),
     "seed": ("--epochs", "1", "--train-limit", "2000", "--test-limit", "500"),  # full batch of 60,000 float64
     "xor": (),  # 5000 one-step epochs of four rows: quick, and the only way to see it learn
+    "relu-dropout": ("--epochs", "2"),  # 1,000 images already
+    "tanh-softmax": ("--epochs", "2"),
 }
 
 
@@ -71,7 +73,7 @@ def test_each_preset_runs_as_documented(train_run, preset):
     if preset == "xor":
         assert done.stdout.count("epoch ") == 10  # every 500th of 5000 epochs
         p = model.Params(**load_model(run_dir))
-        outputs = model.activate(model.activate(XOR.train_images @ p.w1, p.b1) @ p.w2, p.b2)[:, 0]
+        outputs = model.activate(model.activate(XOR.train_images @ p.w1, p.b1, "sigmoid") @ p.w2, p.b2, "sigmoid")[:, 0]
         assert ((outputs > 0.5) == XOR.train_labels).all(), outputs
 
 
@@ -127,6 +129,8 @@ def test_options_override_a_preset(train_run):
         (("--dtype", "float16"), ("dtype must be",)),
         (("--loss", "hinge"), ("loss must be",)),
         (("--epochs", "0", "--lr", "-1"), ("epochs must be", "learning rate must be")),
+        (("--loss", "ce"), ("loss ce needs output softmax, not sigmoid",)),
+        (("--preset", "xor", "--output", "softmax", "--loss", "ce"), ("softmax needs several outputs; xor has one",)),
     ],
 )
 def test_bad_settings_fail_in_one_line(train_run, args, words):

@@ -15,6 +15,13 @@ SMALL_RUN = ("--dtype", "float64", "--train-limit", "2000", "--test-limit", "500
 # One batch of 5,000 rows is sent in two chunks whose gradients are summed.
 CHUNKED_RUN = ("--dtype", "float64", "--train-limit", "5000", "--test-limit", "100", "--batch-size", "5000",
                "--epochs", "3", "--lr", "2")
+# The other hidden activations and output functions, and dropout, on 300 images in batches of 20: 30 steps each.
+TINY_RUN = ("--dtype", "float64", "--train-limit", "300", "--test-limit", "100", "--batch-size", "20", "--epochs", "2",
+            "--seed", "5")
+NETWORKS = {
+    "relu-softmax-ce-dropout": ("--activation", "relu", "--output", "softmax", "--loss", "ce", "--dropout", "0.3"),
+    "tanh-linear-mse": ("--activation", "tanh", "--output", "linear", "--loss", "mse", "--lr", "0.01"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +40,34 @@ def _local(train_run, cache: dict, settings: tuple) -> dict:
 def test_distributed_matches_local(train_run, local_models, workers):
     local_model, local_history = _local(train_run, local_models, SMALL_RUN)
     done, run_dir = train_run("--spawn", workers, "--bind", LOOPBACK_ANY_PORT, *SMALL_RUN)
+    _assert_same_run(run_dir, local_model, local_history)
+    assert done.stdout.count("epoch ") == 2
+
+
+@pytest.mark.parametrize("workers", [1, 2, 7])
+@pytest.mark.parametrize("network", NETWORKS)
+def test_each_network_matches_local(train_run, local_models, network, workers):
+    """The workers that compute the second layer get the activations already masked by the coordinator."""
+    settings = (*TINY_RUN, *NETWORKS[network])
+    local_model, local_history = _local(train_run, local_models, settings)
+    _, run_dir = train_run("--spawn", workers, "--bind", LOOPBACK_ANY_PORT, *settings)
+    _assert_same_run(run_dir, local_model, local_history)
+
+
+def test_dropout_with_the_second_layer_on_the_coordinator_matches_local(train_run, local_models):
+    settings = (*TINY_RUN, *NETWORKS["relu-softmax-ce-dropout"])
+    local_model, _ = _local(train_run, local_models, settings)
+    _, run_dir = train_run("--spawn", 2, "--bind", LOOPBACK_ANY_PORT, "--second-layer", "coordinator", *settings)
     assert max_difference(load_model(run_dir), local_model) < TOLERANCE
-    for ours, theirs in zip((run_dir / "history.jsonl").read_text().splitlines(), local_history.splitlines()):
+
+
+def _assert_same_run(run_dir, local_model: dict, local_history: str) -> None:
+    assert max_difference(load_model(run_dir), local_model) < TOLERANCE
+    our_lines, their_lines = (run_dir / "history.jsonl").read_text().splitlines(), local_history.splitlines()
+    for ours, theirs in zip(our_lines, their_lines, strict=True):
         ours, theirs = json.loads(ours), json.loads(theirs)
         assert ours["test_accuracy"] == theirs["test_accuracy"]
         assert ours["cost"] == pytest.approx(theirs["cost"], rel=1e-9)
-    assert done.stdout.count("epoch ") == 2
 
 
 def test_second_layer_on_the_coordinator_matches_local(train_run, local_models):
@@ -60,10 +89,14 @@ def test_chunked_full_batch_matches_local(train_run, local_models):
     assert max_difference(load_model(run_dir), local_model) < TOLERANCE
 
 
-def test_training_actually_moves_the_weights(train_run, local_models):
+@pytest.mark.parametrize(
+    "settings, seed", [(SMALL_RUN, 7), *((TINY_RUN + network, 5) for network in NETWORKS.values())],
+    ids=["small", *NETWORKS],
+)
+def test_training_actually_moves_the_weights(train_run, local_models, settings, seed):
     """Guards the comparisons above against two runs that agree because nothing happened."""
     from common.model import initial_params
 
-    local_model, _ = _local(train_run, local_models, SMALL_RUN)
-    initial = initial_params((784, 128, 10), "scaled", 7, "float64").arrays()
+    local_model, _ = _local(train_run, local_models, settings)
+    initial = initial_params((784, 128, 10), "scaled", seed, "float64").arrays()
     assert max_difference(local_model, initial) > 1e-2

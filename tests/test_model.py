@@ -9,35 +9,75 @@ from common.exposure import ExposurePlan, permuted, unpermuted
 RNG = np.random.default_rng(0)
 
 
-def _cost_and_gradients(params: model.Params, x, labels, loss):
-    """The full-matrix forward and backward pass, written out with the shared functions."""
+def _cost_and_gradients(params: model.Params, x, labels, network: tuple, mask):
+    """The full-matrix forward and backward pass, written out with the shared functions; `mask` is a fixed
+    dropout mask, so that the cost is a function of the parameters alone."""
+    activation, output, loss = network
     y = model.targets(labels, params.w2.shape[1], "float64")
-    hidden = model.activate(model.first_layer(params.w1, x, None, None, 0)[1], params.b1)
-    outputs = model.activate(model.second_forward(hidden, params.w2), params.b2)
-    cost, output_error = model.output_error(outputs, y, loss, len(x))
-    w2_gradient, back = model.second_backward(hidden, params.w2, output_error)
-    hidden_error = model.hidden_error(back, hidden)
+    hidden = model.activate(model.first_layer(params.w1, x, None, None, 0)[1], params.b1, activation)
+    outputs = model.activate(model.second_forward(hidden * mask, params.w2), params.b2, output)
+    cost, output_error = model.output_error(outputs, y, loss, output, len(x))
+    w2_gradient, back = model.second_backward(hidden * mask, params.w2, output_error)
+    hidden_error = model.hidden_error(back, hidden, mask, activation)
     w1_gradient = model.weight_gradient(x, hidden_error)
     grads = {"w1": w1_gradient, "b1": hidden_error.sum(0), "w2": w2_gradient, "b2": output_error.sum(0)}
     return cost / len(x), grads
 
 
-@pytest.mark.parametrize("loss", model.LOSSES)
-def test_backward_pass_matches_finite_differences(loss):
+# Every hidden activation, every output with mse, and each loss with the output it needs.
+NETWORKS = [(activation, "sigmoid", "mse") for activation in model.ACTIVATIONS] + [
+    ("sigmoid", output, "mse") for output in ("softmax", "linear")
+] + [("relu", "sigmoid", "bce"), ("tanh", "softmax", "ce")]
+
+
+@pytest.mark.parametrize("network", NETWORKS, ids="-".join)
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_backward_pass_matches_finite_differences(network, dropout):
     params = model.initial_params((6, 5, 3), "scaled", 1, "float64")
-    params.b1 += RNG.normal(size=5)
+    params.b1 += RNG.normal(size=5)  # ReLU units on both sides of 0, and none exactly at its kink
     x, labels = RNG.random((8, 6)), RNG.integers(0, 3, 8)
-    _, grads = _cost_and_gradients(params, x, labels, loss)
+    mask = model.dropout_mask(np.random.default_rng(2), (8, 5), dropout, "float64")
+    _, grads = _cost_and_gradients(params, x, labels, network, mask)
     step = 1e-6
     for name, array in params.arrays().items():
         for index in np.ndindex(array.shape):
             saved = array[index]
             array[index] = saved + step
-            above = _cost_and_gradients(params, x, labels, loss)[0]
+            above = _cost_and_gradients(params, x, labels, network, mask)[0]
             array[index] = saved - step
-            below = _cost_and_gradients(params, x, labels, loss)[0]
+            below = _cost_and_gradients(params, x, labels, network, mask)[0]
             array[index] = saved
             assert grads[name][index] == pytest.approx((above - below) / (2 * step), abs=1e-8), (name, index)
+
+
+def test_dropout_mask_is_inverted_and_drops_at_the_rate():
+    mask = model.dropout_mask(np.random.default_rng(0), (200, 100), 0.2, "float32")
+    assert mask.dtype == np.float32 and set(np.unique(mask)) == {0.0, np.float32(1 / 0.8)}
+    assert np.mean(mask == 0) == pytest.approx(0.2, abs=0.01)
+    assert np.mean(mask) == pytest.approx(1.0, abs=0.02)  # inverted: the expected activation is unchanged
+    unused = np.random.default_rng(0)
+    assert (model.dropout_mask(unused, (3, 4), 0.0, "float64") == 1).all()
+    assert unused.bit_generator.state == np.random.default_rng(0).bit_generator.state  # rate 0 draws nothing
+
+
+def test_dropout_masks_are_a_stream_apart_from_the_weights_and_batch_orders():
+    from coordinator.training import batch_order
+
+    masks = model.dropout_masks(5).random(4)
+    assert not np.array_equal(masks, np.random.default_rng(5).random(4))
+    assert not np.array_equal(masks, np.random.default_rng([5, 0]).random(4))
+    assert np.array_equal(masks, model.dropout_masks(5).random(4))
+    assert batch_order(5, 1, 10).tolist() != model.dropout_masks(5).permutation(10).tolist()
+
+
+@pytest.mark.parametrize("init, limit, spread", [("uniform", 0.1, 0.1 / np.sqrt(3)), ("normal", 0.01, 0.01)])
+def test_uniform_and_normal_initialisations_use_their_scale(init, limit, spread):
+    params = model.initial_params((784, 100, 10), init, 3, "float64")
+    assert params.w1.std() == pytest.approx(spread, rel=0.02)
+    if init == "uniform":
+        assert -limit <= params.w1.min() and params.w1.max() < limit
+    scaled = model.initial_params((784, 100, 10), init, 3, "float64", uniform_limit=0.5, normal_std=0.5)
+    assert scaled.w1.std() == pytest.approx(spread / limit * 0.5, rel=0.02)
 
 
 def test_fused_first_layer_is_gradient_then_step_then_product():
@@ -81,5 +121,13 @@ def test_legacy_initialisation_is_the_seed_notebooks():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_bce_cost_stays_finite_when_outputs_round_to_0_or_1(dtype):
     outputs, target = np.array([[1.0, 0.0], [0.0, 1.0]], dtype), np.array([[1.0, 0.0], [1.0, 0.0]], dtype)
-    cost, error = model.output_error(outputs, target, "bce", 2)
+    cost, error = model.output_error(outputs, target, "bce", "sigmoid", 2)
     assert np.isfinite(cost) and cost > 0 and np.isfinite(error).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_softmax_and_its_cross_entropy_stay_finite_for_large_sums(dtype):
+    outputs = model.activate(np.array([[1000.0, 0.0, -1000.0]], dtype), np.zeros(3, dtype), "softmax")
+    assert np.isfinite(outputs).all() and outputs.sum() == pytest.approx(1)
+    cost, error = model.output_error(outputs, np.array([[0.0, 0.0, 1.0]], dtype), "ce", "softmax", 1)
+    assert np.isfinite(cost) and cost > 10 and np.isfinite(error).all()
