@@ -34,7 +34,7 @@ def documented_commands() -> dict:
     """preset -> the arguments after `coordinator train` of the README's first command line with that preset."""
     commands = {}
     for line in re.findall(r"^coordinator train ([^#\n]*)", README.read_text(), re.MULTILINE):
-        preset = re.search(r"--preset (\w+)", line)
+        preset = re.search(r"--preset ([\w-]+)", line)
         commands.setdefault(preset[1] if preset else "default", line.split())
     return commands
 
