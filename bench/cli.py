@@ -54,7 +54,7 @@ def main(
     rekey: Annotated[
         str, _option("REKEY", "How long the cluster's workers keep their first-layer rows, comma-separated: "
                      "every-step, every-epoch, or a number of steps (see `coordinator train --rekey`).")
-    ] = "every-step",
+    ] = TrainingConfig.rekey,
     floor_threads: Annotated[
         int | None, _option("FLOOR_THREADS", "BLAS threads of the floor (default: the library's own choice).", min=1)
     ] = None,

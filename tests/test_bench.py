@@ -25,7 +25,7 @@ def test_bench_writes_json_for_floor_cluster_and_transport(tmp_path):
     out = tmp_path / "results.json"
     done = run_cli("bench", "--workers", "2", "--batch-sizes", "64", "--epochs", "1", "--repeats", "1",
                    "--train-limit", "640", "--second-layer", "workers,coordinator", "--verify", "off,all", "--profile",
-                   "--out", out)
+                   "--rekey", "every-step", "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
     placements = [(r["mode"], r["second_layer"], r["verify"], r["workers"]) for r in rows]

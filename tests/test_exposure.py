@@ -22,7 +22,8 @@ from worker.connection import CoordinatorLink
 from tests.conftest import LOOPBACK_ANY_PORT
 from worker.serve import serve
 
-CONFIG = TrainingConfig(epochs=2, batch_size=50, train_limit=300, test_limit=100, seed=3)
+# The rows travel every step here; the kept rows of --rekey have their own test below.
+CONFIG = TrainingConfig(epochs=2, batch_size=50, train_limit=300, test_limit=100, seed=3, rekey="every-step")
 WORKERS = 2
 
 
