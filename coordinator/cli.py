@@ -72,7 +72,7 @@ def train(
                                        "run's dtype), or for a float32 run float16 or bfloat16 (half the bytes).")] = None,
     rekey: Annotated[str | None, _option("REKEY", "How long workers keep their first-layer rows and step them "
                                          "themselves: every-step (the rows travel every step), every-epoch, or N "
-                                         "steps (default 100; see Kept rows in the README).")] = None,
+                                         "steps (default 50; see Kept rows in the README).")] = None,
     scale: Annotated[bool | None, _option("SCALE", "Scale pixels to [0, 1] (--no-scale keeps 0-255).")] = None,
     data: Annotated[Path | None, _option("DATA", "Folder of MNIST-format IDX files (default: embedded MNIST).")] = None,
     train_limit: Annotated[int | None, _option("TRAIN_LIMIT", "Use only the first N training images.")] = None,

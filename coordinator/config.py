@@ -29,7 +29,7 @@ class TrainingConfig:
     dropout: float = 0.0  # the probability that a hidden unit is dropped in a training step
     dtype: str = "float32"
     wire: str = "exact"  # how errors and partial products cross the network (model.WIRE_FORMATS)
-    rekey: str = "100"  # how long workers keep their first-layer rows: every-step, every-epoch or N steps (see README)
+    rekey: str = "50"  # how long workers keep their first-layer rows: every-step, every-epoch or N steps (see README)
     init: str = "scaled"
     uniform_limit: float = model.UNIFORM_LIMIT  # init "uniform" draws weights in [-limit, limit)
     normal_std: float = model.NORMAL_STD  # init "normal" draws them with this standard deviation
