@@ -31,7 +31,8 @@ SPAWNED = ("--spawn", "2", "--bind", LOOPBACK_ANY_PORT)
 def _chain_of_three(folder: Path) -> None:
     prev = None
     for number in (1, 2, 3):
-        params = Params(*(np.full(shape, number, np.float64) for shape in ((4, 3), (3,), (3, 2), (2,))))
+        params = Params([np.full(shape, number, np.float64) for shape in ((4, 3), (3, 2))],
+                        [np.full(shape, number, np.float64) for shape in ((3,), (2,))])
         state = Checkpoint(params, Progress(1, number), [], {}, None, steps=number, number=number)
         prev = checkpoint.save(folder, state, prev)
 
@@ -93,12 +94,13 @@ def test_a_half_written_checkpoint_is_not_a_link(tmp_path):
 
 
 def test_a_resumed_plan_numbers_its_slots_from_zero_in_the_same_order():
-    plan = ExposurePlan(np.array([2, 1, 2, 1, 4]), np.array([4, 1, 2]))
+    plan = ExposurePlan(np.array([2, 1, 2, 1, 4]), (np.array([4, 1, 2]), np.array([1, 2, 4, 4])))
     renumbered = plan.renumbered()
     assert renumbered.slots == [0, 1, 2]
     for old, new in zip(plan.slots, renumbered.slots):
         assert np.array_equal(plan.columns(old), renumbered.columns(new))
-        assert np.array_equal(plan.units(old), renumbered.units(new))
+        for layer in (2, 3):
+            assert np.array_equal(plan.units(old, layer), renumbered.units(new, layer))
 
 
 class Crash(Exception):

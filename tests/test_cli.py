@@ -72,8 +72,8 @@ def test_each_preset_runs_as_documented(train_run, preset):
     assert "epoch " in done.stdout
     if preset == "xor":
         assert done.stdout.count("epoch ") == 10  # every 500th of 5000 epochs
-        p = model.Params(**load_model(run_dir))
-        outputs = model.activate(model.activate(XOR.train_images @ p.w1, p.b1, "sigmoid") @ p.w2, p.b2, "sigmoid")[:, 0]
+        w1, b1, w2, b2 = load_model(run_dir).values()
+        outputs = model.activate(model.activate(XOR.train_images @ w1, b1, "sigmoid") @ w2, b2, "sigmoid")[:, 0]
         assert ((outputs > 0.5) == XOR.train_labels).all(), outputs
 
 

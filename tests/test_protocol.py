@@ -10,7 +10,7 @@ import pytest
 from common import protocol
 from common.protocol import (
     Deregister, Failure, FirstLayer, Heartbeat, KeptFirstLayer, ProtocolError, Register, RegisterAgain, Reject, Result,
-    ReturnRows, SecondBackward, SecondForward, Shard, Stop, Welcome,
+    ReturnRows, LaterBackward, LaterForward, Shard, Stop, Welcome,
 )
 
 ARRAY = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -25,8 +25,8 @@ EVERY_KIND = [
     KeptFirstLayer(9, ARRAY, "train", np.arange(3, dtype=np.int32), np.arange(3, dtype=np.int32), ARRAY, 0.5),
     KeptFirstLayer(10, None, "test", np.arange(3, dtype=np.int32), None, None, 0.0),
     ReturnRows(11),
-    SecondForward(4, ARRAY, ARRAY.T.copy()),
-    SecondBackward(5, ARRAY),
+    LaterForward(4, 2, ARRAY, ARRAY.T.copy()),
+    LaterBackward(5, 3, ARRAY),
     Result(6, {"partial": ARRAY, "gradient": ARRAY.astype(np.float64)}),
     Failure(7, "bad rows"),
     Stop("done"),

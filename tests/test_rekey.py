@@ -80,7 +80,7 @@ def _period(dtype: str, steps: int) -> tuple:
 def _plan():
     from common.exposure import ExposurePlan
 
-    return ExposurePlan(np.zeros(30, np.int64), np.zeros(20, np.int64))
+    return ExposurePlan(np.zeros(30, np.int64), (np.zeros(20, np.int64),))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from common import model
-from common.protocol import FirstLayer, SecondBackward, SecondForward, Shard
+from common.protocol import FirstLayer, LaterBackward, LaterForward, Shard
 from coordinator.verify import Verifier
 from tests.cluster_harness import Harness
 from tests.conftest import load_model, max_difference
@@ -27,8 +27,8 @@ def _requests(dtype: str) -> list:
     rows, error_rows = RNG.integers(0, 50, 16).astype(np.int32), RNG.integers(0, 50, 16).astype(np.int32)
     weights = (RNG.standard_normal((30, 20)) / 5).astype(dtype)
     error = (RNG.standard_normal((16, 20)) / 100).astype(dtype)
-    forward = SecondForward(2, RNG.random((16, 6)).astype(dtype), RNG.standard_normal((6, 10)).astype(dtype))
-    backward = SecondBackward(3, (RNG.standard_normal((16, 10)) / 50).astype(dtype))
+    forward = LaterForward(2, 2, RNG.random((16, 6)).astype(dtype), RNG.standard_normal((6, 10)).astype(dtype))
+    backward = LaterBackward(3, 2, (RNG.standard_normal((16, 10)) / 50).astype(dtype))
     return [FirstLayer(1, weights, "train", rows, error_rows, error, 3.0), forward, backward]
 
 
@@ -45,7 +45,7 @@ def test_honest_products_always_pass(dtype):
         state = WorkerState(dtype, 255.0)
         forward = None
         for request, products in _answers(state, dtype):
-            forward = request if isinstance(request, SecondForward) else forward
+            forward = request if isinstance(request, LaterForward) else forward
             assert verifier.check(request, products, np.arange(30), forward) is None
 
 
@@ -54,7 +54,7 @@ def test_honest_products_always_pass(dtype):
 def test_every_wrong_answer_fails(dtype, mode):
     verifier, forward = _verifier(dtype), None
     for request, products in _answers(FaultyWorkerState(dtype, 255.0, "exact", mode), dtype):
-        forward = request if isinstance(request, SecondForward) else forward
+        forward = request if isinstance(request, LaterForward) else forward
         assert verifier.check(request, products, np.arange(30), forward) is not None, type(request).__name__
 
 
