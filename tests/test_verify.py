@@ -23,7 +23,7 @@ def _verifier(dtype: str) -> Verifier:
 
 
 def _requests(dtype: str) -> list:
-    """A fused first-layer request, a second-layer forward and its backward, with realistic magnitudes."""
+    """A fused first-layer request, a later layer's forward and its backward, with realistic magnitudes."""
     rows, error_rows = RNG.integers(0, 50, 16).astype(np.int32), RNG.integers(0, 50, 16).astype(np.int32)
     weights = (RNG.standard_normal((30, 20)) / 5).astype(dtype)
     error = (RNG.standard_normal((16, 20)) / 100).astype(dtype)
