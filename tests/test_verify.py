@@ -8,7 +8,7 @@ import pytest
 from common import model
 from common.protocol import FirstLayer, LaterBackward, LaterForward, Shard
 from coordinator.verify import Verifier
-from tests.cluster_harness import Harness
+from tests.cluster_harness import Harness, one_process_model
 from tests.conftest import load_model, max_difference
 from worker.compute import WorkerState
 from worker.faults import FAULTS, FaultyWorkerState
@@ -140,6 +140,26 @@ def test_verify_off_lets_a_liar_silently_spoil_the_model(tmp_path, honest):
         assert difference > 1e-5  # far beyond the 1e-6 within which every honest run stays
     finally:
         harness.close()
+
+
+@pytest.mark.slow
+def test_every_later_layer_is_checked_against_its_own_forward(tmp_path):
+    """Two hidden layers, every answer checked: each backward of layer 3 and of layer 2 against the operands the
+    worker kept from that layer's own forward (another layer's would not even fit), so honest workers stand."""
+    deep = (*RUN, "--hidden", "24,16", "--activation", "relu", "--output", "softmax", "--loss", "ce")
+    harness = Harness(tmp_path)
+    try:
+        harness.start_coordinator("--workers", 3, "--verify", "all", *deep)
+        for name in "ABC":
+            harness.start_worker(name)
+        assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
+        assert not _quarantined(harness)
+        distributed = load_model(harness.run_dir)
+    finally:
+        harness.close()
+    (tmp_path / "local").mkdir()
+    local = one_process_model(tmp_path / "local", *deep)
+    assert list(local) == ["w1", "b1", "w2", "b2", "w3", "b3"] and max_difference(distributed, local) < 1e-9
 
 
 @pytest.mark.slow
