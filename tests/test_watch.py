@@ -184,7 +184,7 @@ def test_exposure_map_shows_pixels_that_changed_hands(tmp_path):
     from common.exposure import ExposurePlan
     from coordinator.report import final_owners, write_report
 
-    plan = ExposurePlan.random(784, (128,), 3, seed=1)
+    plan = ExposurePlan.random(784, (128, 64), 3, seed=1)  # a deep run: the map is of pixels all the same
     plan.save(tmp_path / "exposure.npz", permutation_seed=5)
     (tmp_path / "history.jsonl").write_text(json.dumps(
         {"epoch": 1, "cost": 0.5, "train_accuracy": 0.5, "test_accuracy": 0.6, "seconds": 1.0}) + "\n")
