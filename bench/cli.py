@@ -38,7 +38,9 @@ def main(
     batch_sizes: Annotated[str, _option("BATCH_SIZES", "Batch sizes to run, comma-separated.")] = "32,128,1024",
     epochs: Annotated[int, _option("EPOCHS", "Timed epochs per repeat.", min=1)] = 1,
     repeats: Annotated[int, _option("REPEATS", "Repeats per configuration; the median counts.", min=1)] = 3,
-    hidden: Annotated[str, _option("HIDDEN", "Units of each hidden layer, comma-separated (as `coordinator train`).")] = "128",
+    hidden: Annotated[
+        str, _option("HIDDEN", "Units of each hidden layer, comma-separated (as `coordinator train`).")
+    ] = "128",
     dtype: Annotated[str, _option("DTYPE", "float32 or float64.")] = "float32",
     train_limit: Annotated[int | None, _option("TRAIN_LIMIT", "Use only the first N training images.", min=1)] = None,
     later_layers: Annotated[

@@ -147,7 +147,7 @@ class LaterBackward:
 
     request: int
     layer: int  # a layer of an earlier LaterForward
-    error: np.ndarray  # (B, n) the layer's output error, columns permuted like its last LaterForward's weights; on the wire
+    error: np.ndarray  # (B, n) the layer's error, columns permuted like its last LaterForward's weights; on the wire
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,8 @@ def train(
     ] = None,
     later_layers: Annotated[
         LaterLayers, _option("LATER_LAYERS", "Who computes the products of the layers after the first: workers, or "
-                             "the coordinator (one round per step instead of 1 + 2 per later layer; see Speed in the README).")
+                             "the coordinator (one round per step instead of 1 + 2 per later layer; see Speed in the "
+                             "README).")
     ] = LaterLayers.workers,
     report_every: Annotated[int | None, _option("REPORT_EVERY", "Print every N epochs.")] = None,
     checkpoint_epochs: Annotated[int | None, _option("CHECKPOINT_EPOCHS", "Checkpoint after every N epochs.")] = None,

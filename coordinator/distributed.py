@@ -63,7 +63,7 @@ class ClusterProducts:
         self.later_operands = {}  # layer -> (activations, weights) of its last forward
         self.later_permutations = {}  # layer -> the output permutation of its last LaterForward round
         self.last_later_forward = {}  # (slot, layer) -> its last LaterForward request, the operands it keeps
-        self.awaiting_backward = set()  # later layers whose forward came and whose backward has not: workers keep theirs
+        self.awaiting_backward = set()  # later layers past their forward, not yet their backward: workers keep theirs
         self.next_slot = max(plan.slots) + 1
         self.holding = {}  # peer -> the slot whose current columns it holds in full
         self.transfers = {}  # peer -> its ShardTransfer under way

@@ -95,7 +95,8 @@ class RunDirectory:
         plan.save(self.path / "exposure.npz", permutation_seed)
 
     def append_exposure(self, epoch: int, step: int, slot: int, worker: str, plan: ExposurePlan, reason: str) -> None:
-        """Record that a worker holds a slot's columns and units (a list per hidden layer) from this point of the run on."""
+        """Record that a worker holds a slot's columns and units (a list per hidden layer) from this point of the run
+        on."""
         record = {
             "epoch": epoch, "step": step, "slot": slot, "worker": worker, "reason": reason,
             "columns": plan.columns(slot).tolist(),

@@ -116,7 +116,8 @@ def test_workers_lost_in_later_layers_rounds_of_a_deep_run(harness, tmp_path_fac
     undisturbed = one_process_model(tmp_path_factory.mktemp("deep-local"), *DEEP_RUN)
     harness.start_coordinator("--workers", 3, *DEEP_RUN)
     faults = {"B": "exit-at-request:44", "C": "exit-at-request:76"}
-    workers = {name: harness.start_worker(name, *(("--fault", faults[name]) if name in faults else ())) for name in "ABC"}
+    workers = {name: harness.start_worker(name, *(("--fault", faults[name]) if name in faults else ()))
+               for name in "ABC"}
     assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
     for name in faults:
         assert workers[name].wait(10) == EXIT_CODE, f"the fault of {name} never fired"

@@ -67,9 +67,9 @@ class Session:
         self.inputs = {}  # split -> (n, k) inputs
         self.kept = None  # (k, H) first-layer rows kept between re-keys
         self.later = {}  # layer -> (activations (B, j), weights (j, n)) of its last later_forward
-        self.handlers = {"shard": self.shard, "first_layer": self.first_layer, "kept_first_layer": self.kept_first_layer,
-                         "return_rows": self.return_rows, "later_forward": self.later_forward,
-                         "later_backward": self.later_backward}
+        self.handlers = {"shard": self.shard, "first_layer": self.first_layer,
+                         "kept_first_layer": self.kept_first_layer, "return_rows": self.return_rows,
+                         "later_forward": self.later_forward, "later_backward": self.later_backward}
 
     def answer(self, request: dict) -> dict:
         """The result of a numbered request, or a failure saying why it cannot be carried out."""
