@@ -93,16 +93,19 @@ def test_a_cluster_session_keeps_its_workers_through_a_long_wait_between_epochs(
 
 @pytest.mark.parametrize("batch, sizes, workers, itemsize", [
     (128, (784, 128, 10), 7, 4), (1000, (784, 128, 10), 7, 8), (17, (784, 100, 10), 3, 4), (1, (13, 5, 3), 7, 4),
+    (128, (784, 256, 128, 10), 7, 4), (32, (784, 64, 32, 16, 10), 2, 8),
 ])
 @pytest.mark.parametrize("later_layers_here", [False, True])
 def test_rounds_add_up_to_the_minimum_step(batch, sizes, workers, itemsize, later_layers_here):
-    inputs, hidden, outputs = sizes
+    inputs, hidden = sizes[:2]
     formula = 2 * inputs * hidden + 2 * workers * batch * hidden  # the docstring's, term by term
+    later_layers = list(zip(sizes[1:-1], sizes[2:]))  # (units of its input, its outputs) of each later layer
     if not later_layers_here:
-        formula += 2 * batch * hidden + 2 * hidden * outputs + 2 * workers * batch * outputs
+        formula += sum(2 * batch * units + 2 * units * outputs + 2 * workers * batch * outputs
+                       for units, outputs in later_layers)
     formula = formula * itemsize + ROW_NUMBER_BYTES * workers * batch
     rounds = round_bytes(batch, sizes, workers, itemsize, later_layers_here)
-    assert len(rounds) == (1 if later_layers_here else 3)
+    assert len(rounds) == (1 if later_layers_here else 1 + 2 * len(later_layers))
     assert round(workers * sum(request + reply for request, reply in rounds)) == formula
     assert minimum_step_bytes(batch, sizes, workers, itemsize, later_layers_here) == formula
 
