@@ -9,7 +9,7 @@ import typer
 
 from bench.compare import MIB, accuracy_rows, speed_rows
 from common.data import DataError
-from coordinator.config import TrainingConfig
+from coordinator.config import TrainingConfig, hidden_layers
 from common.phases import COORDINATOR_PHASES, WORKER_PHASES
 from coordinator.verify import VERIFY_MODES
 
@@ -38,11 +38,14 @@ def main(
     batch_sizes: Annotated[str, _option("BATCH_SIZES", "Batch sizes to run, comma-separated.")] = "32,128,1024",
     epochs: Annotated[int, _option("EPOCHS", "Timed epochs per repeat.", min=1)] = 1,
     repeats: Annotated[int, _option("REPEATS", "Repeats per configuration; the median counts.", min=1)] = 3,
-    hidden: Annotated[int, _option("HIDDEN", "Hidden units.", min=1)] = 128,
+    hidden: Annotated[
+        str, _option("HIDDEN", "Units of each hidden layer, comma-separated (as `coordinator train`).")
+    ] = "128",
     dtype: Annotated[str, _option("DTYPE", "float32 or float64.")] = "float32",
     train_limit: Annotated[int | None, _option("TRAIN_LIMIT", "Use only the first N training images.", min=1)] = None,
-    second_layer: Annotated[
-        str, _option("SECOND_LAYER", "Who computes the cluster's second layer, comma-separated: workers, coordinator.")
+    later_layers: Annotated[
+        str, _option("LATER_LAYERS", "Who computes the cluster's layers after the first, comma-separated: workers, "
+                     "coordinator.")
     ] = "workers",
     verify: Annotated[
         str, _option("VERIFY", "The cluster's Freivalds checks, comma-separated: off, sample, all.")
@@ -75,9 +78,9 @@ def main(
     """Run the floor (one process, plain numpy), the cluster and its bare transport side by side; write JSON, print
     Markdown."""
     worker_counts, sizes_of_batches = _numbers(workers), _numbers(batch_sizes)
-    placements = second_layer.split(",")
+    placements = later_layers.split(",")
     if not set(placements) <= {"workers", "coordinator"}:
-        raise typer.BadParameter(f"second layer {second_layer!r}: choose workers, coordinator or both")
+        raise typer.BadParameter(f"later layers {later_layers!r}: choose workers, coordinator or both")
     modes = verify.split(",")
     if not set(modes) <= set(VERIFY_MODES):
         raise typer.BadParameter(f"verify {verify!r}: choose from {', '.join(VERIFY_MODES)}")
@@ -92,7 +95,7 @@ def main(
         (count, placement == "coordinator", mode, link, interval)
         for placement in placements for mode in modes for link in links for interval in rekeys for count in worker_counts
     ]
-    base = TrainingConfig(hidden=hidden, dtype=dtype, train_limit=train_limit, test_limit=0)
+    base = TrainingConfig(hidden=hidden_layers(hidden), dtype=dtype, train_limit=train_limit, test_limit=0)
     problems = base.problems()
     if problems:
         raise typer.BadParameter("; ".join(problems))
@@ -114,22 +117,22 @@ def main(
     if profile:
         typer.echo("\n" + profile_markdown(results))
         fits = coordinator_fits(results)
-        for (batch_size, second_layer, interval), (fixed, per_worker) in fits.items():
-            typer.echo(f"coordinator busy ms/step, batch {batch_size}, second layer on {second_layer}, rekey {interval}: "
+        for (batch_size, later_layers, interval), (fixed, per_worker) in fits.items():
+            typer.echo(f"coordinator busy ms/step, batch {batch_size}, later layers on {later_layers}, rekey {interval}: "
                        f"{fixed:.2f} + {per_worker:.3f} * workers")
 
 
 def markdown(results: list) -> str:
     """The results as Markdown tables: speed, then time to accuracy if measured."""
     lines = [
-        "| mode | second layer | verify | link | rekey | workers | batch | s/epoch | x floor | rounds/step | MB/epoch "
+        "| mode | later layers | verify | link | rekey | workers | batch | s/epoch | x floor | rounds/step | MB/epoch "
         "| min MB/epoch | x min | coordinator MB | worker MB |",
         "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in (r for r in results if r["measure"] == "epoch"):
         over_minimum = row["bytes_per_epoch"] / row["min_bytes_per_epoch"] if row["min_bytes_per_epoch"] else None
         lines.append("| " + " | ".join([
-            row["mode"], row["second_layer"], row["verify"], row["spawn_transport"], row["rekey"], str(row["workers"]),
+            row["mode"], row["later_layers"], row["verify"], row["spawn_transport"], row["rekey"], str(row["workers"]),
             str(row["batch_size"]), f"{row['epoch_seconds']:.2f}",
             f"{row['ratio_to_floor']:.2f}", f"{row['rounds_per_step']:g}", f"{row['bytes_per_epoch'] / MIB:.1f}",
             f"{row['min_bytes_per_epoch'] / MIB:.1f}", _shown(over_minimum, ".3f"),
@@ -148,12 +151,12 @@ def markdown(results: list) -> str:
 def profile_markdown(results: list) -> str:
     """Milliseconds per step in each phase, for every cluster row: the coordinator's, then its workers' summed."""
     rows = [r for r in results if r["measure"] == "epoch" and r.get("coordinator_ms_per_step")]
-    header = ["workers", "batch", "second layer", "link", "rekey", "ms/step"]
+    header = ["workers", "batch", "later layers", "link", "rekey", "ms/step"]
     header += [f"coordinator {phase}" for phase in COORDINATOR_PHASES] + [f"workers {phase}" for phase in WORKER_PHASES]
     lines = ["| " + " | ".join(header) + " |", "|---:|---:|---|---|---|" + "---:|" * (len(header) - 5)]
     for row in rows:
         steps_ms = row["epoch_seconds"] * 1000 / row["steps"]
-        cells = [str(row["workers"]), str(row["batch_size"]), row["second_layer"], row["spawn_transport"], row["rekey"],
+        cells = [str(row["workers"]), str(row["batch_size"]), row["later_layers"], row["spawn_transport"], row["rekey"],
                  f"{steps_ms:.2f}"]
         cells += [f"{row['coordinator_ms_per_step'][phase]:.2f}" for phase in COORDINATOR_PHASES]
         cells += [f"{row['worker_ms_per_step'][phase]:.2f}" for phase in WORKER_PHASES]
@@ -167,12 +170,12 @@ def coordinator_busy_ms(row: dict) -> float:
 
 
 def coordinator_fits(results: list) -> dict:
-    """(batch, second layer, rekey) -> (a, b) of the least-squares line a + b N through the coordinator's busy ms per step
+    """(batch, later layers, rekey) -> (a, b) of the least-squares line a + b N through the coordinator's busy ms per step
     against N workers, where at least two worker counts were measured."""
     groups = {}
     for row in results:
         if row["measure"] == "epoch" and row.get("coordinator_ms_per_step"):
-            groups.setdefault((row["batch_size"], row["second_layer"], row["rekey"]), []).append(row)
+            groups.setdefault((row["batch_size"], row["later_layers"], row["rekey"]), []).append(row)
     fits = {}
     for key, rows in groups.items():
         if len({row["workers"] for row in rows}) >= 2:

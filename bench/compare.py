@@ -13,27 +13,27 @@ MIB = 1024 * 1024
 
 def speed_rows(config: TrainingConfig, clusters: list, repeats: int, epochs: int, rows: int, sizes: tuple,
                floor_threads: int | None, transport: bool) -> list:
-    """One local row and one row per (workers, second layer here, verify mode, spawn transport, rekey) in `clusters`,
-    for the batch size in `config`; with `transport`, after the first cluster row of each (workers, second layer here,
+    """One local row and one row per (workers, later layers here, verify mode, spawn transport, rekey) in `clusters`,
+    for the batch size in `config`; with `transport`, after the first cluster row of each (workers, later layers here,
     rows kept or not) its bare transport row (the same messages through echo workers, see bench.echo)."""
     floor = training_session(config, 0, blas_threads=floor_threads)
     itemsize, steps = np.dtype(config.dtype).itemsize, len(epoch_batches(rows, config.batch_size))
     floor_seconds, measured_rows, echoed = [], [], set()
-    for workers, second_layer_here, verify, spawn_transport, rekey in clusters:
+    for workers, later_layers_here, verify, spawn_transport, rekey in clusters:
         cluster_config = config.with_overrides(rekey=rekey)
         rows_travel = cluster_config.rekey_steps == 1
-        sessions = {"cluster": training_session(cluster_config, workers, second_layer_here, verify=verify,
+        sessions = {"cluster": training_session(cluster_config, workers, later_layers_here, verify=verify,
                                                 spawn_transport=spawn_transport)}
-        if transport and (workers, second_layer_here, rows_travel) not in echoed:
-            echoed.add((workers, second_layer_here, rows_travel))
+        if transport and (workers, later_layers_here, rows_travel) not in echoed:
+            echoed.add((workers, later_layers_here, rows_travel))
             sessions["transport"] = transport_session(rows, config.batch_size, sizes, workers, itemsize,
-                                                      second_layer_here, rows_travel)
+                                                      later_layers_here, rows_travel)
         turns = [  # the floor, then each session: load changes hit every side of a ratio alike
             (_measured(floor, epochs).seconds, {mode: _measured(session, epochs) for mode, session in sessions.items()})
             for _ in range(repeats)
         ]
         floor_seconds += [floor_time for floor_time, _ in turns]
-        minimum = minimum_epoch_bytes(rows, config.batch_size, sizes, workers, itemsize, second_layer_here,
+        minimum = minimum_epoch_bytes(rows, config.batch_size, sizes, workers, itemsize, later_layers_here,
                                       cluster_config.rekey_steps)
         for mode, session in sessions.items():
             pairs = [(floor_time, measures[mode]) for floor_time, measures in turns]
@@ -41,10 +41,10 @@ def speed_rows(config: TrainingConfig, clusters: list, repeats: int, epochs: int
             measured_rows.append({"batch_size": config.batch_size, "workers": workers,
                                   "verify": verify if mode == "cluster" else "-", "rekey": rekey,
                                   "spawn_transport": spawn_transport if mode == "cluster" else "tcp",
-                                  "second_layer": "coordinator" if second_layer_here else "workers", **row})
+                                  "later_layers": "coordinator" if later_layers_here else "workers", **row})
     memory = floor.finish()
     local_row = {
-        "measure": "epoch", "mode": "local", "workers": 0, "batch_size": config.batch_size, "second_layer": "local",
+        "measure": "epoch", "mode": "local", "workers": 0, "batch_size": config.batch_size, "later_layers": "local",
         "verify": "-", "spawn_transport": "-", "rekey": "-",
         "floor_blas_threads": floor_threads,
         "epoch_seconds": statistics.median(floor_seconds), "ratio_to_floor": 1.0, "rounds_per_step": 0.0,

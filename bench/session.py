@@ -81,20 +81,20 @@ class Session:
 
 
 def training_session(
-    config: TrainingConfig, workers: int, second_layer_here: bool = False, blas_threads=None, verify: str = "sample",
+    config: TrainingConfig, workers: int, later_layers_here: bool = False, blas_threads=None, verify: str = "sample",
     spawn_transport: str = "ipc",
 ) -> Session:
     """A trainer: local when `workers` is 0, else a cluster of that many spawned workers, reached over a Unix
     socket as `coordinator train --spawn` does (`spawn_transport` "ipc"), or over TCP loopback ("tcp")."""
     label = f"{workers} workers" if workers else "local"
-    return Session(label, _trained_epochs, (config, workers, second_layer_here, verify, spawn_transport), blas_threads)
+    return Session(label, _trained_epochs, (config, workers, later_layers_here, verify, spawn_transport), blas_threads)
 
 
 def transport_session(rows: int, batch_size: int, sizes: tuple, workers: int, itemsize: int,
-                      second_layer_here: bool, rows_travel: bool = True) -> Session:
+                      later_layers_here: bool, rows_travel: bool = True) -> Session:
     """Only the messages a cluster's epoch's steps move, with their sizes, through echo workers (see bench.echo);
     with `rows_travel` False, those of kept rows between re-keys."""
-    arguments = (rows, batch_size, sizes, workers, itemsize, second_layer_here, rows_travel)
+    arguments = (rows, batch_size, sizes, workers, itemsize, later_layers_here, rows_travel)
     return Session(f"transport, {workers} workers", _echoed_epochs, arguments)
 
 
@@ -131,7 +131,7 @@ def _next_command(connection, wait: Callable) -> str:
 
 
 @contextmanager
-def _trained_epochs(config: TrainingConfig, workers: int, second_layer_here: bool, verify: str, spawn_transport: str):
+def _trained_epochs(config: TrainingConfig, workers: int, later_layers_here: bool, verify: str, spawn_transport: str):
     data = config.load_data()
     sizes = config.layer_sizes(data)
     params = model.initial_params(sizes, config.init, config.seed, config.dtype)
@@ -140,7 +140,7 @@ def _trained_epochs(config: TrainingConfig, workers: int, second_layer_here: boo
         if workers:
             endpoint = LOOPBACK_ANY_PORT if spawn_transport == "tcp" else spawn_endpoint(Path(scratch))
             options = ClusterOptions(
-                endpoint, workers, True, REGISTER_TIMEOUT, second_layer_here=second_layer_here, verify=verify
+                endpoint, workers, True, REGISTER_TIMEOUT, later_layers_here=later_layers_here, verify=verify
             )
         os.environ[phases.PHASES_DIR_VARIABLE] = scratch  # read by the workers spawned below
         with run.products_backend(config, data, options, RunDirectory(Path(scratch))) as products:
@@ -177,12 +177,12 @@ def _timed_epoch(trainer: Trainer, cluster, phases_dir: Path) -> EpochMeasure:
 
 
 @contextmanager
-def _echoed_epochs(rows: int, batch_size: int, sizes: tuple, workers: int, itemsize: int, second_layer_here: bool,
+def _echoed_epochs(rows: int, batch_size: int, sizes: tuple, workers: int, itemsize: int, later_layers_here: bool,
                    rows_travel: bool):
     batches = epoch_batches(rows, batch_size)
     steps = {  # batch size -> its step's rounds of request frames, made before any timing
         batch: [echo.requests(request, reply, workers)
-                for request, reply in round_bytes(batch, sizes, workers, itemsize, second_layer_here, None, rows_travel)]
+                for request, reply in round_bytes(batch, sizes, workers, itemsize, later_layers_here, None, rows_travel)]
         for batch in set(batches)
     }
     epoch = [steps[batch] for batch in batches]

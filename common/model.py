@@ -1,11 +1,12 @@
 """The network's math as pure numpy functions: no I/O, shared by the local and the distributed trainer.
 
-Notation: B rows in a batch, I inputs (784), H hidden units (128), O outputs (10). A worker holds k of
-the I input columns and j of the H hidden units; the same functions serve it and the one-process run.
+Notation: B rows in a batch, I inputs (784), H hidden units (128) of a hidden layer, O outputs (10). Layer 1
+multiplies the inputs, each later layer (2, 3, ...) the units of the hidden layer before it. A worker holds
+k of the I input columns and j of each hidden layer's units; the same functions serve it and the one-process run.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -17,35 +18,43 @@ NORMAL_STD = 0.01  # and their normal ones have this standard deviation (the see
 
 @dataclass
 class Params:
-    """The weights and biases of the I-H-O network."""
+    """The weights and biases of the I-H1-...-Hn-O network, layer 1 first."""
 
-    w1: np.ndarray  # (I, H)
-    b1: np.ndarray  # (H,)
-    w2: np.ndarray  # (H, O)
-    b2: np.ndarray  # (O,)
+    weights: list  # [(I, H1), (H1, H2), ..., (Hn, O)]
+    biases: list  # [(H1,), (H2,), ..., (O,)]
+
+    @property
+    def layers(self) -> int:
+        return len(self.weights)
 
     def arrays(self) -> dict:
-        return {name: getattr(self, name) for name in PARAM_NAMES}
+        """The arrays by their names in model.npz and checkpoints: w1, b1, w2, b2, ..."""
+        return {f"{kind}{layer}": arrays[layer - 1] for layer in range(1, self.layers + 1)
+                for kind, arrays in (("w", self.weights), ("b", self.biases))}
 
     @classmethod
     def from_arrays(cls, arrays) -> "Params":
-        """From a mapping that holds every name of PARAM_NAMES, such as a loaded model.npz or checkpoint."""
-        return cls(*(arrays[name] for name in PARAM_NAMES))
+        """From a mapping that holds w1, b1, w2, b2 and any further layers in order, such as a loaded model.npz."""
+        layers = 2
+        while f"w{layers + 1}" in arrays:
+            layers += 1
+        return cls([arrays[f"w{layer}"] for layer in range(1, layers + 1)],
+                   [arrays[f"b{layer}"] for layer in range(1, layers + 1)])
 
-
-PARAM_NAMES = tuple(field.name for field in fields(Params))  # also the array names in model.npz and checkpoints
+    def copy(self) -> "Params":
+        return Params(list(self.weights), list(self.biases))
 
 
 def initial_params(
     sizes: tuple, init: str, seed: int, dtype: str, uniform_limit: float = UNIFORM_LIMIT, normal_std: float = NORMAL_STD
 ) -> Params:
-    """Fresh weights and zero biases: "scaled" is randn / sqrt(fan-in), "uniform" lies in [-limit, limit),
-    "normal" is randn * std, "legacy" the seed notebook's randn * 0.01 from numpy's global generator."""
-    inputs, hidden, outputs = sizes
+    """Fresh weights, drawn layer by layer from the first, and zero biases: "scaled" is randn / sqrt(fan-in),
+    "uniform" lies in [-limit, limit), "normal" is randn * std, "legacy" the seed notebook's randn * 0.01 from
+    numpy's global generator; `sizes` is (I, H1, ..., Hn, O)."""
+    shapes = list(zip(sizes[:-1], sizes[1:]))
     if init == "legacy":
         np.random.seed(seed)  # the seed notebook drew from numpy's global generator, in this order
-        w1 = np.random.randn(inputs, hidden) * 0.01
-        w2 = np.random.randn(hidden, outputs) * 0.01
+        weights = [np.random.randn(*shape) * 0.01 for shape in shapes]
     else:
         rng = np.random.default_rng(seed)
         draw = {
@@ -53,8 +62,8 @@ def initial_params(
             "uniform": lambda shape: rng.uniform(-uniform_limit, uniform_limit, shape),
             "normal": lambda shape: rng.standard_normal(shape) * normal_std,
         }[init]
-        w1, w2 = draw((inputs, hidden)), draw((hidden, outputs))
-    return Params(w1.astype(dtype), np.zeros(hidden, dtype), w2.astype(dtype), np.zeros(outputs, dtype))
+        weights = [draw(shape) for shape in shapes]
+    return Params([w.astype(dtype) for w in weights], [np.zeros(size, dtype) for size in sizes[1:]])
 
 
 def inputs(images: np.ndarray, dtype: str, divisor: float) -> np.ndarray:
@@ -176,8 +185,8 @@ def dropout_mask(masks: np.random.Generator, shape: tuple, rate: float, dtype) -
 
 
 def hidden_error(backpropagated: np.ndarray, activations: np.ndarray, mask: np.ndarray, function: str) -> np.ndarray:
-    """dLoss/dz1 from the error carried back through the second layer to the masked activations a1 * mask:
-    (B, H) * (B, H) -> (B, H); `activations` are a1 before the mask."""
+    """dLoss/dz of a hidden layer from the error carried back through the next layer to its masked activations
+    a * mask: (B, H) * (B, H) -> (B, H); `activations` are a before the mask."""
     return FUNCTIONS[function].backward(backpropagated * mask, activations)
 
 
@@ -209,14 +218,14 @@ def forward_product(layer_inputs: np.ndarray, weights: np.ndarray) -> np.ndarray
     return layer_inputs @ weights
 
 
-def second_forward(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The second layer's product: (B, j) @ (j, O) -> (B, O)."""
+def later_forward(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """A later layer's (partial) product from some of its input units: (B, j) @ (j, n) -> (B, n)."""
     return activations @ weights
 
 
-def second_backward(activations: np.ndarray, weights: np.ndarray, error: np.ndarray) -> tuple:
-    """The second layer's weight gradient (j, O) and the error carried back to its inputs (B, j)."""
-    return weight_gradient(activations, error), error @ weights.T  # (B, O) @ (O, j) -> (B, j)
+def later_backward(activations: np.ndarray, weights: np.ndarray, error: np.ndarray) -> tuple:
+    """A later layer's weight gradient (j, n) and the error carried back to its input units (B, j)."""
+    return weight_gradient(activations, error), error @ weights.T  # (B, n) @ (n, j) -> (B, j)
 
 
 # Errors and partial products may cross the network narrower than the run computes (`--wire`); weights and

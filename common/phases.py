@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 COORDINATOR_PHASES = ("math", "build", "encode", "send", "wait", "decode", "check", "unshuffle")
-"""The coordinator's: its own math (the step's element-wise work, and with `--second-layer coordinator` the
-second layer's products), building requests (shuffles and slicing), encoding and sending them, waiting for
+"""The coordinator's: its own math (the step's element-wise work, and with `--later-layers coordinator` the
+later layers' products), building requests (shuffles and slicing), encoding and sending them, waiting for
 frames, decoding, checking answers (the scheduler's and the Freivalds checks), un-shuffling and summing the
 partial products."""
 

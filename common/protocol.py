@@ -7,7 +7,7 @@ msgpack-numpy maps: {b"nd": True, b"type": "<f4", b"kind": b"", b"shape": [rows,
 
     worker -> coordinator   register, result, failure, deregister, heartbeat
     coordinator -> worker   welcome, reject, register_again, shard, first_layer, kept_first_layer,
-                            return_rows, second_forward, second_backward, stop, heartbeat
+                            return_rows, later_forward, later_backward, stop, heartbeat
 
 A session: the worker sends `register`; the coordinator answers `welcome` (or `reject`), sends the
 worker's columns of each split as `shard` chunks (once, and again whenever its columns change), then
@@ -131,20 +131,23 @@ class ReturnRows:
 
 
 @dataclass(frozen=True)
-class SecondForward:
-    """The worker's partial product of the second layer; it keeps both arrays for the backward pass."""
+class LaterForward:
+    """The worker's partial product of a later layer (2, 3, ...: any after the first, which multiplies the inputs);
+    it keeps both arrays, by layer, for that layer's backward pass."""
 
     request: int
-    activations: np.ndarray  # (B, j) hidden activations of the worker's hidden units
-    weights: np.ndarray  # (j, O) second-layer rows of those units, columns permuted
+    layer: int  # 2 .. 1 + the network's hidden layers, as w2, w3, ... in model.npz
+    activations: np.ndarray  # (B, j) activations of the worker's units of the layer's input, masked by dropout
+    weights: np.ndarray  # (j, n) the layer's rows of those units, columns permuted
 
 
 @dataclass(frozen=True)
-class SecondBackward:
-    """The worker's share of the second layer's weight gradient and back-propagated error."""
+class LaterBackward:
+    """The worker's share of a later layer's weight gradient and back-propagated error."""
 
     request: int
-    error: np.ndarray  # (B, O) output error, columns permuted like the last SecondForward's weights; on the wire
+    layer: int  # a layer of an earlier LaterForward
+    error: np.ndarray  # (B, n) the layer's error, columns permuted like its last LaterForward's weights; on the wire
 
 
 @dataclass(frozen=True)
@@ -194,8 +197,8 @@ MESSAGE_KINDS = {
     "first_layer": FirstLayer,
     "kept_first_layer": KeptFirstLayer,
     "return_rows": ReturnRows,
-    "second_forward": SecondForward,
-    "second_backward": SecondBackward,
+    "later_forward": LaterForward,
+    "later_backward": LaterBackward,
     "result": Result,
     "failure": Failure,
     "stop": Stop,

@@ -21,6 +21,9 @@ heartbeat timeout (4096 rows of 128 float32 would be 2 MiB each, 6 s on such a l
 MAX_HIDDEN_UNITS = 4096
 """Largest hidden layer (units) a run may have: it bounds every message and the coordinator's memory."""
 
+MAX_HIDDEN_LAYERS = 16
+"""Most hidden layers a run may have: it bounds the later layers' operands a worker keeps (one pair per layer)."""
+
 HEARTBEAT_INTERVAL = 0.5
 """Seconds between heartbeats from an idle side: six fit in the default timeout, so one late packet
 or a busy moment on a loaded machine is not mistaken for death."""

@@ -79,9 +79,7 @@ def save(folder: Path, checkpoint: Checkpoint, prev: str | None) -> str:
     """Write a checkpoint as link `checkpoint.number` after the one whose hash is `prev`; returns its hash."""
     folder.mkdir(exist_ok=True)
     arrays_path = folder / f"{checkpoint.number:06d}.npz"
-    plan = {} if checkpoint.plan is None else {
-        "column_owners": checkpoint.plan.column_owners, "unit_owners": checkpoint.plan.unit_owners
-    }
+    plan = {} if checkpoint.plan is None else checkpoint.plan.arrays()
     _write_atomically(arrays_path, lambda file: np.savez(file, **checkpoint.params.arrays(), **plan))
     progress = checkpoint.progress
     metadata = {
@@ -153,7 +151,7 @@ def latest(folder: Path) -> Checkpoint:
     try:
         with np.load(arrays_path, allow_pickle=False) as saved:
             params = Params.from_arrays(saved)
-            plan = ExposurePlan(saved["column_owners"], saved["unit_owners"]) if "column_owners" in saved else None
+            plan = ExposurePlan.from_arrays(saved) if "column_owners" in saved else None
     except (OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"cannot read {arrays_path}: {error}") from None
     progress = Progress(metadata["epoch"], metadata["epoch_step"], metadata["cost"], metadata["correct"])
@@ -196,7 +194,7 @@ class Checkpointer:
         trainer.settle()  # the pending first-layer gradient is applied now instead of with the next product
         products = trainer.products
         checkpoint = Checkpoint(
-            Params(**trainer.params.arrays()), dataclasses.replace(trainer.progress), list(self.history),
+            trainer.params.copy(), dataclasses.replace(trainer.progress), list(self.history),
             self.last.config, None if products.permutations is None else products.permutations.bit_generator.state,
             products.plan, trainer.steps_done, self.last.number + 1, masks=trainer.masks.bit_generator.state,
         )

@@ -11,7 +11,7 @@ from common import cli, model, settings
 from common.cli import tcp_port_checked
 from common.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError, UserError
 from coordinator.checkpoint import Interrupted
-from coordinator.config import PRESETS
+from coordinator.config import PRESETS, hidden_layers
 from coordinator.rundir import LOG_FILE, default_run_dir, discard_if_unstarted, logging_into
 from coordinator.verify import Verify
 
@@ -25,7 +25,7 @@ class Rebalance(str, enum.Enum):
     never = "never"
 
 
-class SecondLayer(str, enum.Enum):
+class LaterLayers(str, enum.Enum):
     workers = "workers"
     coordinator = "coordinator"
 
@@ -51,7 +51,9 @@ def train(
     lr: Annotated[float | None, _option("LR", "Learning rate.")] = None,
     seed: Annotated[int | None, _option(
         "SEED", "Seed of the initial weights, dropout masks, batch order and exposure plan.")] = None,
-    hidden: Annotated[int | None, _option("HIDDEN", "Hidden units.")] = None,
+    hidden: Annotated[str | None, _option(
+        "HIDDEN", "Units of each hidden layer, first layer first: 128 (784-128-10), or a comma list such as 256,128."
+    )] = None,
     activation: Annotated[str | None, _option("ACTIVATION", "Hidden units' function: sigmoid, relu or tanh.")] = None,
     output: Annotated[str | None, _option("OUTPUT", "Output layer's function: sigmoid, softmax or linear.")] = None,
     loss: Annotated[str | None, _option(
@@ -109,10 +111,11 @@ def train(
     curve_keys: Annotated[
         Path | None, _option("CURVE_KEYS", "A `coordinator keygen` folder: encrypt, and admit only its workers.")
     ] = None,
-    second_layer: Annotated[
-        SecondLayer, _option("SECOND_LAYER", "Who computes the second layer's products: workers, or the coordinator "
-                             "(one round per step instead of three; see Speed in the README).")
-    ] = SecondLayer.workers,
+    later_layers: Annotated[
+        LaterLayers, _option("LATER_LAYERS", "Who computes the products of the layers after the first: workers, or "
+                             "the coordinator (one round per step instead of 1 + 2 per later layer; see Speed in the "
+                             "README).")
+    ] = LaterLayers.workers,
     report_every: Annotated[int | None, _option("REPORT_EVERY", "Print every N epochs.")] = None,
     checkpoint_epochs: Annotated[int | None, _option("CHECKPOINT_EPOCHS", "Checkpoint after every N epochs.")] = None,
     checkpoint_every: Annotated[
@@ -139,7 +142,7 @@ def train(
     from coordinator.spawn import spawn_endpoint
 
     overrides = dict(
-        epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, hidden=hidden, activation=activation,
+        epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, hidden=None if hidden is None else hidden_layers(hidden), activation=activation,
         output=output, loss=loss, dropout=dropout, init=init, uniform_limit=uniform_limit, normal_std=normal_std,
         dtype=dtype, wire=wire, rekey=rekey, data=None if data is None else str(data), train_limit=train_limit,
         test_limit=test_limit,
@@ -154,7 +157,7 @@ def train(
         bind or (spawn_endpoint(run_dir) if spawn else OPEN_BIND), spawn or workers or PRESETS[preset].workers,
         spawn is not None, wait_timeout, heartbeat_timeout=heartbeat_timeout,
         rebalance=rebalance is Rebalance.epoch, verify=verify.value, verify_rate=verify_rate, replicas=replicas,
-        curve_keys=curve_keys, status_bind=status_bind, second_layer_here=second_layer is SecondLayer.coordinator,
+        curve_keys=curve_keys, status_bind=status_bind, later_layers_here=later_layers is LaterLayers.coordinator,
     )
     problems = config.problems() or (cluster.problems(config) if cluster else [])
     if problems:

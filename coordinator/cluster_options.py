@@ -18,7 +18,7 @@ from common.protocol import Welcome
 from coordinator.checkpoint import Checkpoint, Interrupted
 from coordinator.cluster import Cluster, ClusterError
 from coordinator.config import INPUT_COLUMNS, TrainingConfig
-from coordinator.distributed import ClusterProducts, LocalSecondLayerProducts
+from coordinator.distributed import ClusterProducts, LocalLaterLayersProducts
 from coordinator.rundir import RunDirectory
 from coordinator.scheduler import Scheduler
 from coordinator.spawn import LocalWorkers, local_address, spawn_workers
@@ -44,7 +44,7 @@ class ClusterOptions:
     replicas: int = 1  # workers computing each slot's products, compared with each other
     curve_keys: Path | None = None  # a `coordinator keygen` folder: encrypt, and admit only its workers
     status_bind: str | None = None  # where to serve the read-only status (see coordinator.status); None: nowhere
-    second_layer_here: bool = False  # the coordinator computes the second layer: one round per step, not three
+    later_layers_here: bool = False  # the coordinator computes the later layers: 1 round a step, not 1 + 2 per layer
 
     @property
     def slots(self) -> int:
@@ -56,8 +56,9 @@ class ClusterOptions:
             return [f"{self.workers} workers cannot form replicas of {self.replicas}"]
         if self.slots > config.most_slots():
             most = config.most_slots() * self.replicas
-            return [f"{self.workers} workers cannot share {INPUT_COLUMNS[config.dataset]} input columns and "
-                    f"{config.hidden} hidden units (each needs one of both); use at most {most} (--workers or --spawn)"]
+            hidden = ",".join(map(str, config.hidden))
+            return [f"{self.workers} workers cannot share {INPUT_COLUMNS[config.dataset]} input columns and {hidden} "
+                    f"hidden units (each needs one of every layer's); use at most {most} (--workers or --spawn)"]
         return []
 
     @contextmanager
@@ -88,8 +89,8 @@ class ClusterOptions:
         """(exposure plan, permutation seed, name -> slot held before a resume): fresh, or the checkpoint's."""
         permutation_seed = secrets.randbits(128)
         if start is None or start.plan is None:
-            inputs, hidden, _ = config.layer_sizes(data)
-            plan = ExposurePlan.random(inputs, hidden, self.slots, config.seed)
+            inputs, *hidden, _ = config.layer_sizes(data)
+            plan = ExposurePlan.random(inputs, tuple(hidden), self.slots, config.seed)
             records.save_exposure(plan, permutation_seed)
             return plan, permutation_seed, {}
         if len(start.plan.slots) != self.slots:
@@ -153,7 +154,7 @@ class ClusterOptions:
             self.verify, self.verify_rate, np.random.default_rng(secrets.randbits(128)),
             inputs_for(images, config.dtype, config.input_divisor), config.dtype, model.wire_roundoff(config.wire),
         )
-        kind = LocalSecondLayerProducts if self.second_layer_here else ClusterProducts
+        kind = LocalLaterLayersProducts if self.later_layers_here else ClusterProducts
         return kind(
             cluster, plan, images, permutation_seed, self.rebalance, verifier, config.wire,
             on_exposure=lambda *change: records.append_exposure(*watch.position(), *change),
@@ -163,6 +164,8 @@ class ClusterOptions:
 
 
 def _largest_reply_bytes(config: TrainingConfig, inputs: int) -> int:
-    """A first-layer result of every input column and a full chunk, with room for msgpack's maps."""
+    """A first-layer result of every input column and a full chunk, or a later layer's of every unit of its input and
+    a full chunk, whichever could be larger, with room for msgpack's maps."""
     itemsize = np.dtype(config.dtype).itemsize
-    return (inputs + config.chunk_rows) * config.hidden * itemsize + 65536
+    widest = max(config.hidden)
+    return (max(inputs, widest) + config.chunk_rows) * widest * itemsize + 65536

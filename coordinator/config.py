@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import model, settings
+from common.errors import InputError
 from common.data import XOR, Dataset, load_dataset
 
 INPUT_COLUMNS = {"mnist": 28 * 28, "xor": 2}  # an MNIST image's pixels; the XOR rows' two bits
@@ -22,7 +23,7 @@ class TrainingConfig:
     batch_size: int = 32
     learning_rate: float = 0.5  # with bce: 94% after the first epoch, 98% after 20 (MSE at lr 3 gave 74% and 97.9%)
     seed: int = 0
-    hidden: int = 128
+    hidden: tuple = (128,)  # units of each hidden layer, the first layer's outputs first; an int is one layer
     activation: str = "sigmoid"  # of the hidden units (model.ACTIVATIONS)
     output: str = "sigmoid"  # of the output layer (model.OUTPUTS)
     loss: str = "bce"  # model.LOSSES; bce needs sigmoid outputs, ce (softmax cross-entropy) softmax ones
@@ -41,6 +42,11 @@ class TrainingConfig:
     checkpoint_epochs: int = 1  # checkpoint after every this many epochs (and after the last)
     checkpoint_every: int = 0  # also checkpoint every this many steps within an epoch; 0: never mid-epoch
 
+    def __post_init__(self):
+        # config.json holds a list, and runs from before deeper networks one int: both become the tuple
+        hidden = (self.hidden,) if isinstance(self.hidden, int) else tuple(self.hidden)
+        object.__setattr__(self, "hidden", hidden)
+
     def load_data(self) -> Dataset:
         """The run's images and labels, cut to the configured limits."""
         if self.dataset == "xor":
@@ -48,8 +54,8 @@ class TrainingConfig:
         return load_dataset(Path(self.data) if self.data else None).cut(self.train_limit, self.test_limit)
 
     def layer_sizes(self, data: Dataset) -> tuple:
-        """(inputs, hidden, outputs) of the network for this data set."""
-        return data.train_images.shape[1], self.hidden, OUTPUT_UNITS[self.dataset]
+        """(inputs, hidden 1, ..., hidden n, outputs) of the network for this data set."""
+        return data.train_images.shape[1], *self.hidden, OUTPUT_UNITS[self.dataset]
 
     def with_overrides(self, **overrides) -> "TrainingConfig":
         """This config with the given fields replaced; None means "keep"."""
@@ -64,7 +70,10 @@ class TrainingConfig:
             (self.epochs >= 1, "epochs must be at least 1"),
             (self.batch_size >= 1, "batch size must be at least 1"),
             (self.learning_rate > 0, "learning rate must be positive"),
-            (1 <= self.hidden <= settings.MAX_HIDDEN_UNITS, f"hidden must be 1..{settings.MAX_HIDDEN_UNITS}"),
+            (1 <= len(self.hidden) <= settings.MAX_HIDDEN_LAYERS,
+             f"hidden must list 1..{settings.MAX_HIDDEN_LAYERS} layers"),
+            (all(type(units) is int and 1 <= units <= settings.MAX_HIDDEN_UNITS for units in self.hidden),
+             f"hidden layers must have 1..{settings.MAX_HIDDEN_UNITS} units each"),
             (self.activation in model.ACTIVATIONS, f"activation must be one of {', '.join(model.ACTIVATIONS)}"),
             (self.output in model.OUTPUTS, f"output must be one of {', '.join(model.OUTPUTS)}"),
             (self.loss in model.LOSSES, f"loss must be one of {', '.join(model.LOSSES)}"),
@@ -102,8 +111,17 @@ class TrainingConfig:
         return 1 if self.batch_size > self.chunk_rows else steps
 
     def most_slots(self) -> int:
-        """The most worker slots the network splits into: each slot needs an input column and a hidden unit."""
-        return min(INPUT_COLUMNS[self.dataset], self.hidden)
+        """The most worker slots the network splits into: each slot needs an input column and a unit of every
+        hidden layer."""
+        return min(INPUT_COLUMNS[self.dataset], *self.hidden)
+
+
+def hidden_layers(text: str) -> tuple:
+    """`--hidden` as the units of each hidden layer: "256,128" -> (256, 128), or InputError."""
+    parts = text.split(",")
+    if not all(part.strip().isdigit() for part in parts):
+        raise InputError(f"--hidden {text!r} is not a comma list of unit counts, such as 128 or 256,128")
+    return tuple(int(part) for part in parts)
 
 
 @dataclass(frozen=True)
@@ -121,17 +139,17 @@ PRESETS = {
     # The seed's 2-3-1 XOR network; its lr 10 went with a cost divided by 2, ours divides by the 4 rows.
     # Its two input columns go to two workers, as in the seed.
     "xor": Preset(TrainingConfig(
-        dataset="xor", hidden=3, epochs=5000, batch_size=4, learning_rate=20.0, loss="mse", dtype="float64",
+        dataset="xor", hidden=(3,), epochs=5000, batch_size=4, learning_rate=20.0, loss="mse", dtype="float64",
         init="legacy", seed=42, input_divisor=1.0, report_every=500, checkpoint_epochs=500,
     ), workers=2),
     # The dropout notebook: 784-100-10 ReLU, linear outputs and squared error, learning from 1,000 images.
     "relu-dropout": Preset(TrainingConfig(
-        hidden=100, activation="relu", output="linear", loss="mse", dropout=0.5, init="uniform", batch_size=100,
+        hidden=(100,), activation="relu", output="linear", loss="mse", dropout=0.5, init="uniform", batch_size=100,
         learning_rate=0.1, train_limit=1000, test_limit=1000, epochs=300, report_every=10, checkpoint_epochs=50,
     )),
     # The tanh-and-softmax notebook's network in the same setting: 784-100-10 tanh, softmax outputs, cross-entropy.
     "tanh-softmax": Preset(TrainingConfig(
-        hidden=100, activation="tanh", output="softmax", loss="ce", dropout=0.5, init="uniform", batch_size=100,
+        hidden=(100,), activation="tanh", output="softmax", loss="ce", dropout=0.5, init="uniform", batch_size=100,
         learning_rate=0.02, train_limit=1000, test_limit=1000, epochs=300, report_every=10, checkpoint_epochs=50,
     )),
 }

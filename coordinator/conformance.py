@@ -19,8 +19,8 @@ from common import model, protocol, settings, sockets
 from common.errors import UserError
 from coordinator.distributed import chunk_rows
 from common.protocol import (
-    Failure, FirstLayer, Heartbeat, KeptFirstLayer, Register, RegisterAgain, Reject, Result, ReturnRows, SecondBackward,
-    SecondForward, Shard, Stop, Welcome,
+    Failure, FirstLayer, Heartbeat, KeptFirstLayer, Register, RegisterAgain, Reject, Result, ReturnRows, LaterBackward,
+    LaterForward, Shard, Stop, Welcome,
 )
 
 ANSWER_TIMEOUT = 5.0  # seconds to wait for an answer: the operands are tiny, so nearly all of this is slack
@@ -30,6 +30,7 @@ STOP_SILENCE = 2.0  # seconds a stopped worker must stay quiet: four of its hear
 CROSSING_TIME = 0.2  # seconds after our stop in which a message may have crossed it on the way, not ignored it
 ROUNDING = 1000  # allowed error, in units of the dtype's epsilon times the largest expected value
 COLUMNS, HIDDEN, UNITS, OUTPUTS = 6, 5, 4, 3  # k, H, j, O of the known operands
+LATER_LAYERS = {2: (UNITS, HIDDEN), 3: (HIDDEN - 2, OUTPUTS)}  # layer -> (units j of its input, its outputs)
 SPLIT_ROWS = {"train": 10, "test": 7}
 CHUNK_ROWS = 4  # rows per shard chunk: several chunks per split
 
@@ -179,7 +180,7 @@ class Session:
         self.name = name
         self.rng = np.random.default_rng(15)
         self.operands = Operands.random("float64", 255.0, seed=1)
-        self.second_operands = None  # (activations, weights) of the last second_forward sent
+        self.later_operands = {}  # layer -> (activations, weights) of its last later_forward sent
 
     def steps(self) -> list:
         return [
@@ -188,8 +189,8 @@ class Session:
             ("first_layer gradient", lambda: self.first_layer(forward=False, gradient=True)),
             ("first_layer gradient then forward", lambda: self.first_layer(forward=True, gradient=True)),
             ("kept rows", self.kept_rows),
-            ("second_forward", self.second_forward),
-            ("second_backward", self.second_backward),
+            ("later_forward", self.later_forward),
+            ("later_backward", self.later_backward),
             ("register_again", self.register_again),
             ("bad request", self.bad_request),
             ("heartbeats", self.heartbeats),
@@ -242,22 +243,32 @@ class Session:
         problem = _answer_problem(self.probe.request(ReturnRows(0)), {"weights": kept}, operands.dtype)
         return problem and f"return_rows: {problem}", "a re-key, two steps and a forward product on the kept rows"
 
-    def second_forward(self) -> tuple:
-        activations = self.rng.uniform(0, 1, (4, UNITS)).astype(self.operands.dtype)
-        weights = self.operands.array(self.rng, UNITS, OUTPUTS)
-        self.second_operands = (activations, weights)
-        expected = {"partial": model.second_forward(activations, weights)}
-        answer = self.probe.request(SecondForward(0, activations, weights))
-        return _answer_problem(answer, expected, self.operands.dtype), f"{_shapes(expected)} as expected"
+    def later_forward(self) -> tuple:
+        """Two later layers' forward products, one after the other, as a network with two hidden layers sends them."""
+        for layer, (units, outputs) in LATER_LAYERS.items():
+            activations = self.rng.uniform(0, 1, (4, units)).astype(self.operands.dtype)
+            weights = self.operands.array(self.rng, units, outputs)
+            self.later_operands[layer] = (activations, weights)
+            expected = {"partial": model.later_forward(activations, weights)}
+            problem = _answer_problem(self.probe.request(LaterForward(0, layer, activations, weights)), expected,
+                                      self.operands.dtype)
+            if problem:
+                return f"layer {layer}: {problem}", ""
+        return "", f"layers {', '.join(map(str, LATER_LAYERS))}: partial products as expected"
 
-    def second_backward(self) -> tuple:
-        """Uses the operands of the last second_forward, which the worker must have kept."""
-        activations, weights = self.second_operands
-        error = self.operands.array(self.rng, len(activations), OUTPUTS)
-        gradient, backpropagated = model.second_backward(activations, weights, error)
-        expected = {"gradient": gradient, "error": backpropagated}
-        answer = self.probe.request(SecondBackward(0, error))
-        return _answer_problem(answer, expected, self.operands.dtype), f"{_shapes(expected)} as expected"
+    def later_backward(self) -> tuple:
+        """The two layers' backward products, the last layer first: each from the operands the worker kept of that
+        layer's later_forward, not of the last one."""
+        for layer in sorted(self.later_operands, reverse=True):
+            activations, weights = self.later_operands[layer]
+            error = self.operands.array(self.rng, len(activations), weights.shape[1])
+            gradient, backpropagated = model.later_backward(activations, weights, error)
+            expected = {"gradient": gradient, "error": backpropagated}
+            problem = _answer_problem(self.probe.request(LaterBackward(0, layer, error)), expected, self.operands.dtype)
+            if problem:
+                return f"layer {layer}: {problem}", ""
+        return "", f"layers {', '.join(map(str, sorted(self.later_operands, reverse=True)))}: gradients and errors, " \
+                   "each from its own layer's kept operands"
 
     def register_again(self) -> tuple:
         """register_again, then a new session in float32 with raw pixels: the worker must forget the old one."""

@@ -8,7 +8,9 @@ each operand once and un-shuffles each summed or assembled product once.
 
 When a worker is lost mid-round, its slot goes to a standby if one waits (which widens nobody's view),
 or else its columns and units are spread over the survivors, who get the extra columns of the images;
-then the round is sent again. The math does not depend on who computed what.
+then every later layer whose backward round is still to come is sent its forward operands again (the
+workers' kept ones follow the old plan), and the round is sent again. The math does not depend on who
+computed what.
 
 Recovery only changes the plan and who holds which slot; before every round, each worker that lacks its
 slot's current columns is sent them, in chunks (see ShardTransfer). So a peer may vanish at any moment,
@@ -29,7 +31,7 @@ import numpy as np
 from common import model, phases, settings
 from common.exposure import ExposurePlan, permuted, unpermuted
 from common.model import from_wire, to_wire
-from common.protocol import FirstLayer, KeptFirstLayer, ReturnRows, SecondBackward, SecondForward, Shard
+from common.protocol import FirstLayer, KeptFirstLayer, LaterBackward, LaterForward, ReturnRows, Shard
 from coordinator.cluster import ClusterError, WorkerLost
 from coordinator.kept import KeptPeriod, LoggedStep
 from coordinator.scheduler import Expected
@@ -40,7 +42,7 @@ log = logging.getLogger("coordinator")
 
 
 class ClusterProducts:
-    """The same three product groups as LocalProducts, computed by the workers of a Cluster."""
+    """The same product groups as LocalProducts, computed by the workers of a Cluster."""
 
     def __init__(
         self, cluster, plan: ExposurePlan, images: dict, permutation_seed: int, rebalance: bool, verifier: Verifier,
@@ -58,9 +60,10 @@ class ClusterProducts:
         self.rekey_steps = rekey_steps  # steps between re-keys of kept rows: 1 sends the rows every step; None: epochs
         self.kept = None  # the KeptPeriod under way, if any
         self.kept_tracking = None  # what the kept rows' answers of the current round are checked against
-        self.second_permutation = None  # the output permutation of the last SecondForward round
-        self.second_operands = None  # (activations, weights) of the last second-layer forward
-        self.last_second_forward = {}  # slot -> its last SecondForward request, the operands it keeps
+        self.later_operands = {}  # layer -> (activations, weights) of its last forward
+        self.later_permutations = {}  # layer -> the output permutation of its last LaterForward round
+        self.last_later_forward = {}  # (slot, layer) -> its last LaterForward request, the operands it keeps
+        self.awaiting_backward = set()  # later layers past their forward, not yet their backward: workers keep theirs
         self.next_slot = max(plan.slots) + 1
         self.holding = {}  # peer -> the slot whose current columns it holds in full
         self.transfers = {}  # peer -> its ShardTransfer under way
@@ -202,32 +205,42 @@ class ClusterProducts:
             self.kept = None
             return unpermuted(self._stacked(results, "weights", period.plan.columns), period.permutation)
 
-    def second_forward(self, activations, weights) -> np.ndarray:
+    def later_forward(self, layer, activations, weights) -> np.ndarray:
+        """A later layer's product, from each slot's units of the layer's input; the first later layer's starts a
+        new forward pass, after which no earlier pass's kept operands are needed again."""
         phases.clock.lap("math")
-        self.second_operands = (activations, weights)
-        results = self._round(self._second_forward_requests)
-        product = unpermuted(self._summed(results, "partial", weights.dtype), self.second_permutation)
+        if layer == self.plan.later_layers[0]:
+            self.awaiting_backward.clear()
+        self.later_operands[layer] = (activations, weights)
+        results = self._round(lambda: self._later_forward_requests(layer))
+        self.awaiting_backward.add(layer)
+        product = unpermuted(self._summed(results, "partial", weights.dtype), self.later_permutations[layer])
         phases.clock.lap("unshuffle")
         return product
 
-    def second_backward(self, error) -> tuple:
+    def later_backward(self, layer, error) -> tuple:
+        """A later layer's weight gradient and the error carried back to its inputs, from the operands the workers
+        kept at its forward."""
         phases.clock.lap("math")
         batch, outputs = error.shape
 
         def requests():
-            shuffled_error = to_wire(permuted(error, self.second_permutation), self.wire)  # one for every worker
+            permutation = self.later_permutations[layer]  # a recovery re-sends the forward under a fresh one
+            shuffled_error = to_wire(permuted(error, permutation), self.wire)  # one for every worker
             built = {}
             for slot in self.plan.slots:
-                units = len(self.plan.units(slot))
+                units = len(self.plan.units(slot, layer))
                 expected = Expected({"gradient": (units, outputs), "error": (batch, units)})
-                built[slot] = (SecondBackward(request=0, error=shuffled_error), expected)
+                built[slot] = (LaterBackward(request=0, layer=layer, error=shuffled_error), expected)
             return built
 
-        results = self._round(requests, after_recovery=self._second_forward_again)
-        gradient = unpermuted(self._stacked(results, "gradient", self.plan.units), self.second_permutation)
-        backpropagated = np.empty((batch, len(self.plan.unit_owners)), error.dtype)
+        results = self._round(requests)
+        self.awaiting_backward.discard(layer)
+        gradient = unpermuted(self._stacked(results, "gradient", lambda slot: self.plan.units(slot, layer)),
+                              self.later_permutations[layer])
+        backpropagated = np.empty((batch, self.plan.units_of_layer(layer)), error.dtype)
         for slot in self.plan.slots:
-            backpropagated[:, self.plan.units(slot)] = from_wire(results[slot]["error"], error.dtype)
+            backpropagated[:, self.plan.units(slot, layer)] = from_wire(results[slot]["error"], error.dtype)
         phases.clock.lap("unshuffle")
         return gradient, backpropagated
 
@@ -276,31 +289,33 @@ class ClusterProducts:
                 self.cluster.assign(self.cluster.standbys[0], slot)
                 self.reasons[slot] = "replaces a lost replica"
 
-    def _second_forward_requests(self) -> dict:
-        activations, weights = self.second_operands
-        self.second_permutation = self.permutations.permutation(weights.shape[1])
-        shuffled_weights = permuted(weights, self.second_permutation)
+    def _later_forward_requests(self, layer: int) -> dict:
+        activations, weights = self.later_operands[layer]
+        permutation = self.later_permutations[layer] = self.permutations.permutation(weights.shape[1])
+        shuffled_weights = permuted(weights, permutation)
         built = {}
         for slot in self.plan.slots:
-            units = self.plan.units(slot)
-            request = SecondForward(request=0, activations=activations[:, units], weights=shuffled_weights[units])
-            self.last_second_forward[slot] = request
+            units = self.plan.units(slot, layer)
+            request = LaterForward(request=0, layer=layer, activations=activations[:, units],
+                                   weights=shuffled_weights[units])
+            self.last_later_forward[slot, layer] = request
             built[slot] = (request, Expected({"partial": (len(activations), weights.shape[1])}))
         return built
 
-    def _second_forward_again(self) -> None:
-        """After a recovery the workers' kept second-layer operands are stale: refresh them."""
-        self._round(self._second_forward_requests)
-
-    def _round(self, requests: Callable, after_recovery: Callable | None = None) -> dict:
+    def _round(self, requests: Callable) -> dict:
         """Run a round until every slot has a trusted answer, recovering from lost or lying workers."""
         while True:
             try:
                 return self._attempt(requests)
             except WorkerLost as lost:
                 self._recover(lost.lost)
-                if after_recovery:
-                    after_recovery()
+                self._later_forward_again()
+
+    def _later_forward_again(self) -> None:
+        """After a recovery the workers' kept operands of the later layers still to go backward follow the old
+        plan: send each of them again (a loss meanwhile starts this over, inside `_round`)."""
+        for layer in sorted(self.awaiting_backward):
+            self._round(lambda: self._later_forward_requests(layer))
 
     def _attempt(self, requests: Callable) -> dict:
         """One try at a round: shards first where they are missing, then the requests (raises WorkerLost)."""
@@ -342,9 +357,8 @@ class ClusterProducts:
 
     def _caught(self, slot: int, request, products: dict):
         """The Freivalds evidence against one answer, or None."""
-        return self.verifier.check(
-            request, products, self.plan.columns(slot), self.last_second_forward.get(slot), self.kept_tracking
-        )
+        forward = self.last_later_forward.get((slot, request.layer)) if isinstance(request, LaterBackward) else None
+        return self.verifier.check(request, products, self.plan.columns(slot), forward, self.kept_tracking)
 
     def _quarantine(self, worker, slot: int, request, evidence) -> None:
         self.cluster.quarantine(worker, str(evidence))
@@ -444,12 +458,12 @@ def _identical(first: dict, second: dict) -> bool:
     return first.keys() == second.keys() and all(np.array_equal(first[name], second[name]) for name in first)
 
 
-class LocalSecondLayerProducts(ClusterProducts):
-    """The first layer on the workers, the second layer's small products (B x H x O) here: one round per step.
+class LocalLaterLayersProducts(ClusterProducts):
+    """The first layer on the workers, the later layers' smaller products (B x H x n each) here: one round per step.
 
-    Workers then see only their pixels, W1 rows and d1, never a1, W2 or d2; the price is that the
-    coordinator does some matrix products itself (see "Speed" in the README).
+    Workers then see only their pixels, W1 rows and d1, never a hidden activation, a later layer's weights or
+    its error; the price is that the coordinator does some matrix products itself (see "Speed" in the README).
     """
 
-    second_forward = LocalProducts.second_forward
-    second_backward = LocalProducts.second_backward
+    later_forward = LocalProducts.later_forward
+    later_backward = LocalProducts.later_backward

@@ -16,7 +16,7 @@ from common import model
 from common.data import load_dataset
 from common.errors import InputError, UserError
 from common.exposure import ExposurePlan
-from common.model import PARAM_NAMES, Params
+from common.model import Params
 from coordinator.config import TrainingConfig
 from coordinator.training import LocalProducts, Trainer
 
@@ -95,14 +95,17 @@ class RunDirectory:
         plan.save(self.path / "exposure.npz", permutation_seed)
 
     def append_exposure(self, epoch: int, step: int, slot: int, worker: str, plan: ExposurePlan, reason: str) -> None:
-        """Record that a worker holds a slot's columns and units from this point of the run on."""
+        """Record that a worker holds a slot's columns and units (a list per hidden layer) from this point of the run
+        on."""
         record = {
             "epoch": epoch, "step": step, "slot": slot, "worker": worker, "reason": reason,
-            "columns": plan.columns(slot).tolist(), "units": plan.units(slot).tolist(),
+            "columns": plan.columns(slot).tolist(),
+            "units": [plan.units(slot, layer).tolist() for layer in plan.later_layers],
         }
         with open(self.path / "exposure.jsonl", "a") as exposure:
             exposure.write(json.dumps(record) + "\n")
-        log.info("worker %s sees %d input columns and %d hidden units (%s)", worker, len(record["columns"]), len(record["units"]), reason)
+        log.info("worker %s sees %d input columns and %d hidden units (%s)", worker, len(record["columns"]),
+                 plan.units_held(slot), reason)
 
     def last_holders(self) -> dict:
         """slot -> the name of the worker that last took it over, from exposure.jsonl ({} without one)."""
@@ -134,26 +137,34 @@ def load_model(path: Path) -> tuple:
         raise ModelError(f"{path} is not a model file (a model.npz written by `coordinator train`)")
     try:
         with np.load(path, allow_pickle=False) as saved:
-            params = Params.from_arrays({name: saved[name] for name in PARAM_NAMES})
+            params = Params.from_arrays(saved)
             settings = {name: saved[name].item() for name in MODEL_SETTINGS if name in saved}
             settings["input_divisor"] = float(saved["input_divisor"])  # in every model file, old ones too
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ModelError(f"cannot read model {path}: {error}") from None
-    inputs, hidden = params.w1.shape if params.w1.ndim == 2 else (0, 0)
-    shapes_fit = params.b1.shape == (hidden,) and params.w2.ndim == 2 and params.w2.shape[0] == hidden
-    if not (hidden and shapes_fit and params.b2.shape == (params.w2.shape[1],)):
+    if not shapes_fit(params):
         raise ModelError(f"model {path} has inconsistent array shapes")
-    config = TrainingConfig(dtype=params.w1.dtype.name, hidden=hidden, **settings)
+    hidden = tuple(w.shape[1] for w in params.weights[:-1])
+    config = TrainingConfig(dtype=params.weights[0].dtype.name, hidden=hidden, **settings)
     if config.problems():
         raise ModelError(f"model {path} has unusable settings: {'; '.join(config.problems())}")
     return params, config
+
+
+def shapes_fit(params: Params) -> bool:
+    """Whether each layer's weights are a matrix that takes the previous layer's outputs, with a bias per output."""
+    weights, biases = params.weights, params.biases
+    if not all(w.ndim == 2 and w.size and b.shape == (w.shape[1],) for w, b in zip(weights, biases)):
+        return False
+    return all(before.shape[1] == after.shape[0] for before, after in zip(weights, weights[1:]))
 
 
 def evaluate_model(model_path: Path, data_dir: Path | None) -> float:
     """The test accuracy of a saved model on an MNIST-format folder."""
     params, config = load_model(model_path)
     data = load_dataset(data_dir)
-    if params.w1.shape[0] != data.test_images.shape[1]:
-        raise ModelError(f"model {model_path} takes {params.w1.shape[0]} inputs, the images have {data.test_images.shape[1]}")
+    inputs = params.weights[0].shape[0]
+    if inputs != data.test_images.shape[1]:
+        raise ModelError(f"model {model_path} takes {inputs} inputs, the images have {data.test_images.shape[1]}")
     products = LocalProducts({"test": model.inputs(data.test_images, config.dtype, config.input_divisor)})
     return Trainer(config, params, products, {"test": data.test_labels}).accuracy("test")

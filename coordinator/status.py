@@ -90,7 +90,7 @@ def worker_statuses(scheduler, plan, traffic, departed: bool = False) -> tuple:
 def _status(peer: bytes, worker, plan, traffic) -> WorkerStatus:
     """One worker's numbers; without a plan (a departed worker) it holds no columns or units."""
     sent, received = traffic.by_peer.get(peer, (0, 0))
-    columns, units = (len(plan.columns(worker.slot)), len(plan.units(worker.slot))) if plan else (0, 0)
+    columns, units = (len(plan.columns(worker.slot)), plan.units_held(worker.slot)) if plan else (0, 0)
     return WorkerStatus(worker.name, worker.slot, columns, units, worker.answered, worker.last_round_trip,
                         worker.busy_seconds, sent, received, worker.left)
 

@@ -1,7 +1,8 @@
 """Mini-batch gradient descent over a products backend: the same loop drives the local and the distributed run.
 
-A backend computes the three groups of matrix products of a step (first layer, second layer forward,
-second layer backward); `LocalProducts` does it in this process, `ClusterProducts` on the workers.
+A backend computes the groups of matrix products of a step (the first layer's, then each later layer's
+forward and, in reverse order, backward); `LocalProducts` does it in this process, `ClusterProducts` on
+the workers. Layers are numbered from 1, as w1, w2, ... in model.npz: layer 1 multiplies the inputs.
 The first layer's gradient step of a batch is taken together with the next forward product
 (`step_then_forward`), so one round of messages both ends a step and starts the next (see FirstLayer in
 the protocol); `settle` applies the last one on its own.
@@ -52,7 +53,7 @@ class LocalProducts:
 
     def __init__(self, inputs: dict):
         self.inputs = inputs  # split -> (n, I) floats
-        self.second_operands = None
+        self.later_operands = {}  # layer -> (activations, weights) of its last forward, for its backward
         self.plan = self.permutations = None  # one process: nothing is split or shuffled
 
     def forward(self, weights, split, rows) -> np.ndarray:
@@ -72,12 +73,14 @@ class LocalProducts:
         """The weights with a pending step applied, if there is one."""
         return stepped(self, weights, pending, learning_rate)
 
-    def second_forward(self, activations, weights) -> np.ndarray:
-        self.second_operands = (activations, weights)
-        return model.second_forward(activations, weights)
+    def later_forward(self, layer, activations, weights) -> np.ndarray:
+        """A later layer's product: (B, H) @ (H, n) -> (B, n)."""
+        self.later_operands[layer] = (activations, weights)
+        return model.later_forward(activations, weights)
 
-    def second_backward(self, error) -> tuple:
-        return model.second_backward(*self.second_operands, error)
+    def later_backward(self, layer, error) -> tuple:
+        """A later layer's weight gradient (H, n) and the error carried back to its inputs (B, H)."""
+        return model.later_backward(*self.later_operands[layer], error)
 
     def epoch_ended(self) -> None:
         """Nothing changes between epochs in one process."""
@@ -98,7 +101,7 @@ class Trainer:
         self.params = params
         self.products = products
         self.labels = labels  # split -> (n,) ints
-        self.outputs = params.w2.shape[1]
+        self.outputs = params.weights[-1].shape[1]
         self.pending = None  # (rows, hidden error) whose first-layer gradient is not yet applied
         self.progress = progress or Progress()
         self.masks = model.dropout_masks(config.seed)  # drawn here only: no mask leaves the coordinator
@@ -106,7 +109,7 @@ class Trainer:
     @property
     def evaluation_rows(self) -> int:
         """Rows per round of a test pass: as many as keep each worker's reply small (see settings)."""
-        row_bytes = self.params.w1.shape[1] * self.params.w1.dtype.itemsize
+        row_bytes = max(w.shape[1] for w in self.params.weights) * self.params.weights[0].dtype.itemsize
         return max(1, min(self.config.chunk_rows, settings.EVALUATION_REPLY_BYTES // row_bytes))
 
     @property
@@ -152,33 +155,29 @@ class Trainer:
     def train_batch(self, rows: np.ndarray) -> tuple:
         """One step of gradient descent on a batch, in chunks; returns its summed cost and correct count."""
         chunks = [rows[i : i + self.config.chunk_rows] for i in range(0, len(rows), self.config.chunk_rows)]
-        p, config, lr = self.params, self.config, self.config.learning_rate
-        w1_gradient, w2_gradient = np.zeros_like(p.w1), np.zeros_like(p.w2)
-        b1_gradient, b2_gradient = np.zeros_like(p.b1), np.zeros_like(p.b2)
+        p, lr = self.params, self.config.learning_rate
+        weight_gradients = [np.zeros_like(w) for w in p.weights]
+        bias_gradients = [np.zeros_like(b) for b in p.biases]
         cost = correct = 0
         for chunk in chunks:
-            hidden = model.activate(self._forward("train", chunk), p.b1, config.activation)
-            mask = model.dropout_mask(self.masks, hidden.shape, config.dropout, hidden.dtype)  # (B, H)
-            # the workers that compute the second layer get the activations already masked
-            outputs = model.activate(self.products.second_forward(hidden * mask, p.w2), p.b2, config.output)
-            target = model.targets(self.labels["train"][chunk], self.outputs, p.w2.dtype)
-            chunk_cost, output_error = model.output_error(outputs, target, config.loss, config.output, len(rows))
-            chunk_w2_gradient, backpropagated = self.products.second_backward(output_error)
-            hidden_error = model.hidden_error(backpropagated, hidden, mask, config.activation)
-            w2_gradient += chunk_w2_gradient
-            b2_gradient += output_error.sum(axis=0)
-            b1_gradient += hidden_error.sum(axis=0)
+            hidden, masks, outputs = self._forward_pass("train", chunk, dropout=True)
+            target = model.targets(self.labels["train"][chunk], self.outputs, outputs.dtype)
+            chunk_cost, error = model.output_error(outputs, target, self.config.loss, self.config.output, len(rows))
+            for layer in range(p.layers, 1, -1):  # the last layer first; layer 1's gradient is the first layer's
+                bias_gradients[layer - 1] += error.sum(axis=0)
+                gradient, backpropagated = self.products.later_backward(layer, error)
+                weight_gradients[layer - 1] += gradient
+                error = model.hidden_error(backpropagated, hidden[layer - 2], masks[layer - 2], self.config.activation)
+            bias_gradients[0] += error.sum(axis=0)
             cost += chunk_cost
             correct += model.correct(outputs, self.labels["train"][chunk])
             if len(chunks) == 1:
-                self.pending = (chunk, hidden_error)  # applied with the next forward product
+                self.pending = (chunk, error)  # applied with the next forward product
             else:
-                w1_gradient += self.products.gradient(p.w1, chunk, hidden_error)
-        if len(chunks) > 1:
-            p.w1 = model.descend(p.w1, w1_gradient, lr)
-        p.w2 = model.descend(p.w2, w2_gradient, lr)
-        p.b1 = model.descend(p.b1, b1_gradient, lr)
-        p.b2 = model.descend(p.b2, b2_gradient, lr)
+                weight_gradients[0] += self.products.gradient(p.weights[0], chunk, error)
+        first = 1 if len(chunks) == 1 else 0  # a single chunk's first-layer step is pending
+        p.weights[first:] = [model.descend(w, g, lr) for w, g in zip(p.weights[first:], weight_gradients[first:])]
+        p.biases = [model.descend(b, g, lr) for b, g in zip(p.biases, bias_gradients)]
         return cost, correct
 
     def accuracy(self, split: str) -> float:
@@ -186,22 +185,36 @@ class Trainer:
         labels, correct = self.labels[split], 0
         for start in range(0, len(labels), self.evaluation_rows):
             rows = np.arange(start, min(start + self.evaluation_rows, len(labels)), dtype=np.int32)
-            hidden = model.activate(self._forward(split, rows), self.params.b1, self.config.activation)
-            outputs = model.activate(self.products.second_forward(hidden, self.params.w2), self.params.b2,
-                                     self.config.output)  # no dropout when evaluating
+            outputs = self._forward_pass(split, rows, dropout=False)[2]  # no dropout when evaluating
             correct += model.correct(outputs, labels[rows])
         return correct / len(labels)
 
+    def _forward_pass(self, split: str, rows, dropout: bool) -> tuple:
+        """(each hidden layer's activations, each one's dropout mask, the outputs) of some rows: layer by layer,
+        each mask drawn here as its layer's activations come, the next layer's products taking them masked."""
+        p, config = self.params, self.config
+        hidden, masks = [model.activate(self._forward(split, rows), p.biases[0], config.activation)], []
+        for layer in range(2, p.layers + 1):
+            rate = config.dropout if dropout else 0.0
+            masks.append(model.dropout_mask(self.masks, hidden[-1].shape, rate, hidden[-1].dtype))  # (B, H)
+            # the workers that compute the later layers get the activations already masked
+            product = self.products.later_forward(layer, hidden[-1] * masks[-1], p.weights[layer - 1])
+            function = config.output if layer == p.layers else config.activation
+            hidden.append(model.activate(product, p.biases[layer - 1], function))
+        return hidden[:-1], masks, hidden[-1]
+
     def settle(self) -> None:
         """Apply a pending first-layer step on its own, so the parameters are final (this ends a kept period)."""
-        self.params.w1 = self.products.settle(self.params.w1, self.pending, self.config.learning_rate)
+        self.params.weights[0] = self.products.settle(self.params.weights[0], self.pending, self.config.learning_rate)
         self.pending = None
 
     def _forward(self, split: str, rows) -> np.ndarray:
         """The first layer's product for some rows, taking the pending step first in the same round."""
         if self.pending is None:
-            return self.products.forward(self.params.w1, split, rows)
+            return self.products.forward(self.params.weights[0], split, rows)
         (error_rows, error), lr = self.pending, self.config.learning_rate
         self.pending = None
-        self.params.w1, product = self.products.step_then_forward(self.params.w1, error_rows, error, lr, split, rows)
+        self.params.weights[0], product = self.products.step_then_forward(
+            self.params.weights[0], error_rows, error, lr, split, rows
+        )
         return product

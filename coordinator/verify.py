@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common import model
-from common.protocol import WIRE_PRODUCTS, FirstLayer, KeptFirstLayer, ReturnRows, SecondBackward, SecondForward
+from common.protocol import WIRE_PRODUCTS, FirstLayer, KeptFirstLayer, LaterBackward, LaterForward, ReturnRows
 from coordinator.kept import Tracking
 
 class Verify(str, enum.Enum):
@@ -62,10 +62,10 @@ class Verifier:
             return True
         return self.mode == "all" or (self.mode == "sample" and self.rng.random() < self.rate)
 
-    def check(self, request, products: dict, columns: np.ndarray, forward: SecondForward | None = None,
+    def check(self, request, products: dict, columns: np.ndarray, forward: LaterForward | None = None,
               kept: Tracking | None = None) -> Evidence | None:
-        """Evidence against one result, or None; `forward` is the worker's last SecondForward, `kept` what is known
-        of its kept rows. Errors and products on the wire are taken as the worker took and gave them, off the wire
+        """Evidence against one result, or None; `forward` is the worker's last LaterForward of a LaterBackward's
+        layer, `kept` what is known of its kept rows. Errors and products on the wire are taken as the worker took and gave them, off the wire
         in the run's dtype."""
         request, products = _off_wire(request, products, self.dtype)
         if isinstance(request, KeptFirstLayer):
@@ -76,9 +76,9 @@ class Verifier:
                                           * (np.abs(returned) @ np.abs(kept.r)))
         if isinstance(request, FirstLayer):
             return self._first_layer(request, products, columns)
-        if isinstance(request, SecondForward):
+        if isinstance(request, LaterForward):
             return self._compare("partial", products["partial"], request.activations, request.weights)
-        return self._second_backward(request, products, forward)
+        return self._later_backward(request, products, forward)
 
     def _first_layer(self, request: FirstLayer, products: dict, columns: np.ndarray) -> Evidence | None:
         evidence, weights = None, request.weights
@@ -111,7 +111,7 @@ class Verifier:
         allowance = SAFETY * (rounding + drift) + np.finfo(self.dtype).tiny
         return _evidence(name, product @ kept.r, expected, allowance)
 
-    def _second_backward(self, request: SecondBackward, products: dict, forward: SecondForward) -> Evidence | None:
+    def _later_backward(self, request: LaterBackward, products: dict, forward: LaterForward) -> Evidence | None:
         return self._compare(
             "gradient", products["gradient"], forward.activations.T, request.error
         ) or self._compare("error", products["error"], request.error, forward.weights.T)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.model import PARAM_NAMES
+from common.model import Params
 
 LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"
 PROCESS_TIMEOUT = 300  # seconds; a run that takes longer is a hang, not a slow machine
@@ -49,8 +49,9 @@ def assert_one_line_error(done: subprocess.CompletedProcess, code: int, *words: 
 
 
 def load_model(run_dir) -> dict:
+    """The parameters of a run's model.npz by name: w1, b1, w2, b2, ..."""
     with np.load(run_dir / "model.npz") as saved:
-        return {name: saved[name] for name in PARAM_NAMES}
+        return Params.from_arrays(saved).arrays()
 
 
 def max_difference(first: dict, second: dict) -> float:

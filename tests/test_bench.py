@@ -15,7 +15,7 @@ from tests.conftest import LOOPBACK_ANY_PORT, run_cli
 
 KEYS = {"mode", "workers", "batch_size", "epoch_seconds", "ratio_to_floor", "rounds_per_step", "bytes_per_epoch",
         "min_bytes_per_epoch", "coordinator_peak_rss_mb", "worker_peak_rss_mb"}
-# first layer (with the last step's gradient), second forward, second backward; or the first layer alone
+# first layer (with the last step's gradient), the later layer's forward and backward; or the first layer alone
 ROUNDS_PER_STEP = {"workers": 3, "coordinator": 1}
 ECHO_TIMEOUT = 60.0  # seconds; echo workers that take longer to start or answer are hung
 
@@ -24,11 +24,11 @@ ECHO_TIMEOUT = 60.0  # seconds; echo workers that take longer to start or answer
 def test_bench_writes_json_for_floor_cluster_and_transport(tmp_path):
     out = tmp_path / "results.json"
     done = run_cli("bench", "--workers", "2", "--batch-sizes", "64", "--epochs", "1", "--repeats", "1",
-                   "--train-limit", "640", "--second-layer", "workers,coordinator", "--verify", "off,all", "--profile",
+                   "--train-limit", "640", "--later-layers", "workers,coordinator", "--verify", "off,all", "--profile",
                    "--rekey", "every-step", "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
-    placements = [(r["mode"], r["second_layer"], r["verify"], r["workers"]) for r in rows]
+    placements = [(r["mode"], r["later_layers"], r["verify"], r["workers"]) for r in rows]
     assert placements == [
         ("local", "local", "-", 0),
         ("cluster", "workers", "off", 2), ("transport", "workers", "-", 2), ("cluster", "workers", "all", 2),
@@ -41,7 +41,7 @@ def test_bench_writes_json_for_floor_cluster_and_transport(tmp_path):
     for row in rows[1:]:  # the transport moves what the cluster moves, in as many rounds
         assert row["bytes_per_epoch"] >= row["min_bytes_per_epoch"] > 0
         assert row["bytes_per_epoch"] <= 1.05 * row["min_bytes_per_epoch"]
-        assert row["rounds_per_step"] == ROUNDS_PER_STEP[row["second_layer"]]
+        assert row["rounds_per_step"] == ROUNDS_PER_STEP[row["later_layers"]]
         assert row["worker_peak_rss_mb"] > 0
     assert "| cluster | coordinator | all | ipc | every-step | 2 | 64 |" in done.stdout
     assert "| transport | workers | - | tcp | every-step | 2 | 64 |" in done.stdout
@@ -58,7 +58,7 @@ def test_bench_with_kept_rows_moves_the_least_the_design_allows(tmp_path):
     measured traffic (re-keys included, once an epoch or every 5 of its 10 steps) stays within 5% of it."""
     out = tmp_path / "results.json"
     done = run_cli("bench", "--workers", "2", "--batch-sizes", "64", "--repeats", "1", "--train-limit", "640",
-                   "--second-layer", "coordinator", "--verify", "off", "--rekey", "every-epoch,5", "--out", out)
+                   "--later-layers", "coordinator", "--verify", "off", "--rekey", "every-epoch,5", "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [(r["mode"], r["rekey"]) for r in rows] == [
@@ -93,18 +93,21 @@ def test_a_cluster_session_keeps_its_workers_through_a_long_wait_between_epochs(
 
 @pytest.mark.parametrize("batch, sizes, workers, itemsize", [
     (128, (784, 128, 10), 7, 4), (1000, (784, 128, 10), 7, 8), (17, (784, 100, 10), 3, 4), (1, (13, 5, 3), 7, 4),
+    (128, (784, 256, 128, 10), 7, 4), (32, (784, 64, 32, 16, 10), 2, 8),
 ])
-@pytest.mark.parametrize("second_layer_here", [False, True])
-def test_rounds_add_up_to_the_minimum_step(batch, sizes, workers, itemsize, second_layer_here):
-    inputs, hidden, outputs = sizes
+@pytest.mark.parametrize("later_layers_here", [False, True])
+def test_rounds_add_up_to_the_minimum_step(batch, sizes, workers, itemsize, later_layers_here):
+    inputs, hidden = sizes[:2]
     formula = 2 * inputs * hidden + 2 * workers * batch * hidden  # the docstring's, term by term
-    if not second_layer_here:
-        formula += 2 * batch * hidden + 2 * hidden * outputs + 2 * workers * batch * outputs
+    later_layers = list(zip(sizes[1:-1], sizes[2:]))  # (units of its input, its outputs) of each later layer
+    if not later_layers_here:
+        formula += sum(2 * batch * units + 2 * units * outputs + 2 * workers * batch * outputs
+                       for units, outputs in later_layers)
     formula = formula * itemsize + ROW_NUMBER_BYTES * workers * batch
-    rounds = round_bytes(batch, sizes, workers, itemsize, second_layer_here)
-    assert len(rounds) == (1 if second_layer_here else 3)
+    rounds = round_bytes(batch, sizes, workers, itemsize, later_layers_here)
+    assert len(rounds) == (1 if later_layers_here else 1 + 2 * len(later_layers))
     assert round(workers * sum(request + reply for request, reply in rounds)) == formula
-    assert minimum_step_bytes(batch, sizes, workers, itemsize, second_layer_here) == formula
+    assert minimum_step_bytes(batch, sizes, workers, itemsize, later_layers_here) == formula
 
 
 def test_echo_requests_share_whole_bytes_and_ask_for_their_reply():
@@ -127,7 +130,7 @@ def test_the_coordinator_fit_is_a_line_through_its_busy_time_per_step():
 
     def row(workers, busy):
         phases = {"math": busy / 2, "build": busy / 2, "wait": 100.0}
-        return {"measure": "epoch", "workers": workers, "batch_size": 128, "second_layer": "workers",
+        return {"measure": "epoch", "workers": workers, "batch_size": 128, "later_layers": "workers",
                 "rekey": "every-step", "coordinator_ms_per_step": phases}
 
     fits = coordinator_fits([row(2, 3.0), row(4, 5.0), row(7, 8.0), {"measure": "accuracy"}])

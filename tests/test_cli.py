@@ -72,8 +72,8 @@ def test_each_preset_runs_as_documented(train_run, preset):
     assert "epoch " in done.stdout
     if preset == "xor":
         assert done.stdout.count("epoch ") == 10  # every 500th of 5000 epochs
-        p = model.Params(**load_model(run_dir))
-        outputs = model.activate(model.activate(XOR.train_images @ p.w1, p.b1, "sigmoid") @ p.w2, p.b2, "sigmoid")[:, 0]
+        w1, b1, w2, b2 = load_model(run_dir).values()
+        outputs = model.activate(model.activate(XOR.train_images @ w1, b1, "sigmoid") @ w2, b2, "sigmoid")[:, 0]
         assert ((outputs > 0.5) == XOR.train_labels).all(), outputs
 
 
@@ -89,6 +89,8 @@ def test_xor_preset_waits_for_its_two_workers(train_run):
     [
         (("--preset", "xor", "--spawn", "3"), ("3 workers cannot share 2 input columns", "at most 2")),
         (("--hidden", "4", "--workers", "5"), ("5 workers cannot share 784 input columns and 4 hidden units",)),
+        (("--hidden", "64,4", "--workers", "5"), ("5 workers cannot share 784 input columns and 64,4 hidden units",
+                                                  "at most 4")),
         (("--preset", "xor", "--workers", "6", "--replicas", "2"), ("6 workers cannot share", "at most 4")),
         (("--spawn", "0"), ("--spawn",)),
         (("--workers", "0"), ("--workers",)),
@@ -130,6 +132,8 @@ def test_options_override_a_preset(train_run):
         (("--loss", "hinge"), ("loss must be",)),
         (("--epochs", "0", "--lr", "-1"), ("epochs must be", "learning rate must be")),
         (("--loss", "ce"), ("loss ce needs output softmax, not sigmoid",)),
+        (("--hidden", "64,x"), ("--hidden '64,x' is not a comma list of unit counts",)),
+        (("--hidden", "64,0"), ("hidden layers must have 1..4096 units each",)),
         (("--preset", "xor", "--output", "softmax", "--loss", "ce"), ("softmax needs several outputs; xor has one",)),
     ],
 )

@@ -14,7 +14,7 @@ from tests.conftest import LOOPBACK_ANY_PORT, PROCESS_TIMEOUT, lines_of, wait_fo
 BAD_WORKERS = Path(__file__).resolve().parent / "bad_workers.py"
 REGISTRATION_TIMEOUT = 60  # seconds: a worker process starting on two busy cores
 COMPUTE_CHECKS = {"first_layer forward", "first_layer gradient", "first_layer gradient then forward", "kept rows",
-                  "second_forward", "second_backward", "register_again"}
+                  "later_forward", "later_backward", "register_again"}
 WORKERS = {
     "ours": [sys.executable, "-m", "worker", "--connect"],
     "minimal": [sys.executable, str(MINIMAL_WORKER)],

@@ -15,12 +15,15 @@ SMALL_RUN = ("--dtype", "float64", "--train-limit", "2000", "--test-limit", "500
 # One batch of 5,000 rows is sent in two chunks whose gradients are summed.
 CHUNKED_RUN = ("--dtype", "float64", "--train-limit", "5000", "--test-limit", "100", "--batch-size", "5000",
                "--epochs", "3", "--lr", "2")
-# The other hidden activations and output functions, and dropout, on 300 images in batches of 20: 30 steps each.
+# The other hidden activations and output functions, dropout, and two hidden layers, on 300 images in batches of 20:
+# 30 steps each.
 TINY_RUN = ("--dtype", "float64", "--train-limit", "300", "--test-limit", "100", "--batch-size", "20", "--epochs", "2",
             "--seed", "5")
 NETWORKS = {
     "relu-softmax-ce-dropout": ("--activation", "relu", "--output", "softmax", "--loss", "ce", "--dropout", "0.3"),
     "tanh-linear-mse": ("--activation", "tanh", "--output", "linear", "--loss", "mse", "--lr", "0.01"),
+    "784-64-32-10-relu-softmax-ce-dropout": ("--hidden", "64,32", "--activation", "relu", "--output", "softmax",
+                                             "--loss", "ce", "--dropout", "0.3"),
 }
 
 
@@ -47,17 +50,18 @@ def test_distributed_matches_local(train_run, local_models, workers):
 @pytest.mark.parametrize("workers", [1, 2, 7])
 @pytest.mark.parametrize("network", NETWORKS)
 def test_each_network_matches_local(train_run, local_models, network, workers):
-    """The workers that compute the second layer get the activations already masked by the coordinator."""
+    """The workers that compute the later layers get the activations already masked by the coordinator."""
     settings = (*TINY_RUN, *NETWORKS[network])
     local_model, local_history = _local(train_run, local_models, settings)
     _, run_dir = train_run("--spawn", workers, "--bind", LOOPBACK_ANY_PORT, *settings)
     _assert_same_run(run_dir, local_model, local_history)
 
 
-def test_dropout_with_the_second_layer_on_the_coordinator_matches_local(train_run, local_models):
-    settings = (*TINY_RUN, *NETWORKS["relu-softmax-ce-dropout"])
+@pytest.mark.parametrize("network", ["relu-softmax-ce-dropout", "784-64-32-10-relu-softmax-ce-dropout"])
+def test_dropout_with_the_later_layers_on_the_coordinator_matches_local(train_run, local_models, network):
+    settings = (*TINY_RUN, *NETWORKS[network])
     local_model, _ = _local(train_run, local_models, settings)
-    _, run_dir = train_run("--spawn", 2, "--bind", LOOPBACK_ANY_PORT, "--second-layer", "coordinator", *settings)
+    _, run_dir = train_run("--spawn", 2, "--bind", LOOPBACK_ANY_PORT, "--later-layers", "coordinator", *settings)
     assert max_difference(load_model(run_dir), local_model) < TOLERANCE
 
 
@@ -70,9 +74,9 @@ def _assert_same_run(run_dir, local_model: dict, local_history: str) -> None:
         assert ours["cost"] == pytest.approx(theirs["cost"], rel=1e-9)
 
 
-def test_second_layer_on_the_coordinator_matches_local(train_run, local_models):
+def test_later_layers_on_the_coordinator_matches_local(train_run, local_models):
     local_model, _ = _local(train_run, local_models, SMALL_RUN)
-    _, run_dir = train_run("--spawn", 2, "--bind", LOOPBACK_ANY_PORT, "--second-layer", "coordinator", *SMALL_RUN)
+    _, run_dir = train_run("--spawn", 2, "--bind", LOOPBACK_ANY_PORT, "--later-layers", "coordinator", *SMALL_RUN)
     assert max_difference(load_model(run_dir), local_model) < TOLERANCE
 
 
@@ -98,5 +102,6 @@ def test_training_actually_moves_the_weights(train_run, local_models, settings, 
     from common.model import initial_params
 
     local_model, _ = _local(train_run, local_models, settings)
-    initial = initial_params((784, 128, 10), "scaled", seed, "float64").arrays()
+    hidden = settings[settings.index("--hidden") + 1].split(",") if "--hidden" in settings else ["128"]
+    initial = initial_params((784, *map(int, hidden), 10), "scaled", seed, "float64").arrays()
     assert max_difference(local_model, initial) > 1e-2

@@ -1,4 +1,4 @@
-"""What a worker is sent: only its own columns, never a label, weights only ever in shuffled column order.
+"""What a worker is sent: only its own columns and units, never a label, weights only ever in shuffled column order.
 
 A real coordinator and two real workers talk over loopback TCP in this process (in threads), so both
 what the coordinator meant to send and what each worker received can be recorded and compared.
@@ -13,7 +13,9 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from common.protocol import FirstLayer, KeptFirstLayer, ReturnRows, SecondBackward, SecondForward, Shard, Stop, Welcome
+from common.protocol import (
+    FirstLayer, KeptFirstLayer, LaterBackward, LaterForward, ReturnRows, Shard, Stop, Welcome,
+)
 from coordinator import run
 from coordinator.cluster_options import ClusterOptions
 from coordinator.config import TrainingConfig
@@ -22,8 +24,10 @@ from worker.connection import CoordinatorLink
 from tests.conftest import LOOPBACK_ANY_PORT
 from worker.serve import serve
 
-# The rows travel every step here; the kept rows of --rekey have their own test below.
-CONFIG = TrainingConfig(epochs=2, batch_size=50, train_limit=300, test_limit=100, seed=3, rekey="every-step")
+# Two hidden layers, so that every later layer's split is seen: layers 2 and 3 each have owners of their own.
+# The first layer's rows travel every step here; the kept rows of --rekey have their own test below.
+CONFIG = TrainingConfig(epochs=2, batch_size=50, train_limit=300, test_limit=100, seed=3, hidden=(64, 32),
+                        rekey="every-step")
 WORKERS = 2
 
 
@@ -67,14 +71,15 @@ def _bound_address():
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     """(what each worker received by slot, the natural-order operands the coordinator split up, run dir)."""
-    return _recorded_run(tmp_path_factory.mktemp("exposure"), second_layer_here=False)
+    return _recorded_run(tmp_path_factory.mktemp("exposure"), later_layers_here=False)
 
 
-RECORDED = ("_first_layer_round", "_kept_round", "_new_period", "second_forward")  # ClusterProducts' methods
+# ClusterProducts' methods
+RECORDED = ("_first_layer_round", "_kept_round", "_new_period", "later_forward", "later_backward")
 
 
-def _recorded_run(run_dir, second_layer_here: bool, config: TrainingConfig = CONFIG) -> tuple:
-    sent = {"first_layer": [], "kept_first_layer": [], "kept_weights": [], "second_forward": []}
+def _recorded_run(run_dir, later_layers_here: bool, config: TrainingConfig = CONFIG) -> tuple:
+    sent = {"first_layer": [], "kept_first_layer": [], "kept_weights": [], "later_forward": [], "later_backward": []}
     originals = {name: getattr(ClusterProducts, name) for name in RECORDED}
 
     def first_layer_round(self, weights, split, rows, step):
@@ -89,11 +94,15 @@ def _recorded_run(run_dir, second_layer_here: bool, config: TrainingConfig = CON
         sent["kept_weights"].append(weights.copy())
         return originals["_new_period"](self, weights)
 
-    def second_forward(self, activations, weights):
-        sent["second_forward"].append((activations, weights.copy()))
-        return originals["second_forward"](self, activations, weights)
+    def later_forward(self, layer, activations, weights):
+        sent["later_forward"].append((layer, activations, weights.copy()))
+        return originals["later_forward"](self, layer, activations, weights)
 
-    for name, recording in zip(RECORDED, (first_layer_round, kept_round, new_period, second_forward)):
+    def later_backward(self, layer, error):
+        sent["later_backward"].append((layer, error))
+        return originals["later_backward"](self, layer, error)
+
+    for name, recording in zip(RECORDED, (first_layer_round, kept_round, new_period, later_forward, later_backward)):
         setattr(ClusterProducts, name, recording)
     links = []
 
@@ -106,7 +115,7 @@ def _recorded_run(run_dir, second_layer_here: bool, config: TrainingConfig = CON
             threads = [threading.Thread(target=work, args=(bound, name), daemon=True) for name in "AB"]
             for thread in threads:
                 thread.start()
-            options = ClusterOptions(LOOPBACK_ANY_PORT, WORKERS, False, 30, second_layer_here=second_layer_here)
+            options = ClusterOptions(LOOPBACK_ANY_PORT, WORKERS, False, 30, later_layers_here=later_layers_here)
             run.train(config, run_dir, options, on_epoch=lambda report: None)
         for thread in threads:
             thread.join(30)
@@ -141,7 +150,7 @@ def test_workers_receive_only_their_own_columns(recorded):
 
 def test_workers_never_receive_labels_or_anything_else(recorded):
     by_slot, _, _ = recorded
-    allowed = (Welcome, Shard, FirstLayer, SecondForward, SecondBackward, Stop)
+    allowed = (Welcome, Shard, FirstLayer, LaterForward, LaterBackward, Stop)
     for messages in by_slot.values():
         assert all(isinstance(m, allowed) for m in messages)
         assert isinstance(messages[-1], Stop)
@@ -169,27 +178,44 @@ def test_weight_rows_always_arrive_freshly_shuffled(recorded):
         assert len(seen) == sum(m.weights is not None for m in received)  # a fresh shuffle every time
 
 
-def test_second_layer_rows_are_shuffled_too(recorded):
+def test_each_later_layer_sends_only_its_own_units_rows_freshly_shuffled(recorded):
+    """Layers 2 and 3: a worker gets the activations and weight rows of its own units of the layer's input (each
+    hidden layer split apart), the rows under a fresh shuffle each time, and the layer's error in that same order."""
     by_slot, sent, run_dir = recorded
-    owners = np.load(run_dir / "exposure.npz")["unit_owners"]
+    with np.load(run_dir / "exposure.npz") as saved:
+        owners = {2: saved["unit_owners1"], 3: saved["unit_owners2"]}
+    assert [len(owners[layer]) for layer in (2, 3)] == [64, 32]
     for slot, messages in by_slot.items():
-        units = np.flatnonzero(owners == slot)
-        received = [m for m in messages if isinstance(m, SecondForward)]
-        assert len(received) == len(sent["second_forward"]) > 10
-        seen = set()
-        for message, (activations, weights) in zip(received, sent["second_forward"]):
-            assert np.array_equal(message.activations, activations[:, units])  # only its own hidden units
-            shuffle = _shuffle_of(message.weights, weights[units])
-            seen.add(shuffle.tobytes())
-        assert len(seen) > len(received) // 2  # fresh each time (10! orders, so repeats are rare)
+        units = {layer: np.flatnonzero(layer_owners == slot) for layer, layer_owners in owners.items()}
+        later = [m for m in messages if isinstance(m, (LaterForward, LaterBackward))]
+        forwards = [m for m in later if isinstance(m, LaterForward)]
+        assert [m.layer for m in forwards] == [layer for layer, _, _ in sent["later_forward"]]
+        assert {m.layer for m in forwards} == {2, 3}
+        shuffles, seen = {}, {2: set(), 3: set()}
+        forwards_sent, backwards = iter(sent["later_forward"]), iter(sent["later_backward"])
+        for message in later:
+            if isinstance(message, LaterForward):
+                layer, activations, weights = next(forwards_sent)
+                assert message.layer == layer
+                assert np.array_equal(message.activations, activations[:, units[layer]])  # only its own units
+                shuffles[layer] = _shuffle_of(message.weights, weights[units[layer]])
+                seen[layer].add(shuffles[layer].tobytes())
+            else:
+                layer, error = next(backwards)
+                assert message.layer == layer
+                assert np.array_equal(message.error, error[:, shuffles[layer]])  # the layer's own last shuffle
+        assert next(backwards, None) is None
+        for layer in (2, 3):
+            received = sum(m.layer == layer for m in forwards)
+            assert received > 10 and len(seen[layer]) > received // 2  # fresh each time (10! or 32! orders)
 
 
-def test_with_the_second_layer_on_the_coordinator_workers_get_only_first_layer_requests(tmp_path):
-    by_slot, sent, _ = _recorded_run(tmp_path, second_layer_here=True)
+def test_with_the_later_layers_on_the_coordinator_workers_get_only_first_layer_requests(tmp_path):
+    by_slot, sent, _ = _recorded_run(tmp_path, later_layers_here=True)
     for messages in by_slot.values():
         assert {type(m) for m in messages} == {Welcome, Shard, FirstLayer, Stop}
         assert len([m for m in messages if isinstance(m, FirstLayer)]) == len(sent["first_layer"]) > 10
-    assert sent["second_forward"] == []
+    assert sent["later_forward"] == sent["later_backward"] == []
 
 
 def test_the_workers_of_a_round_share_its_fresh_shuffle(recorded):
@@ -211,7 +237,7 @@ def test_kept_rows_arrive_freshly_shuffled_once_a_re_key_and_the_errors_follow_t
     """With --rekey every-epoch, a worker gets its W1 rows once a period, under a fresh shuffle shared by the
     round's workers; every error of the period comes in that same order, and no gradient ever goes back."""
     config = dataclasses.replace(CONFIG, rekey="every-epoch")
-    by_slot, sent, run_dir = _recorded_run(tmp_path, second_layer_here=True, config=config)
+    by_slot, sent, run_dir = _recorded_run(tmp_path, later_layers_here=True, config=config)
     owners = np.load(run_dir / "exposure.npz")["column_owners"]
     shuffles = {}
     for slot, messages in by_slot.items():

@@ -1,4 +1,5 @@
-"""The minimal worker written from docs/PROTOCOL.md trains alongside ours to the one-process run's weights."""
+"""The minimal worker written from docs/PROTOCOL.md trains alongside ours to the one-process run's weights, in a
+network with two hidden layers, whose two later layers' operands it must keep apart."""
 
 import subprocess
 import sys
@@ -11,15 +12,16 @@ from tests.conftest import LOOPBACK_ANY_PORT, PROCESS_TIMEOUT, lines_of, load_mo
 from tests.test_equivalence import SMALL_RUN, TOLERANCE
 
 MINIMAL_WORKERS = 3  # of 7: the others are `python -m worker`
+DEEP_RUN = (*SMALL_RUN, "--hidden", "64,32")
 
 
 @pytest.mark.slow
 def test_seven_workers_some_minimal_match_local(train_run, tmp_path):
-    _, local_dir = train_run("--local", *SMALL_RUN)
+    _, local_dir = train_run("--local", *DEEP_RUN)
     run_dir = tmp_path / "distributed"
     coordinator = subprocess.Popen(
         [sys.executable, "-m", "coordinator", "train", "--workers", "7", "--bind", LOOPBACK_ANY_PORT, "--quiet",
-         "--run-dir", str(run_dir), *SMALL_RUN],
+         "--run-dir", str(run_dir), *DEEP_RUN],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     workers = []

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from coordinator import run
-from coordinator.config import PRESETS, TrainingConfig
+from common.errors import InputError
+from coordinator.config import PRESETS, TrainingConfig, hidden_layers
 from coordinator.rundir import ModelError, evaluate_model
 
 TINY = TrainingConfig(train_limit=300, test_limit=100, batch_size=20, epochs=2, dtype="float64")
@@ -27,10 +28,25 @@ TINY = TrainingConfig(train_limit=300, test_limit=100, batch_size=20, epochs=2, 
         (dict(init="he"), "init must be one of scaled, uniform, normal, legacy"),
         (dict(init="uniform", uniform_limit=0.0), "uniform limit must be positive"),
         (dict(init="normal", normal_std=-1.0), "normal std must be positive"),
+        (dict(hidden=()), "hidden must list 1..16 layers"),
+        (dict(hidden=(8,) * 17), "hidden must list 1..16 layers"),
+        (dict(hidden=(64, 0)), "hidden layers must have 1..4096 units each"),
+        (dict(hidden=(5000,)), "hidden layers must have 1..4096 units each"),
     ],
 )
 def test_combinations_that_make_no_sense_are_refused(settings, words):
     assert TrainingConfig(**settings).problems() == [words]
+
+
+def test_hidden_is_a_tuple_however_it_comes():
+    """From the command line as text, from config.json as a list, from the config of a run before deeper networks
+    as one int: all the same settings."""
+    assert hidden_layers("256,128") == (256, 128) and hidden_layers("128") == (128,)
+    assert TrainingConfig(hidden=128) == TrainingConfig(hidden=[128]) == TrainingConfig()
+    assert TrainingConfig(hidden=[256, 128]).hidden == (256, 128)
+    for text in ("256,x", "", "256,", "-5", "1.5"):
+        with pytest.raises(InputError, match="is not a comma list of unit counts"):
+            hidden_layers(text)
 
 
 @pytest.mark.parametrize("output", ["sigmoid", "softmax", "linear"])
@@ -81,3 +97,15 @@ def test_a_model_file_from_before_the_network_was_a_setting_evaluates_as_sigmoid
         old = {name: saved[name] for name in ("w1", "b1", "w2", "b2", "input_divisor")}
     np.savez(tmp_path / "old.npz", **old)
     assert evaluate_model(tmp_path / "old.npz", None) == history[-1]["test_accuracy"]
+
+
+def test_a_deep_model_file_evaluates_and_inconsistent_layers_are_refused(tmp_path):
+    _, history = _trained(tmp_path, "run", replace(TINY, hidden=(32, 16), test_limit=None))
+    model_path = tmp_path / "run" / "model.npz"
+    assert evaluate_model(model_path, None) == history[-1]["test_accuracy"]
+    with np.load(model_path) as saved:
+        arrays = dict(saved)
+    assert [arrays[f"w{layer}"].shape for layer in (1, 2, 3)] == [(784, 32), (32, 16), (16, 10)]
+    np.savez(tmp_path / "bad.npz", **{**arrays, "w3": arrays["w3"][:-1]})
+    with pytest.raises(ModelError, match="inconsistent array shapes"):
+        evaluate_model(tmp_path / "bad.npz", None)

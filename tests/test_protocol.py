@@ -9,9 +9,10 @@ import pytest
 
 from common import protocol
 from common.protocol import (
-    Deregister, Failure, FirstLayer, Heartbeat, KeptFirstLayer, ProtocolError, Register, RegisterAgain, Reject, Result,
-    ReturnRows, SecondBackward, SecondForward, Shard, Stop, Welcome,
+    Deregister, Failure, FirstLayer, Heartbeat, KeptFirstLayer, LaterBackward, LaterForward, ProtocolError, Register,
+    RegisterAgain, Reject, Result, ReturnRows, Shard, Stop, Welcome,
 )
+from worker.compute import RequestError, WorkerState
 
 ARRAY = np.arange(12, dtype=np.float32).reshape(3, 4)
 EVERY_KIND = [
@@ -25,8 +26,8 @@ EVERY_KIND = [
     KeptFirstLayer(9, ARRAY, "train", np.arange(3, dtype=np.int32), np.arange(3, dtype=np.int32), ARRAY, 0.5),
     KeptFirstLayer(10, None, "test", np.arange(3, dtype=np.int32), None, None, 0.0),
     ReturnRows(11),
-    SecondForward(4, ARRAY, ARRAY.T.copy()),
-    SecondBackward(5, ARRAY),
+    LaterForward(4, 2, ARRAY, ARRAY.T.copy()),
+    LaterBackward(5, 3, ARRAY),
     Result(6, {"partial": ARRAY, "gradient": ARRAY.astype(np.float64)}),
     Failure(7, "bad rows"),
     Stop("done"),
@@ -135,3 +136,40 @@ def test_a_refusal_is_one_line():
     with pytest.raises(ProtocolError) as refused:
         protocol.decode(_frame(kind="x" * 500))
     assert "\n" not in str(refused.value) and len(str(refused.value)) < 120
+
+
+def test_version_3_later_layer_messages_are_refused():
+    """Version 3's second_forward has no layer and no longer exists: neither it nor a layer-less later_forward
+    gets past the gate."""
+    old = msgpack.packb({"kind": "second_forward", "request": 1, "activations": None, "weights": None})
+    with pytest.raises(ProtocolError, match="unknown message kind 'second_forward'"):
+        protocol.decode(old)
+    frame = protocol.encode(LaterForward(1, 2, ARRAY, ARRAY.T.copy()))
+    layerless = {key: value for key, value in msgpack.unpackb(frame).items() if key != "layer"}
+    with pytest.raises(ProtocolError, match=r"later_forward message fields wrong \(missing \['layer'\]"):
+        protocol.decode(msgpack.packb(layerless))
+
+
+def test_a_worker_keeps_each_later_layers_operands_apart():
+    state, rng = WorkerState("float64", 255.0), np.random.default_rng(0)
+    operands = {2: (rng.random((4, 3)), rng.random((3, 5))), 3: (rng.random((4, 2)), rng.random((2, 6)))}
+    for layer, (activations, weights) in operands.items():
+        state.compute(LaterForward(layer, layer, activations, weights))
+    for layer in (3, 2):  # the backward passes, the last layer first
+        activations, weights = operands[layer]
+        error = rng.random((4, weights.shape[1]))
+        products = state.compute(LaterBackward(10 + layer, layer, error)).products
+        assert np.allclose(products["gradient"], activations.T @ error)
+        assert np.allclose(products["error"], error @ weights.T)
+
+
+@pytest.mark.parametrize("request_, words", [
+    (LaterBackward(1, 4, np.zeros((4, 2))), "later_backward of layer 4 before its later_forward"),
+    (LaterForward(1, 1, np.zeros((4, 2)), np.zeros((2, 2))), "layer 1 is not a later layer 2..17"),
+    (LaterForward(1, 18, np.zeros((4, 2)), np.zeros((2, 2))), "layer 18 is not a later layer 2..17"),
+])
+def test_a_later_layer_request_the_worker_cannot_carry_out(request_, words):
+    state = WorkerState("float64", 255.0)
+    state.compute(LaterForward(0, 2, np.zeros((4, 3)), np.zeros((3, 2))))
+    with pytest.raises(RequestError, match=words):
+        state.compute(request_)

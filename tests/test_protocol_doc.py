@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from common import protocol, settings
-from common.protocol import FirstLayer, KeptFirstLayer, Register, ReturnRows, SecondBackward, SecondForward, Shard
+from common.protocol import FirstLayer, KeptFirstLayer, Register, ReturnRows, LaterBackward, LaterForward, Shard
 from coordinator.config import TrainingConfig
 from coordinator.cluster_options import _largest_reply_bytes
 from coordinator.scheduler import Arrived, Disconnect, Scheduler
@@ -156,8 +156,8 @@ def _products_our_worker_returns() -> dict:
             KeptFirstLayer(9, None, "train", rows, rows, error, 1.0),
         ],
         "return_rows": [ReturnRows(10)],
-        "second_forward": [SecondForward(6, np.ones((3, 4)), np.ones((4, 2)))],
-        "second_backward": [SecondBackward(7, np.ones((3, 2)))],
+        "later_forward": [LaterForward(6, 2, np.ones((3, 4)), np.ones((4, 2)))],
+        "later_backward": [LaterBackward(7, 2, np.ones((3, 2)))],
     }
     return {kind: set().union(*(state.compute(r).products for r in requests)) for kind, requests in variants.items()}
 

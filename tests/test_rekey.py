@@ -80,7 +80,7 @@ def _period(dtype: str, steps: int) -> tuple:
 def _plan():
     from common.exposure import ExposurePlan
 
-    return ExposurePlan(np.zeros(30, np.int64), np.zeros(20, np.int64))
+    return ExposurePlan(np.zeros(30, np.int64), (np.zeros(20, np.int64),))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -132,9 +132,9 @@ def _cluster(tmp_path, faults: dict, *args) -> Harness:
 
 
 @pytest_slow
-@pytest.mark.parametrize("second_layer", ["workers", "coordinator"])
-def test_a_worker_lost_between_re_keys_leaves_the_undisturbed_weights(tmp_path, undisturbed, second_layer):
-    harness = _cluster(tmp_path, {"B": "exit-at-request:150"}, "--second-layer", second_layer)  # mid-epoch 1 or 2
+@pytest.mark.parametrize("later_layers", ["workers", "coordinator"])
+def test_a_worker_lost_between_re_keys_leaves_the_undisturbed_weights(tmp_path, undisturbed, later_layers):
+    harness = _cluster(tmp_path, {"B": "exit-at-request:150"}, "--later-layers", later_layers)  # mid-epoch 1 or 2
     try:
         assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
         assert harness.processes[2].wait(10) == EXIT_CODE, "the fault never fired"

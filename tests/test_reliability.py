@@ -19,6 +19,11 @@ TOLERANCE = 1e-6
 RUN = ("--dtype", "float64", "--train-limit", "3000", "--test-limit", "300", "--batch-size", "10", "--epochs", "3",
        "--seed", "5")
 WATCHED = ("--status-bind", LOOPBACK_ANY_PORT)  # so a test can wait for a step of the run
+# Two hidden layers with dropout: 5 compute requests a step (first layer; forward of layers 2 and 3; backward of
+# layers 3 and 2), 100 steps an epoch.
+DEEP_RUN = ("--dtype", "float64", "--train-limit", "1000", "--test-limit", "100", "--batch-size", "10", "--epochs", "2",
+            "--seed", "5", "--hidden", "24,16", "--activation", "relu", "--output", "softmax", "--loss", "ce",
+            "--dropout", "0.3")
 
 
 @pytest.fixture
@@ -102,6 +107,24 @@ def test_workers_that_vanish_at_any_point_of_the_protocol(harness, undisturbed, 
         assert f"worker {name} " in log
     survivors = json.loads((harness.run_dir / "workers.json").read_text())[: 7 - len(faults)]
     assert sorted(w["name"] for w in survivors) == sorted(set("ABCDEFG") - set(faults))
+
+
+def test_workers_lost_in_later_layers_rounds_of_a_deep_run(harness, tmp_path_factory):
+    """B dies on its 44th request, step 9's backward of layer 3, while layers 3 and 2 both wait for their backward;
+    C on its 76th, step 15's forward of layer 3 (B's recovery sent C two extra requests: the forwards of layers 2
+    and 3 again), while layer 2 waits. Each time every layer still to go backward gets its operands again."""
+    undisturbed = one_process_model(tmp_path_factory.mktemp("deep-local"), *DEEP_RUN)
+    harness.start_coordinator("--workers", 3, *DEEP_RUN)
+    faults = {"B": "exit-at-request:44", "C": "exit-at-request:76"}
+    workers = {name: harness.start_worker(name, *(("--fault", faults[name]) if name in faults else ()))
+               for name in "ABC"}
+    assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
+    for name in faults:
+        assert workers[name].wait(10) == EXIT_CODE, f"the fault of {name} never fired"
+    assert max_difference(load_model(harness.run_dir), undisturbed) < TOLERANCE
+    takeovers = [r for r in harness.exposure_records() if r["reason"].startswith("took over columns")]
+    assert {r["step"] for r in takeovers} == {8, 14}  # the steps done before each loss
+    assert all(len(r["units"]) == 2 for r in takeovers)  # the units of both hidden layers moved with the columns
 
 
 def test_stalled_worker_is_declared_lost_within_the_timeout(harness, undisturbed):

@@ -4,7 +4,7 @@ import numpy as np
 
 from common import settings
 from common.protocol import (
-    Deregister, Failure, Heartbeat, Register, RegisterAgain, Reject, Result, SecondBackward,
+    Deregister, Failure, Heartbeat, Register, RegisterAgain, Reject, Result, LaterBackward,
 )
 from coordinator.scheduler import (
     Admit, Arrived, Disconnect, Expected, Garbled, Refused, Scheduler, Send, Tick, Unreachable,
@@ -23,7 +23,7 @@ def _scheduler_with(workers: int) -> Scheduler:
 
 
 def _round(scheduler: Scheduler, shape=(2, 3)) -> list:
-    request = SecondBackward(0, np.zeros(shape, F32))
+    request = LaterBackward(0, 2, np.zeros(shape, F32))
     requests = {slot: (request, Expected({"error": shape})) for slot in range(scheduler.capacity)}
     return scheduler.start_round(requests, now=0.0)
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from common import model
-from common.protocol import FirstLayer, SecondBackward, SecondForward, Shard
+from common.protocol import FirstLayer, LaterBackward, LaterForward, Shard
 from coordinator.verify import Verifier
-from tests.cluster_harness import Harness
+from tests.cluster_harness import Harness, one_process_model
 from tests.conftest import load_model, max_difference
 from worker.compute import WorkerState
 from worker.faults import FAULTS, FaultyWorkerState
@@ -23,12 +23,12 @@ def _verifier(dtype: str) -> Verifier:
 
 
 def _requests(dtype: str) -> list:
-    """A fused first-layer request, a second-layer forward and its backward, with realistic magnitudes."""
+    """A fused first-layer request, a later layer's forward and its backward, with realistic magnitudes."""
     rows, error_rows = RNG.integers(0, 50, 16).astype(np.int32), RNG.integers(0, 50, 16).astype(np.int32)
     weights = (RNG.standard_normal((30, 20)) / 5).astype(dtype)
     error = (RNG.standard_normal((16, 20)) / 100).astype(dtype)
-    forward = SecondForward(2, RNG.random((16, 6)).astype(dtype), RNG.standard_normal((6, 10)).astype(dtype))
-    backward = SecondBackward(3, (RNG.standard_normal((16, 10)) / 50).astype(dtype))
+    forward = LaterForward(2, 2, RNG.random((16, 6)).astype(dtype), RNG.standard_normal((6, 10)).astype(dtype))
+    backward = LaterBackward(3, 2, (RNG.standard_normal((16, 10)) / 50).astype(dtype))
     return [FirstLayer(1, weights, "train", rows, error_rows, error, 3.0), forward, backward]
 
 
@@ -45,7 +45,7 @@ def test_honest_products_always_pass(dtype):
         state = WorkerState(dtype, 255.0)
         forward = None
         for request, products in _answers(state, dtype):
-            forward = request if isinstance(request, SecondForward) else forward
+            forward = request if isinstance(request, LaterForward) else forward
             assert verifier.check(request, products, np.arange(30), forward) is None
 
 
@@ -54,7 +54,7 @@ def test_honest_products_always_pass(dtype):
 def test_every_wrong_answer_fails(dtype, mode):
     verifier, forward = _verifier(dtype), None
     for request, products in _answers(FaultyWorkerState(dtype, 255.0, "exact", mode), dtype):
-        forward = request if isinstance(request, SecondForward) else forward
+        forward = request if isinstance(request, LaterForward) else forward
         assert verifier.check(request, products, np.arange(30), forward) is not None, type(request).__name__
 
 
@@ -140,6 +140,26 @@ def test_verify_off_lets_a_liar_silently_spoil_the_model(tmp_path, honest):
         assert difference > 1e-5  # far beyond the 1e-6 within which every honest run stays
     finally:
         harness.close()
+
+
+@pytest.mark.slow
+def test_every_later_layer_is_checked_against_its_own_forward(tmp_path):
+    """Two hidden layers, every answer checked: each backward of layer 3 and of layer 2 against the operands the
+    worker kept from that layer's own forward (another layer's would not even fit), so honest workers stand."""
+    deep = (*RUN, "--hidden", "24,16", "--activation", "relu", "--output", "softmax", "--loss", "ce")
+    harness = Harness(tmp_path)
+    try:
+        harness.start_coordinator("--workers", 3, "--verify", "all", *deep)
+        for name in "ABC":
+            harness.start_worker(name)
+        assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
+        assert not _quarantined(harness)
+        distributed = load_model(harness.run_dir)
+    finally:
+        harness.close()
+    (tmp_path / "local").mkdir()
+    local = one_process_model(tmp_path / "local", *deep)
+    assert list(local) == ["w1", "b1", "w2", "b2", "w3", "b3"] and max_difference(distributed, local) < 1e-9
 
 
 @pytest.mark.slow

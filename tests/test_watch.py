@@ -184,12 +184,12 @@ def test_exposure_map_shows_pixels_that_changed_hands(tmp_path):
     from common.exposure import ExposurePlan
     from coordinator.report import final_owners, write_report
 
-    plan = ExposurePlan.random(784, 128, 3, seed=1)
+    plan = ExposurePlan.random(784, (128, 64), 3, seed=1)  # a deep run: the map is of pixels all the same
     plan.save(tmp_path / "exposure.npz", permutation_seed=5)
     (tmp_path / "history.jsonl").write_text(json.dumps(
         {"epoch": 1, "cost": 0.5, "train_accuracy": 0.5, "test_accuracy": 0.6, "seconds": 1.0}) + "\n")
     handover = {"epoch": 1, "step": 3, "slot": 0, "worker": "A", "reason": "took over columns of a lost worker",
-                "columns": sorted([*plan.columns(0).tolist(), *plan.columns(2).tolist()]), "units": []}
+                "columns": sorted([*plan.columns(0).tolist(), *plan.columns(2).tolist()]), "units": [[]]}
     (tmp_path / "exposure.jsonl").write_text(json.dumps(handover) + "\n")
     owners = final_owners(plan.column_owners, [handover])
     assert np.bincount(owners, minlength=3).tolist() == [len(plan.columns(0)) + len(plan.columns(2)),

@@ -8,7 +8,7 @@ import pytest
 
 from bench.traffic import minimum_step_bytes
 from common import model
-from common.protocol import Result, SecondForward, Shard, decode, encode
+from common.protocol import LaterForward, Result, Shard, decode, encode
 from coordinator.config import TrainingConfig
 from coordinator.scheduler import Expected, Scheduler
 from coordinator.verify import Verifier
@@ -82,7 +82,7 @@ def test_honest_narrow_answers_pass_freivalds_and_wrong_ones_fail(wire):
     for _ in range(100):
         forward = None
         for request, products in zip(*_narrow_answers(wire)):
-            forward = request if isinstance(request, SecondForward) else forward
+            forward = request if isinstance(request, LaterForward) else forward
             assert verifier.check(request, products, np.arange(30), forward) is None
     request, products = next(zip(*_narrow_answers(wire)))
     partial = model.from_wire(products["partial"], np.float32)
@@ -125,10 +125,10 @@ def test_a_narrow_wire_trains_like_the_exact_one_and_no_honest_worker_is_caught(
     assert 0 < max_difference(load_model(narrow_dir), load_model(exact_dir)) < 0.05
 
 
-@pytest.mark.parametrize("second_layer_here", [False, True])
-def test_the_least_traffic_counts_errors_and_partials_at_the_wire_width(second_layer_here):
+@pytest.mark.parametrize("later_layers_here", [False, True])
+def test_the_least_traffic_counts_errors_and_partials_at_the_wire_width(later_layers_here):
     batch, (inputs, hidden, outputs), workers, s, w = 64, (784, 128, 10), 7, 4, 2
     formula = 2 * inputs * hidden * s + 2 * workers * batch * hidden * w + 4 * workers * batch
-    if not second_layer_here:
+    if not later_layers_here:
         formula += batch * hidden * (s + w) + 2 * hidden * outputs * s + 2 * workers * batch * outputs * w
-    assert minimum_step_bytes(batch, (inputs, hidden, outputs), workers, s, second_layer_here, w) == formula
+    assert minimum_step_bytes(batch, (inputs, hidden, outputs), workers, s, later_layers_here, w) == formula

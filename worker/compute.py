@@ -4,7 +4,7 @@ import numpy as np
 
 from common import model, settings
 from common.protocol import (
-    WIRE_PRODUCTS, FirstLayer, KeptFirstLayer, Result, ReturnRows, SecondBackward, SecondForward, Shard,
+    WIRE_PRODUCTS, FirstLayer, KeptFirstLayer, LaterBackward, LaterForward, Result, ReturnRows, Shard,
 )
 
 
@@ -13,7 +13,7 @@ class RequestError(ValueError):
 
 
 class WorkerState:
-    """A worker's input columns of each split, its kept first-layer rows, and the operands of its last second-layer
+    """A worker's input columns of each split, its kept first-layer rows, and the operands of each later layer's last
     forward."""
 
     def __init__(self, dtype: str, input_divisor: float, wire: str = "exact"):
@@ -23,14 +23,14 @@ class WorkerState:
         self.inputs: dict[str, np.ndarray] = {}  # split -> (n, k) floats
         self.rows_loaded: dict[str, int] = {}  # split -> rows of `inputs` filled so far by shard chunks
         self.kept_rows: np.ndarray | None = None  # (k, H) first-layer rows stepped here between re-keys
-        self.second_operands: tuple | None = None  # (activations (B, j), weights (j, O))
+        self.later_operands: dict[int, tuple] = {}  # layer -> (activations (B, j), weights (j, n))
         self.handlers = {
             Shard: self.load_shard,
             FirstLayer: self.first_layer,
             KeptFirstLayer: self.kept_first_layer,
             ReturnRows: self.return_rows,
-            SecondForward: self.second_forward,
-            SecondBackward: self.second_backward,
+            LaterForward: self.later_forward,
+            LaterBackward: self.later_backward,
         }
 
     def load_shard(self, shard: Shard) -> dict:
@@ -96,18 +96,20 @@ class WorkerState:
             raise RequestError("return_rows before any kept rows")
         return {"weights": self.kept_rows}
 
-    def second_forward(self, request: SecondForward) -> dict:
+    def later_forward(self, request: LaterForward) -> dict:
+        if not 2 <= request.layer <= settings.MAX_HIDDEN_LAYERS + 1:
+            raise RequestError(f"layer {request.layer} is not a later layer 2..{settings.MAX_HIDDEN_LAYERS + 1}")
         self._check(request.activations, (None, None), "activations", self.dtype)
         self._check(request.weights, (request.activations.shape[1], None), "weights", self.dtype)
-        self.second_operands = (request.activations, request.weights)
-        return {"partial": model.second_forward(request.activations, request.weights)}
+        self.later_operands[request.layer] = (request.activations, request.weights)
+        return {"partial": model.later_forward(request.activations, request.weights)}
 
-    def second_backward(self, request: SecondBackward) -> dict:
-        if self.second_operands is None:
-            raise RequestError("second_backward before any second_forward")
-        activations, weights = self.second_operands
+    def later_backward(self, request: LaterBackward) -> dict:
+        if request.layer not in self.later_operands:
+            raise RequestError(f"later_backward of layer {request.layer} before its later_forward")
+        activations, weights = self.later_operands[request.layer]
         self._check(request.error, (activations.shape[0], weights.shape[1]), "error", self._wire_dtype())
-        gradient, error = model.second_backward(activations, weights, self._off_wire(request.error))
+        gradient, error = model.later_backward(activations, weights, self._off_wire(request.error))
         return {"gradient": gradient, "error": error}
 
     def _columns(self) -> int:

@@ -16,6 +16,7 @@ VERSION = 4
 HEARTBEAT_INTERVAL = 0.5  # seconds without sending anything before we send a heartbeat
 HEARTBEAT_TIMEOUT = 3.0  # seconds without a word from the coordinator before we take it as gone
 RECONNECT_WAIT = 1.0  # seconds between giving up on a connection and registering on a new one
+MAX_LAYER = 17  # the last layer a network of the coordinator's most hidden layers (16) has: bounds what we keep
 DTYPES = {"|u1", "<u2", "<i4", "<i8", "<f2", "<f4", "<f8"}  # what an array may be, as the coordinator's decoder allows
 
 
@@ -56,8 +57,8 @@ def from_wire(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 class Session:
-    """What a worker holds between one welcome and the next: its inputs, its kept first-layer rows and its
-    second-layer operands."""
+    """What a worker holds between one welcome and the next: its inputs, its kept first-layer rows and each later
+    layer's operands."""
 
     def __init__(self, welcome: dict):
         self.dtype = np.dtype(welcome["dtype"])
@@ -65,10 +66,10 @@ class Session:
         self.wire = welcome["wire"]  # how errors come and partial products go; we compute in self.dtype
         self.inputs = {}  # split -> (n, k) inputs
         self.kept = None  # (k, H) first-layer rows kept between re-keys
-        self.second = None  # (activations (B, j), weights (j, O)) of the last second_forward
-        self.handlers = {"shard": self.shard, "first_layer": self.first_layer, "kept_first_layer": self.kept_first_layer,
-                         "return_rows": self.return_rows, "second_forward": self.second_forward,
-                         "second_backward": self.second_backward}
+        self.later = {}  # layer -> (activations (B, j), weights (j, n)) of its last later_forward
+        self.handlers = {"shard": self.shard, "first_layer": self.first_layer,
+                         "kept_first_layer": self.kept_first_layer, "return_rows": self.return_rows,
+                         "later_forward": self.later_forward, "later_backward": self.later_backward}
 
     def answer(self, request: dict) -> dict:
         """The result of a numbered request, or a failure saying why it cannot be carried out."""
@@ -114,16 +115,16 @@ class Session:
             raise ValueError("return_rows before any kept rows")
         return {"weights": self.kept}
 
-    def second_forward(self, request: dict) -> dict:
-        self.second = (request["activations"], request["weights"])  # kept for second_backward
-        return {"partial": request["activations"] @ request["weights"]}  # (B, j) @ (j, O) -> (B, O)
+    def later_forward(self, request: dict) -> dict:
+        if not 2 <= request["layer"] <= MAX_LAYER:
+            raise ValueError(f"layer {request['layer']} is not 2..{MAX_LAYER}")
+        self.later[request["layer"]] = (request["activations"], request["weights"])  # kept for its later_backward
+        return {"partial": request["activations"] @ request["weights"]}  # (B, j) @ (j, n) -> (B, n)
 
-    def second_backward(self, request: dict) -> dict:
-        if self.second is None:
-            raise ValueError("second_backward before any second_forward")
-        activations, weights = self.second
+    def later_backward(self, request: dict) -> dict:
+        activations, weights = self.later[request["layer"]]  # a KeyError before its later_forward: a failure
         error = from_wire(request["error"], self.dtype)
-        return {"gradient": activations.T @ error, "error": error @ weights.T}  # (j, O) and (B, j)
+        return {"gradient": activations.T @ error, "error": error @ weights.T}  # (j, n) and (B, j)
 
 
 def connect(context: zmq.Context, address: str, name: str) -> zmq.Socket:
