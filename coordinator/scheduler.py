@@ -145,7 +145,7 @@ class Scheduler:
         self.told_to_register = set()  # strangers already told to register again, so each is told once
         self.event_handlers = {
             Tick: lambda event: self._tick(event.now),
-            Unreachable: lambda event: self._drop(event.peer, "cannot be reached"),
+            Unreachable: self._unreachable,
             Garbled: lambda event: self._drop(event.peer, f"sent a bad frame: {event.reason}"),
             Arrived: self._arrived,
         }
@@ -219,6 +219,11 @@ class Scheduler:
             return self._stranger(event.peer, f"sent {type(message).__name__} without registering")
         self.workers[event.peer].last_seen = event.at
         return self.message_handlers.get(type(message), self._unexpected)(event.peer, message, event.at)
+
+    def _unreachable(self, event: Unreachable) -> list:
+        """A failed send drops a worker; to a peer already dropped (a second send of the same batch) it says nothing,
+        as no frame of the peer's was refused."""
+        return self._drop(event.peer, "cannot be reached") if event.peer in self.workers else []
 
     def _failure(self, peer: bytes, message: Failure, at: float) -> list:
         if message.request < self.round_first_request:

@@ -81,6 +81,14 @@ def test_deregister_and_unreachable_lose_the_slot_at_once():
     assert "left: interrupted" in lost[0] and "cannot be reached" in lost[1]
 
 
+def test_a_second_failed_send_to_a_dropped_worker_refuses_nothing():
+    """Its farewell, arriving after, must be the refusal that is logged in full, not a failed send."""
+    scheduler = _scheduler_with(1)
+    assert [type(action) for action in scheduler.handle(Unreachable(b"\x00"))] == [Disconnect]
+    assert scheduler.handle(Unreachable(b"\x00")) == []
+    assert "sent Deregister without registering" in scheduler.handle(Arrived(b"\x00", Deregister("interrupted")))[-1].reason
+
+
 def test_wrong_protocol_version_is_rejected():
     scheduler = Scheduler(capacity=1, version=1, dtype=F32)
     actions = scheduler.handle(Arrived(b"old", Register("old", 0)))
