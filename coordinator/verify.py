@@ -65,15 +65,13 @@ class Verifier:
     def check(self, request, products: dict, columns: np.ndarray, forward: LaterForward | None = None,
               kept: Tracking | None = None) -> Evidence | None:
         """Evidence against one result, or None; `forward` is the worker's last LaterForward of a LaterBackward's
-        layer, `kept` what is known of its kept rows. Errors and products on the wire are taken as the worker took and gave them, off the wire
-        in the run's dtype."""
+        layer, `kept` what is known of its kept rows. Errors and products on the wire are taken as the worker took
+        and gave them, off the wire in the run's dtype."""
         request, products = _off_wire(request, products, self.dtype)
         if isinstance(request, KeptFirstLayer):
             return self._kept_partial(request, products, columns, kept)
         if isinstance(request, ReturnRows):
-            returned = products["weights"].astype(np.float64)
-            return self._against_tracking("weights", returned, kept, columns, _gamma(returned.shape[1], self.dtype)
-                                          * (np.abs(returned) @ np.abs(kept.r)))
+            return self._returned_rows(products["weights"].astype(np.float64), columns, kept)
         if isinstance(request, FirstLayer):
             return self._first_layer(request, products, columns)
         if isinstance(request, LaterForward):
@@ -102,6 +100,11 @@ class Verifier:
         rounding = (_gamma(inputs.shape[1], self.dtype) * (np.abs(inputs) @ kept.magnitude[columns])
                     + unit * (np.abs(partial) @ np.abs(kept.r)) + floor * float(np.abs(kept.r).sum()))
         return self._against_tracking("partial", partial, kept, columns, rounding, inputs)
+
+    def _returned_rows(self, rows: np.ndarray, columns: np.ndarray, kept: Tracking) -> Evidence | None:
+        """Evidence that the kept rows sent back at a re-key are not W(t), or None."""
+        rounding = _gamma(rows.shape[1], np.float64) * (np.abs(rows) @ np.abs(kept.r))  # ours of rows @ r, in float64
+        return self._against_tracking("weights", rows, kept, columns, rounding)
 
     def _against_tracking(self, name, product, kept: Tracking, columns, rounding, inputs=None) -> Evidence | None:
         """Evidence that product r != inputs (W(t) r) (or W(t) r itself, with no inputs), or None; everything
