@@ -4,10 +4,11 @@ Each run builds a coordinator host and N worker hosts out of network namespaces 
 inside them, 10.78.0.0/24), limits the coordinator's link with a token bucket filter both ways (netem, and so
 delay, is not available here), trains with `coordinator train`, and tears everything down, also on failure or
 Ctrl-C. What it reports, for each rate, batch size and setting:
-- epoch seconds: the median over the epochs after the first (the first also carries the image shards), scaled to
-  60,000 training images from `--train-limit`; the test pass at each epoch's end uses the same fraction of the
-  10,000 test images, so the scaled figure holds a whole test pass too;
-- bytes per epoch: what the coordinator's interface sent plus received over those epochs, TCP/IP headers
+- epoch seconds: the median over the epochs after the first (the first also carries the image shards) of the
+  time from one epoch's line to the next, scaled to 60,000 training images from `--train-limit`; the test pass
+  at each epoch's end uses the same fraction of the 10,000 test images, so the scaled figure holds a whole test
+  pass too, and the checkpoint after it (which ends a period of kept rows, so collects them);
+- bytes per epoch: what the coordinator's interface sent plus received over those same spans, TCP/IP headers
   included, read when each epoch's line arrives, scaled alike;
 - time to 97.5%: the epochs, and the seconds of training (not scaled), until the test accuracy first reaches it.
 Needs root and iproute2.
@@ -22,6 +23,7 @@ import statistics
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
@@ -52,9 +54,10 @@ class LinkBenchError(UserError):
 
 @dataclass(frozen=True)
 class EpochSample:
-    seconds: float
-    link_bytes: int  # sent plus received on the coordinator's interface during the epoch
+    seconds: float  # the epoch's training and test pass, as the coordinator reports it
+    link_bytes: int  # sent plus received on the coordinator's interface since the last epoch's line
     test_accuracy: float | None
+    span: float  # seconds since the last epoch's line: what the bytes were counted over
 
 
 @dataclass(frozen=True)
@@ -79,15 +82,16 @@ def rates_of(text: str) -> list:
     return rates
 
 
-def epoch_sample(line: str, link_bytes: int) -> EpochSample | None:
-    """The epoch a line of `--log-format json` reports, with the link's bytes since the last one; None if no epoch."""
+def epoch_sample(line: str, link_bytes: int, span: float) -> EpochSample | None:
+    """The epoch a line of `--log-format json` reports, with the link's bytes and the seconds since the last one;
+    None if no epoch."""
     try:
         event = json.loads(line)
     except json.JSONDecodeError:
         return None
     if not isinstance(event, dict) or event.get("event") != "epoch":
         return None
-    return EpochSample(event["seconds"], link_bytes, event.get("test_accuracy"))
+    return EpochSample(event["seconds"], link_bytes, event.get("test_accuracy"), span)
 
 
 def summary(samples: list, train_images: int) -> dict:
@@ -98,7 +102,7 @@ def summary(samples: list, train_images: int) -> dict:
     reached = next((number for number, sample in enumerate(samples, 1)
                     if (sample.test_accuracy or 0) >= TARGET_ACCURACY), None)
     return {
-        "epoch_seconds": statistics.median(sample.seconds for sample in steady) * scale,
+        "epoch_seconds": statistics.median(sample.span for sample in steady) * scale,
         "bytes_per_epoch": statistics.median(sample.link_bytes for sample in steady) * scale,
         "epochs_to_target": reached,
         "seconds_to_target": None if reached is None else sum(sample.seconds for sample in samples[:reached]),
@@ -168,13 +172,13 @@ def _samples(coordinator: subprocess.Popen, hosts: Hosts, timeout: float, log_pa
     timer = threading.Timer(timeout, coordinator.kill)
     timer.start()
     try:
-        samples, counted = [], hosts.link_bytes(0)
+        samples, counted, since = [], hosts.link_bytes(0), time.monotonic()
         for line in coordinator.stdout:
-            now_bytes = hosts.link_bytes(0)
-            sample = epoch_sample(line, now_bytes - counted)
+            now_bytes, now = hosts.link_bytes(0), time.monotonic()
+            sample = epoch_sample(line, now_bytes - counted, now - since)
             if sample is not None:
                 samples.append(sample)
-                counted = now_bytes
+                counted, since = now_bytes, now
     finally:
         timer.cancel()
     if coordinator.wait() != 0:
