@@ -201,16 +201,16 @@ def descend(weights: np.ndarray, gradient: np.ndarray, learning_rate: float) -> 
 
 
 def first_layer(weights, forward_inputs, gradient_inputs, error, learning_rate) -> tuple:
-    """A weight gradient (if error is given), then a forward product with the descended weights (if inputs are).
+    """A weight gradient and the weights descended by it (if error is given), then a forward product with them (if
+    inputs are). With no weights (a chunk's gradient alone) there is nothing to descend.
 
-    Returns (gradient (k, H) or None, partial (B, k) @ (k, H) -> (B, H) or None).
+    Returns (gradient (k, H) or None, weights (k, H) or None, partial (B, k) @ (k, H) -> (B, H) or None).
     """
     gradient = None if error is None else weight_gradient(gradient_inputs, error)
-    if forward_inputs is None:
-        return gradient, None
-    if gradient is not None:
+    if gradient is not None and weights is not None:
         weights = descend(weights, gradient, learning_rate)
-    return gradient, forward_product(forward_inputs, weights)
+    partial = None if forward_inputs is None else forward_product(forward_inputs, weights)
+    return gradient, weights, partial
 
 
 def forward_product(layer_inputs: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ def _cost_and_gradients(params: model.Params, x, labels, network: tuple, masks: 
     dropout masks, one per hidden layer, so that the cost is a function of the parameters alone."""
     activation, output, loss = network
     y = model.targets(labels, params.weights[-1].shape[1], "float64")
-    hidden = [model.activate(model.first_layer(params.weights[0], x, None, None, 0)[1], params.biases[0], activation)]
+    hidden = [model.activate(model.first_layer(params.weights[0], x, None, None, 0)[2], params.biases[0], activation)]
     for layer in range(2, params.layers + 1):
         function = output if layer == params.layers else activation
         product = model.later_forward(hidden[-1] * masks[layer - 2], params.weights[layer - 1])
@@ -90,10 +90,10 @@ def test_uniform_and_normal_initialisations_use_their_scale(init, limit, spread)
 
 def test_fused_first_layer_is_gradient_then_step_then_product():
     weights, x_old, x_new, error = RNG.random((6, 4)), RNG.random((3, 6)), RNG.random((2, 6)), RNG.random((3, 4))
-    gradient, product = model.first_layer(weights, x_new, x_old, error, 0.5)
+    gradient, _, product = model.first_layer(weights, x_new, x_old, error, 0.5)
     assert np.allclose(gradient, x_old.T @ error)
     assert np.allclose(product, x_new @ (weights - 0.5 * x_old.T @ error))
-    assert model.first_layer(weights, None, x_old, error, 0.5)[1] is None
+    assert model.first_layer(weights, None, x_old, error, 0.5)[2] is None
 
 
 def test_partial_products_under_one_shuffle_add_up_to_the_whole():

@@ -41,7 +41,7 @@ def test_kept_rows_are_stepped_as_first_layer_steps_sent_rows():
     state, weights = _state("float64"), RNG.standard_normal((30, 20))
     (error_rows, error), rows = _batch("float64"), np.arange(5, dtype=np.int32)
     answer = state.compute(KeptFirstLayer(1, weights, "test", rows, error_rows, error, 0.3)).products
-    gradient, partial = model.first_layer(weights, IMAGES[rows] / 255.0, IMAGES[error_rows] / 255.0, error, 0.3)
+    gradient, _, partial = model.first_layer(weights, IMAGES[rows] / 255.0, IMAGES[error_rows] / 255.0, error, 0.3)
     assert answer.keys() == {"partial"} and np.array_equal(answer["partial"], partial)
     returned = state.compute(ReturnRows(2)).products["weights"]
     assert np.array_equal(returned, model.descend(weights, gradient, 0.3))

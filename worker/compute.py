@@ -60,19 +60,9 @@ class WorkerState:
         })
 
     def first_layer(self, request: FirstLayer) -> dict:
-        columns = self._columns()
-        forward_inputs = gradient_inputs = None
-        if request.rows is not None:
-            self._check(request.weights, (columns, None), "weights", self.dtype)
-            forward_inputs = self._rows_of(request.split, request.rows)
-        if request.error is not None:
-            gradient_inputs = self._rows_of("train", request.error_rows)
-            self._check(request.error, (len(request.error_rows), None), "error", self._wire_dtype())
-            if request.weights is not None and request.weights.shape[1] != request.error.shape[1]:
-                raise RequestError("weights and error have different widths")
-        gradient, partial = model.first_layer(
-            request.weights, forward_inputs, gradient_inputs, self._off_wire(request.error), request.learning_rate
-        )
+        if request.rows is not None or request.weights is not None:
+            self._check(request.weights, (self._columns(), None), "weights", self.dtype)
+        gradient, _, partial = self._first_layer_of(request.weights, request)
         products = {"gradient": gradient, "partial": partial}
         return {name: array for name, array in products.items() if array is not None}
 
@@ -82,14 +72,20 @@ class WorkerState:
         if weights is None:
             raise RequestError("kept_first_layer without weights before any re-key")
         self._check(weights, (self._columns(), None), "kept rows", self.dtype)
+        _, self.kept_rows, partial = self._first_layer_of(weights, request)  # refused before the kept rows change
+        return {} if partial is None else {"partial": partial}
+
+    def _first_layer_of(self, weights, request) -> tuple:
+        """model.first_layer on a (kept) first-layer request's operands, each checked first: (gradient, the weights
+        after it, partial)."""
         forward_inputs = None if request.rows is None else self._rows_of(request.split, request.rows)
-        if request.error is not None:  # every check before the kept rows change, so a refused request changes nothing
+        gradient_inputs = error = None
+        if request.error is not None:
             gradient_inputs = self._rows_of("train", request.error_rows)
-            self._check(request.error, (len(request.error_rows), weights.shape[1]), "error", self._wire_dtype())
-            gradient = model.weight_gradient(gradient_inputs, self._off_wire(request.error))
-            weights = model.descend(weights, gradient, request.learning_rate)
-        self.kept_rows = weights
-        return {} if forward_inputs is None else {"partial": model.forward_product(forward_inputs, weights)}
+            width = None if weights is None else weights.shape[1]
+            self._check(request.error, (len(request.error_rows), width), "error", self._wire_dtype())
+            error = self._off_wire(request.error)
+        return model.first_layer(weights, forward_inputs, gradient_inputs, error, request.learning_rate)
 
     def return_rows(self, request: ReturnRows) -> dict:
         if self.kept_rows is None:
