@@ -15,7 +15,7 @@ from coordinator.verify import VERIFY_MODES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-ACCURACY_TARGETS = (0.97, 0.98)
+ACCURACY_TARGETS = (0.97, 0.975, 0.98)
 
 
 def _option(envvar: str, help: str, **kwargs):
@@ -71,8 +71,9 @@ def main(
                       "on its workers; the JSON always has it.")
     ] = False,
     time_to_accuracy: Annotated[
-        bool, _option("TIME_TO_ACCURACY", "Also train with the default settings, locally and on the largest "
-                      "worker count, until 97% and 98% test accuracy (minutes).")
+        bool, _option("TIME_TO_ACCURACY", "Also train with the default settings on all the training images (whatever "
+                      "--train-limit says), locally and on the largest worker count, until 97%, 97.5% and 98% test "
+                      "accuracy (minutes).")
     ] = False,
 ):
     """Run the floor (one process, plain numpy), the cluster and its bare transport side by side; write JSON, print
@@ -107,7 +108,7 @@ def main(
             config = base.with_overrides(batch_size=batch_size)
             results += speed_rows(config, clusters, repeats, epochs, rows, sizes, floor_threads, transport)
         if time_to_accuracy:
-            accuracy_config = TrainingConfig(dtype=dtype, train_limit=train_limit)
+            accuracy_config = TrainingConfig(dtype=dtype)  # a limited set would not reach the targets
             results += accuracy_rows(accuracy_config, max(worker_counts), ACCURACY_TARGETS)
     except (DataError, RuntimeError) as error:  # a session's failure arrives as a RuntimeError with its text
         typer.echo(f"error: {error}", err=True)
@@ -140,11 +141,12 @@ def markdown(results: list) -> str:
         ]) + " |")
     accuracy = [r for r in results if r["measure"] == "accuracy"]
     if accuracy:
-        lines += ["", "| mode | workers | s to 97% | epochs to 97% | s to 98% | epochs to 98% |", "|---|---:|---:|---:|---:|---:|"]
+        targets = [f"{reached['target']:.1%}" for reached in accuracy[0]["reached"]]
+        lines += ["", "| mode | workers | " + " | ".join(f"s to {t} | epochs to {t}" for t in targets) + " |",
+                  "|---|---:|" + "---:|---:|" * len(targets)]
         for row in accuracy:
-            lines.append(f"| {row['mode']} | {row['workers']} | {_shown(row['seconds_to_97'], '.1f')} | "
-                         f"{_shown(row['epochs_to_97'], 'd')} | {_shown(row['seconds_to_98'], '.1f')} | "
-                         f"{_shown(row['epochs_to_98'], 'd')} |")
+            cells = [f"{_shown(reached['seconds'], '.1f')} | {_shown(reached['epochs'], 'd')}" for reached in row["reached"]]
+            lines.append(f"| {row['mode']} | {row['workers']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

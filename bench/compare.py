@@ -92,13 +92,10 @@ def _time_to_accuracy(config: TrainingConfig, workers: int, targets: tuple) -> d
         if len(reached) == len(targets):
             break
     session.finish()
-    row = {"measure": "accuracy", "mode": "cluster" if workers else "local", "workers": workers,
-           "batch_size": config.batch_size, "test_accuracy_by_epoch": history}
-    for target in targets:
-        seconds, epochs = reached.get(target, (None, None))
-        row[f"seconds_to_{round(target * 100)}"] = seconds
-        row[f"epochs_to_{round(target * 100)}"] = epochs
-    return row
+    return {"measure": "accuracy", "mode": "cluster" if workers else "local", "workers": workers,
+            "batch_size": config.batch_size, "test_accuracy_by_epoch": history,
+            "reached": [{"target": target, "seconds": reached.get(target, (None, None))[0],
+                         "epochs": reached.get(target, (None, None))[1]} for target in targets]}
 
 
 def _measured(session: Session, epochs: int) -> EpochMeasure:

@@ -86,27 +86,41 @@ class Cluster:
                 raise ClusterError(f"only {have} of {want} workers registered within {timeout:g} s")
         self.scheduler.started = True
 
-    def run_round(self, requests: dict) -> dict:
-        """Send each slot its request and return slot -> products once every slot has answered.
+    def send_round(self, requests: dict) -> None:
+        """Send each slot its request (slot -> (message, Expected)); `gather` takes the answers.
 
-        Raises WorkerLost as soon as any slot's worker is lost; the caller reassigns and sends again.
+        Raises WorkerLost if a worker was lost between rounds, when nothing was outstanding.
         """
         self.traffic.rounds += 1
-        return self._settle(lambda now: self.scheduler.start_round(requests, now))
+        self._start(lambda now: self.scheduler.start_round(requests, now))
 
-    def run_sends(self, sends: dict) -> dict:
-        """A round of one request to each of some workers (peer -> (slot, message, Expected)), as run_round."""
-        return self._settle(lambda now: self.scheduler.start_sends(sends, now))
+    def run_sends(self, sends: dict) -> None:
+        """A round of one request to each of some workers (peer -> (slot, message, Expected)), until all answered."""
+        self._start(lambda now: self.scheduler.start_sends(sends, now))
+        self.gather(lambda slot, answers: None)
 
-    def _settle(self, start: Callable) -> dict:
-        if self.scheduler.lost:  # lost between rounds, when nothing was outstanding
-            raise WorkerLost(self.scheduler.take_lost())
-        self._carry_out(start(time.monotonic()))
-        while not self.scheduler.round_done and not self.scheduler.lost:
-            self._pump(time.monotonic() + TICK_INTERVAL)
+    def _start(self, start: Callable) -> None:
         if self.scheduler.lost:
             raise WorkerLost(self.scheduler.take_lost())
-        return self.scheduler.results
+        self._carry_out(start(time.monotonic()))
+
+    def gather(self, on_settled: Callable) -> None:
+        """Wait for the round's answers, handing each slot's to `on_settled(slot, [(Worker, products)])` as soon as
+        every worker of the slot has answered, so that the caller's work on them overlaps the wait for the others.
+
+        Raises WorkerLost as soon as any slot's worker is lost (`on_settled` may quarantine one); the caller
+        reassigns and sends the round again.
+        """
+        while True:
+            if self.scheduler.lost:
+                raise WorkerLost(self.scheduler.take_lost())
+            settled = self.scheduler.newly_settled()
+            for slot in settled:
+                on_settled(slot, self.scheduler.results[slot])
+            if not settled:
+                if self.scheduler.round_done:
+                    return
+                self._pump(time.monotonic() + TICK_INTERVAL)
 
     def idle(self, seconds: float) -> None:
         """Keep heartbeats going both ways for a while with no round under way."""
@@ -128,10 +142,6 @@ class Cluster:
 
     def name_of(self, peer: bytes) -> str:
         return self.scheduler.workers[peer].name
-
-    def take_lost(self) -> dict:
-        """slot -> why its worker was dropped, for the slots lost since the last look."""
-        return self.scheduler.take_lost()
 
     def assign(self, peer: bytes, slot: int) -> None:
         """Give a standby a slot (its shards are the caller's to send)."""
@@ -210,9 +220,13 @@ class Cluster:
         phases.clock.lap("check")
 
     def _carry_out(self, actions: list) -> None:
+        frames = {}  # id(message) -> its frame: a message for several workers is encoded once
         for action in actions:
             if isinstance(action, Send):
-                self._send(action.peer, action.message)
+                frame = frames.get(id(action.message))
+                if frame is None:
+                    frame = frames[id(action.message)] = protocol.encode(action.message)
+                self._send_frame(action.peer, frame)
             elif isinstance(action, Admit):
                 role = "a standby" if action.slot is None else f"slot {action.slot}"
                 log.info("worker %s %s as %s", action.name, "registered again" if action.again else "joined", role)
@@ -226,7 +240,9 @@ class Cluster:
         return peer if peer in self.scheduler.workers else None
 
     def _send(self, peer: bytes, message) -> None:
-        frame = protocol.encode(message)
+        self._send_frame(peer, protocol.encode(message))
+
+    def _send_frame(self, peer: bytes, frame: bytes) -> None:
         phases.clock.lap("encode")
         try:  # never blocks: a peer whose queue is full is as unreachable as one whose connection is gone
             self.socket.send_multipart([peer, frame], zmq.NOBLOCK)

@@ -21,6 +21,7 @@ carries only the error, and any recovery rebuilds every row from the log and sta
 kept rows are state that a lost worker takes with it.
 """
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from common.exposure import ExposurePlan, permuted, unpermuted
 from common.model import from_wire, to_wire
 from common.protocol import FirstLayer, KeptFirstLayer, LaterBackward, LaterForward, ReturnRows, Shard
 from coordinator.cluster import ClusterError, WorkerLost
+from coordinator.gathering import Placed, Summed
 from coordinator.kept import KeptPeriod, LoggedStep
 from coordinator.scheduler import Expected
 from coordinator.training import LocalProducts, stepped
@@ -121,7 +123,8 @@ class ClusterProducts:
             nonlocal shuffle
             shuffle = self.permutations.permutation(hidden)
             shuffled_weights = None if rows is None else permuted(weights, shuffle)
-            shuffled_error = None if error is None else to_wire(permuted(error, shuffle), self.wire)  # one for all
+            shuffled_error = None if error is None else to_wire(permuted(error, shuffle), self.wire)
+            shared = FirstLayer(0, None, split, rows, error_rows, shuffled_error, float(learning_rate))
             built = {}
             for slot in self.plan.slots:
                 columns, expected = self.plan.columns(slot), {}
@@ -129,22 +132,19 @@ class ClusterProducts:
                     expected["partial"] = (len(rows), hidden)
                 if error is not None:
                     expected["gradient"] = (len(columns), hidden)
-                request = FirstLayer(
-                    request=0,
-                    weights=None if rows is None else shuffled_weights[columns],
-                    split=split,
-                    rows=rows,
-                    error_rows=error_rows,
-                    error=shuffled_error,
-                    learning_rate=float(learning_rate),
-                )
-                built[slot] = (request, Expected(expected))
+                slot_weights = None if rows is None else shuffled_weights[columns]
+                built[slot] = (_for_slot(shared, slot_weights), Expected(expected))
             return built
 
+        products = []
+        if error is not None:
+            products.append(Placed("gradient", weights.dtype, lambda slot: self.plan.columns(slot)))
+        if rows is not None:
+            products.append(Summed("partial", weights.dtype))
         phases.clock.lap("math")  # the trainer's own, since the last round
-        results = self._round(requests)
-        gradient = None if error is None else unpermuted(self._stacked(results, "gradient", self.plan.columns), shuffle)
-        product = None if rows is None else unpermuted(self._summed(results, "partial", weights.dtype), shuffle)
+        results = self._round(requests, products)
+        gradient = None if error is None else unpermuted(results["gradient"], shuffle)
+        product = None if rows is None else unpermuted(results["partial"], shuffle)
         phases.clock.lap("unshuffle")
         return gradient, product
 
@@ -154,24 +154,25 @@ class ClusterProducts:
         logged = tracking = None
 
         def requests():
-            nonlocal logged, tracking
+            nonlocal logged
             period = self.kept  # a recovery starts a new one, with rebuilt rows and a fresh permutation
             error_rows, error, learning_rate = step or (None, None, 0.0)
             wire_error = None if error is None else to_wire(permuted(error, period.permutation), self.wire)
             logged = None if step is None else LoggedStep(error_rows, from_wire(wire_error, error.dtype), learning_rate)
-            tracking = self.kept_tracking = period.tracking_after(logged)
+            shared = KeptFirstLayer(0, None, split, rows, error_rows, wire_error, float(learning_rate))
             expected = Expected({} if rows is None else {"partial": (len(rows), period.start.shape[1])})
-            return {
-                slot: (KeptFirstLayer(0, period.rows_for(slot), split, rows, error_rows, wire_error, float(learning_rate)),
-                       expected)
-                for slot in self.plan.slots
-            }
+            return {slot: (_for_slot(shared, period.rows_for(slot)), expected) for slot in self.plan.slots}
+
+        def track():  # what the answers are checked against: worked out while the workers compute
+            nonlocal tracking
+            tracking = self.kept_tracking = self.kept.tracking_after(logged)
 
         phases.clock.lap("math")
-        results = self._round(requests)
+        dtype = self.kept.start.dtype
+        results = self._round(requests, [] if rows is None else [Summed("partial", dtype)], track)
         period = self.kept
         period.advance(logged, tracking)
-        product = None if rows is None else unpermuted(self._summed(results, "partial", period.start.dtype), period.permutation)
+        product = None if rows is None else unpermuted(results["partial"], period.permutation)
         phases.clock.lap("unshuffle")
         return product
 
@@ -193,17 +194,17 @@ class ClusterProducts:
 
             def requests():
                 self.kept_tracking = period.tracking
-                hidden = period.start.shape[1]
-                return {slot: (ReturnRows(0), Expected({"weights": (len(period.plan.columns(slot)), hidden)}))
+                hidden, shared = period.start.shape[1], ReturnRows(0)
+                return {slot: (shared, Expected({"weights": (len(period.plan.columns(slot)), hidden)}))
                         for slot in period.plan.slots}
 
             try:
-                results = self._attempt(requests)
+                results = self._attempt(requests, [Placed("weights", period.start.dtype, period.plan.columns)])
             except WorkerLost as lost:
                 self._recover(lost.lost)  # which starts a new period from the rebuilt rows
                 continue
             self.kept = None
-            return unpermuted(self._stacked(results, "weights", period.plan.columns), period.permutation)
+            return unpermuted(results["weights"], period.permutation)
 
     def later_forward(self, layer, activations, weights) -> np.ndarray:
         """A later layer's product, from each slot's units of the layer's input; the first later layer's starts a
@@ -212,9 +213,9 @@ class ClusterProducts:
         if layer == self.plan.later_layers[0]:
             self.awaiting_backward.clear()
         self.later_operands[layer] = (activations, weights)
-        results = self._round(lambda: self._later_forward_requests(layer))
+        results = self._round(lambda: self._later_forward_requests(layer), [Summed("partial", weights.dtype)])
         self.awaiting_backward.add(layer)
-        product = unpermuted(self._summed(results, "partial", weights.dtype), self.later_permutations[layer])
+        product = unpermuted(results["partial"], self.later_permutations[layer])
         phases.clock.lap("unshuffle")
         return product
 
@@ -226,40 +227,21 @@ class ClusterProducts:
 
         def requests():
             permutation = self.later_permutations[layer]  # a recovery re-sends the forward under a fresh one
-            shuffled_error = to_wire(permuted(error, permutation), self.wire)  # one for every worker
+            shared = LaterBackward(0, layer, to_wire(permuted(error, permutation), self.wire))  # one for every worker
             built = {}
             for slot in self.plan.slots:
                 units = len(self.plan.units(slot, layer))
-                expected = Expected({"gradient": (units, outputs), "error": (batch, units)})
-                built[slot] = (LaterBackward(request=0, layer=layer, error=shuffled_error), expected)
+                built[slot] = (shared, Expected({"gradient": (units, outputs), "error": (batch, units)}))
             return built
 
-        results = self._round(requests)
+        def units(slot):
+            return self.plan.units(slot, layer)
+
+        results = self._round(requests, [Placed("gradient", error.dtype, units), Placed("error", error.dtype, units, 1)])
         self.awaiting_backward.discard(layer)
-        gradient = unpermuted(self._stacked(results, "gradient", lambda slot: self.plan.units(slot, layer)),
-                              self.later_permutations[layer])
-        backpropagated = np.empty((batch, self.plan.units_of_layer(layer)), error.dtype)
-        for slot in self.plan.slots:
-            backpropagated[:, self.plan.units(slot, layer)] = from_wire(results[slot]["error"], error.dtype)
+        gradient = unpermuted(results["gradient"], self.later_permutations[layer])
         phases.clock.lap("unshuffle")
-        return gradient, backpropagated
-
-    def _summed(self, results: dict, name: str, dtype) -> np.ndarray:
-        """The sum of every slot's partial product, off the wire in `dtype`, added in slot order so that it is
-        reproducible."""
-        slots = iter(self.plan.slots)
-        total = from_wire(results[next(slots)][name], dtype).copy()
-        for slot in slots:
-            total += from_wire(results[slot][name], dtype)
-        return total
-
-    def _stacked(self, results: dict, name: str, rows_of: Callable) -> np.ndarray:
-        """A product whose rows the slots computed apart (slot -> rows_of(slot)): placed, nothing to add."""
-        parts = [(rows_of(slot), results[slot][name]) for slot in self.plan.slots]
-        whole = np.empty((sum(len(rows) for rows, _ in parts), parts[0][1].shape[1]), parts[0][1].dtype)
-        for rows, part in parts:
-            whole[rows] = part
-        return whole
+        return gradient, results["error"]
 
     def epoch_ended(self) -> None:
         """Between epochs, let standbys stand in for lost replicas, then give each one still waiting a fair
@@ -302,11 +284,11 @@ class ClusterProducts:
             built[slot] = (request, Expected({"partial": (len(activations), weights.shape[1])}))
         return built
 
-    def _round(self, requests: Callable) -> dict:
-        """Run a round until every slot has a trusted answer, recovering from lost or lying workers."""
+    def _round(self, requests: Callable, products: list, overlap: Callable | None = None) -> dict:
+        """Run a round until every slot has a trusted answer, recovering from lost or lying workers (see _attempt)."""
         while True:
             try:
-                return self._attempt(requests)
+                return self._attempt(requests, products, overlap)
             except WorkerLost as lost:
                 self._recover(lost.lost)
                 self._later_forward_again()
@@ -315,30 +297,35 @@ class ClusterProducts:
         """After a recovery the workers' kept operands of the later layers still to go backward follow the old
         plan: send each of them again (a loss meanwhile starts this over, inside `_round`)."""
         for layer in sorted(self.awaiting_backward):
-            self._round(lambda: self._later_forward_requests(layer))
+            self._round(lambda: self._later_forward_requests(layer), [])
 
-    def _attempt(self, requests: Callable) -> dict:
-        """One try at a round: shards first where they are missing, then the requests (raises WorkerLost)."""
+    def _attempt(self, requests: Callable, products: list, overlap: Callable | None = None) -> dict:
+        """One try at a round: shards first where they are missing, then the requests; `overlap` (the coordinator's
+        own work for the round) runs while the workers compute, and each slot's answers are checked and gathered
+        into `products` (gathering.Summed or Placed) as soon as they are in. Returns name -> product; raises
+        WorkerLost when a worker is lost, or quarantines leave a slot with none."""
         self._deliver_shards()
         built = requests()
+        sampled = {slot: self.verifier.chosen(request) for slot, (request, _) in built.items()}  # in slot order
         phases.clock.lap("build")
-        settled = self._settled(built, self.cluster.run_round(built))
-        phases.clock.lap("check")
-        return settled
+        self.cluster.send_round(built)
+        if overlap is not None:
+            overlap()
+            phases.clock.lap("check")
+        gatherers = [spec.gatherer(self.plan.slots) for spec in products]
 
-    def _settled(self, built: dict, results: dict) -> dict:
-        """slot -> one trusted answer; raises WorkerLost when quarantines leave a slot with no worker."""
-        settled = {}
-        for slot, (request, _) in built.items():
-            trusted = self._trusted_answer(slot, request, results[slot])
+        def take(slot, answers):
+            trusted = self._trusted_answer(slot, built[slot][0], answers, sampled[slot])
+            phases.clock.lap("check")
             if trusted is not None:
-                settled[slot] = trusted
-        lost = self.cluster.take_lost()
-        if lost:
-            raise WorkerLost(lost)
-        return settled
+                for gatherer in gatherers:
+                    gatherer.add(slot, trusted)
+                phases.clock.lap("unshuffle")
 
-    def _trusted_answer(self, slot: int, request, answers: list) -> dict | None:
+        self.cluster.gather(take)
+        return {spec.name: gatherer.result() for spec, gatherer in zip(products, gatherers)}
+
+    def _trusted_answer(self, slot: int, request, answers: list, sampled: bool) -> dict | None:
         """The answer to keep from a slot's replicas, quarantining each one caught wrong (None if all were).
 
         Replicas that agree stand or fall together, checked when the secret sample picks them; replicas
@@ -346,7 +333,7 @@ class ClusterProducts:
         """
         first = answers[0][1]
         if all(_identical(first, products) for _, products in answers[1:]):
-            evidence = self._caught(slot, request, first) if self.verifier.chosen(request) else None
+            evidence = self._caught(slot, request, first) if sampled else None
             verdicts = [(worker, products, evidence) for worker, products in answers]
         else:
             verdicts = [(worker, products, self._caught(slot, request, products)) for worker, products in answers]
@@ -467,3 +454,9 @@ class LocalLaterLayersProducts(ClusterProducts):
 
     later_forward = LocalProducts.later_forward
     later_backward = LocalProducts.later_backward
+
+
+def _for_slot(shared, weights: np.ndarray | None):
+    """A round's message as one slot gets it: the shared message itself, one frame for every worker, unless it
+    carries the slot's own weights."""
+    return shared if weights is None else dataclasses.replace(shared, weights=weights)

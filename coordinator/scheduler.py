@@ -108,7 +108,6 @@ class Worker:
 
 @dataclass
 class Outstanding:
-    peer: bytes
     slot: int
     expected: Expected
     sent_at: float
@@ -127,11 +126,11 @@ class Scheduler:
     former_slots: dict = field(default_factory=dict)  # name -> the slot it held before a resume
     workers: dict = field(default_factory=dict)  # peer -> Worker
     departed: dict = field(default_factory=dict)  # peer -> Worker dropped after answering, for the records
-    outstanding: dict = field(default_factory=dict)  # request number -> Outstanding
+    outstanding: dict = field(default_factory=dict)  # peer -> its Outstanding request of the current round
     results: dict = field(default_factory=dict)  # slot -> [(Worker, products)] of the current round
+    reported: set = field(default_factory=set)  # slots of the round already returned by newly_settled
     lost: dict = field(default_factory=dict)  # slot -> why its worker was dropped, until taken
-    next_request: int = 1
-    round_first_request: int = 1  # answers to requests before this one belong to abandoned rounds
+    round_number: int = 0  # every request of the current round carries it; answers to lower ones are late
     last_heartbeat: float = float("-inf")
     started: bool = False  # once all slots were filled, a lost slot is reassigned, not reopened
     wire_dtype: np.dtype | None = None  # of the products in WIRE_PRODUCTS; the run's dtype when exact
@@ -190,22 +189,34 @@ class Scheduler:
         return lost
 
     def start_round(self, requests: dict, now: float) -> list:
-        """Number each slot's request and send it to each of the slot's workers; `requests` maps
-        slot -> (message, Expected)."""
+        """Send each slot's request to each of the slot's workers; `requests` maps slot -> (message, Expected)."""
         return self.start_sends(
             {peer: (slot, message, expected) for slot, (message, expected) in requests.items() for peer in self.peers_of(slot)},
             now,
         )
 
     def start_sends(self, sends: dict, now: float) -> list:
-        """A round of one numbered request to each of some workers; `sends` maps peer -> (slot, message, Expected)."""
-        self.results, self.outstanding, actions = {}, {}, []
-        self.round_first_request = self.next_request
+        """A round of one request to each of some workers; `sends` maps peer -> (slot, message, Expected).
+
+        Every request of the round carries the round's number, so a message object meant for several workers
+        stays one message (and the transport encodes it once).
+        """
+        self.round_number += 1
+        self.results, self.outstanding, self.reported = {}, {}, set()
+        numbered, actions = {}, []  # id(message) -> the message with the round's number
         for peer, (slot, message, expected) in sends.items():
-            self.outstanding[self.next_request] = Outstanding(peer, slot, expected, now)
-            actions.append(Send(peer, dataclasses.replace(message, request=self.next_request)))
-            self.next_request += 1
+            self.outstanding[peer] = Outstanding(slot, expected, now)
+            if id(message) not in numbered:
+                numbered[id(message)] = dataclasses.replace(message, request=self.round_number)
+            actions.append(Send(peer, numbered[id(message)]))
         return actions
+
+    def newly_settled(self) -> list:
+        """The round's slots whose every worker has answered (or left, a replica answering), each returned once."""
+        waiting = {pending.slot for pending in self.outstanding.values()}
+        settled = [slot for slot in self.results if slot not in waiting and slot not in self.reported]
+        self.reported.update(settled)
+        return settled
 
     def handle(self, event) -> list:
         """The actions an event calls for: each kind of event, and of worker message, has its handler."""
@@ -226,7 +237,7 @@ class Scheduler:
         return self._drop(event.peer, "cannot be reached") if event.peer in self.workers else []
 
     def _failure(self, peer: bytes, message: Failure, at: float) -> list:
-        if message.request < self.round_first_request:
+        if message.request < self.round_number:
             return []  # a failure in an abandoned round, which was sent again (perhaps differently)
         return self._drop(peer, f"failed request {message.request}: {message.reason}")
 
@@ -258,7 +269,7 @@ class Scheduler:
         worker.last_seen = now
         self.workers[peer] = worker
         _remember(self.replaced, old)
-        self.outstanding = {number: pending for number, pending in self.outstanding.items() if pending.peer != old}
+        self.outstanding.pop(old, None)
         if self.started and worker.slot is not None:  # its round, and the operands it kept, went with the old one
             self.lost[worker.slot] = f"worker {worker.name} registered again"
         return [Admit(peer, worker.slot, worker.name, again=True)]
@@ -291,25 +302,26 @@ class Scheduler:
         actions = []
         if now - self.last_heartbeat >= settings.HEARTBEAT_INTERVAL:
             self.last_heartbeat = now
-            actions += [Send(peer, Heartbeat()) for peer in self.workers]
+            heartbeat = Heartbeat()  # one message for all: the transport encodes it once
+            actions += [Send(peer, heartbeat) for peer in self.workers]
         for peer, worker in list(self.workers.items()):
             if now - worker.last_seen > self.heartbeat_timeout:
                 actions += self._drop(peer, f"silent for {now - worker.last_seen:.1f} s")
-        for pending in list(self.outstanding.values()):
-            if now - pending.sent_at > settings.REQUEST_DEADLINE and pending.peer in self.workers:
-                actions += self._drop(pending.peer, f"left a request unanswered for {settings.REQUEST_DEADLINE:g} s")
+        for peer, pending in list(self.outstanding.items()):
+            if now - pending.sent_at > settings.REQUEST_DEADLINE and peer in self.workers:
+                actions += self._drop(peer, f"left a request unanswered for {settings.REQUEST_DEADLINE:g} s")
         return actions
 
     def _result(self, peer: bytes, message: Result, at: float) -> list:
-        if message.request < self.round_first_request:
+        if message.request < self.round_number:
             return []  # an answer to an abandoned round, which was sent again
-        pending = self.outstanding.get(message.request)
-        if pending is None or pending.peer != peer:
+        pending = self.outstanding.get(peer)
+        if pending is None or message.request != self.round_number:
             return self._drop(peer, f"answered request {message.request}, which it was not given")
         problem = self._invalid(message.products, pending.expected)
         if problem:
             return self._drop(peer, f"request {message.request}: {problem}")
-        del self.outstanding[message.request]
+        del self.outstanding[peer]
         worker = self.workers[peer]
         self.results.setdefault(pending.slot, []).append((worker, message.products))
         if pending.expected.shapes:  # a receipt for a shard chunk is no computed answer
@@ -338,7 +350,7 @@ class Scheduler:
         worker.left = reason
         if worker.answered:  # peers that never computed anything, hostile ones included, leave no record
             self.departed[peer] = worker
-        self.outstanding = {n: o for n, o in self.outstanding.items() if o.peer != peer}
+        self.outstanding.pop(peer, None)
         if worker.slot is not None and not self.started:
             self.open_slots.insert(0, worker.slot)
         elif worker.slot is not None and not self.peers_of(worker.slot):  # its replicas carry on otherwise

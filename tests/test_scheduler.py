@@ -98,11 +98,34 @@ def test_wrong_protocol_version_is_rejected():
 def test_a_round_numbers_requests_and_completes_on_valid_results():
     scheduler = _scheduler_with(2)
     sends = _round(scheduler)
-    assert [s.message.request for s in sends] == [1, 2] and not scheduler.round_done
-    for index, send in enumerate(sends):
+    assert [s.message.request for s in sends] == [1, 1] and not scheduler.round_done
+    assert sends[0].message is sends[1].message  # one message for all: the transport encodes it once
+    for index, send in reversed(list(enumerate(sends))):
         scheduler.handle(Arrived(send.peer, Result(send.message.request, {"error": np.full((2, 3), index, F32)})))
+        assert scheduler.newly_settled() == [index] and scheduler.newly_settled() == []
     assert scheduler.round_done and scheduler.results[1][0][1]["error"][0, 0] == 1
     assert scheduler.results[1][0][0] is scheduler.workers[sends[1].peer]
+    assert [s.message.request for s in _round(scheduler)] == [2, 2]
+    late = scheduler.handle(Arrived(sends[0].peer, Result(1, {"error": np.zeros((2, 3), F32)})))
+    assert late == [] and not scheduler.results  # an answer to an abandoned round is ignored
+
+
+def test_a_slot_settles_when_all_its_replicas_have_answered_or_left():
+    scheduler = Scheduler(capacity=4, version=1, dtype=F32, replicas=2)
+    for index in range(4):
+        scheduler.handle(Arrived(bytes([index]), Register(f"w{index}", 1)))
+    scheduler.started = True
+    sends = _round(scheduler)
+    by_slot = {slot: scheduler.peers_of(slot) for slot in (0, 1)}
+    answer = {"error": np.zeros((2, 3), F32)}
+    scheduler.handle(Arrived(by_slot[0][0], Result(1, answer)))
+    assert scheduler.newly_settled() == []  # its replica has not answered
+    scheduler.handle(Unreachable(by_slot[0][1]))
+    assert scheduler.newly_settled() == [0] and len(scheduler.results[0]) == 1 and not scheduler.lost
+    for peer in by_slot[1]:
+        scheduler.handle(Arrived(peer, Result(1, answer)))
+    assert scheduler.newly_settled() == [1] and len(scheduler.results[1]) == 2 and scheduler.round_done
+    assert len(sends) == 4
 
 
 def test_workers_that_answered_are_kept_on_record_when_they_leave():
@@ -159,7 +182,7 @@ def test_a_worker_that_registers_again_keeps_its_slot_and_its_round_is_sent_agai
     assert actions == [Admit(b"new", 1, "w1", again=True)]
     assert scheduler.workers[b"new"] is worker and b"\x01" not in scheduler.workers
     assert scheduler.take_lost() == {1: "worker w1 registered again"}  # its request went with the old connection
-    assert [o.peer for o in scheduler.outstanding.values()] == [sends[0].peer]
+    assert list(scheduler.outstanding) == [sends[0].peer]
     refused = scheduler.handle(Arrived(b"\x01", Heartbeat()))  # the old connection is refused, not welcomed back
     assert isinstance(refused[0].message, Reject) and b"\x01" not in scheduler.workers
 
