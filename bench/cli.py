@@ -126,16 +126,17 @@ def main(
 def markdown(results: list) -> str:
     """The results as Markdown tables: speed, then time to accuracy if measured."""
     lines = [
-        "| mode | later layers | verify | link | rekey | workers | batch | s/epoch | x floor | rounds/step | MB/epoch "
-        "| min MB/epoch | x min | coordinator MB | worker MB |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | later layers | verify | link | rekey | workers | batch | s/epoch | x floor | CPU ms/step | CPU x floor "
+        "| rounds/step | MB/epoch | min MB/epoch | x min | coordinator MB | worker MB |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in (r for r in results if r["measure"] == "epoch"):
         over_minimum = row["bytes_per_epoch"] / row["min_bytes_per_epoch"] if row["min_bytes_per_epoch"] else None
         lines.append("| " + " | ".join([
             row["mode"], row["later_layers"], row["verify"], row["spawn_transport"], row["rekey"], str(row["workers"]),
             str(row["batch_size"]), f"{row['epoch_seconds']:.2f}",
-            f"{row['ratio_to_floor']:.2f}", f"{row['rounds_per_step']:g}", f"{row['bytes_per_epoch'] / MIB:.1f}",
+            f"{row['ratio_to_floor']:.2f}", _shown(row["cpu_ms_per_step"], ".2f"), _shown(row["cpu_ratio_to_floor"], ".2f"),
+            f"{row['rounds_per_step']:g}", f"{row['bytes_per_epoch'] / MIB:.1f}",
             f"{row['min_bytes_per_epoch'] / MIB:.1f}", _shown(over_minimum, ".3f"),
             f"{row['coordinator_peak_rss_mb']:.0f}", _shown(row["worker_peak_rss_mb"], ".0f"),
         ]) + " |")
@@ -151,15 +152,16 @@ def markdown(results: list) -> str:
 
 
 def profile_markdown(results: list) -> str:
-    """Milliseconds per step in each phase, for every cluster row: the coordinator's, then its workers' summed."""
+    """Milliseconds per step for every cluster row: the CPU time of the coordinator and of its workers (summed), then
+    the wall time of each phase, the coordinator's, then its workers' summed."""
     rows = [r for r in results if r["measure"] == "epoch" and r.get("coordinator_ms_per_step")]
-    header = ["workers", "batch", "later layers", "link", "rekey", "ms/step"]
+    header = ["workers", "batch", "later layers", "link", "rekey", "ms/step", "coordinator CPU", "workers CPU"]
     header += [f"coordinator {phase}" for phase in COORDINATOR_PHASES] + [f"workers {phase}" for phase in WORKER_PHASES]
     lines = ["| " + " | ".join(header) + " |", "|---:|---:|---|---|---|" + "---:|" * (len(header) - 5)]
     for row in rows:
         steps_ms = row["epoch_seconds"] * 1000 / row["steps"]
         cells = [str(row["workers"]), str(row["batch_size"]), row["later_layers"], row["spawn_transport"], row["rekey"],
-                 f"{steps_ms:.2f}"]
+                 f"{steps_ms:.2f}", f"{row['coordinator_cpu_ms_per_step']:.2f}", f"{row['worker_cpu_ms_per_step']:.2f}"]
         cells += [f"{row['coordinator_ms_per_step'][phase]:.2f}" for phase in COORDINATOR_PHASES]
         cells += [f"{row['worker_ms_per_step'][phase]:.2f}" for phase in WORKER_PHASES]
         lines.append("| " + " | ".join(cells) + " |")

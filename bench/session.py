@@ -43,6 +43,8 @@ class EpochMeasure:
     rounds: int  # synchronous scatter/gather rounds
     coordinator_phases: dict = field(default_factory=dict)  # phase -> seconds of the epoch (see common.phases)
     worker_phases: dict = field(default_factory=dict)  # phase -> seconds of the epoch, summed over the workers
+    cpu_seconds: float | None = None  # CPU time of the epoch in the trainer's process, every thread's
+    worker_cpu_seconds: float | None = None  # CPU time of the epoch, summed over the workers (as of their last wait)
 
 
 @dataclass(frozen=True)
@@ -157,13 +159,15 @@ def _timed_epoch(trainer: Trainer, cluster, phases_dir: Path) -> EpochMeasure:
     traffic = cluster.traffic if cluster else None
     before = (traffic.sent + traffic.received, traffic.rounds) if traffic else (0, 0)
     workers_before = phases.read_shared(phases_dir)
+    cpu_started = time.process_time()
     phases.clock.lap("wait")  # the time between epochs is not the epoch's
+    started = time.perf_counter()  # right after the lap, so that the phases and the seconds span the same time
     phases_before = (phases.clock.seconds(), workers_before)
-    started = time.perf_counter()
     report = trainer.run_epoch()
     trainer.products.epoch_ended()  # where kept rows are re-keyed every epoch
-    seconds = time.perf_counter() - started
     phases.clock.lap("math")  # the epoch's last stretch: its end and its report
+    seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
     phases_after = (phases.clock.seconds(), phases.read_shared(phases_dir))
     after = (traffic.sent + traffic.received, traffic.rounds) if traffic else (0, 0)
     coordinator, workers = (
@@ -172,7 +176,8 @@ def _timed_epoch(trainer: Trainer, cluster, phases_dir: Path) -> EpochMeasure:
     )
     return EpochMeasure(
         seconds, report.test_accuracy, after[0] - before[0], after[1] - before[1],
-        coordinator if cluster else {}, workers if cluster else {},
+        coordinator if cluster else {}, workers if cluster else {}, cpu_seconds,
+        phases_after[1][phases.CPU] - workers_before[phases.CPU] if cluster else None,
     )
 
 

@@ -2,6 +2,7 @@
 traffic per round, and the echo workers that move it."""
 
 import json
+import os
 import time
 
 import pytest
@@ -13,8 +14,8 @@ from coordinator.config import TrainingConfig
 from bench.traffic import ROW_NUMBER_BYTES, minimum_step_bytes, round_bytes
 from tests.conftest import LOOPBACK_ANY_PORT, run_cli
 
-KEYS = {"mode", "workers", "batch_size", "epoch_seconds", "ratio_to_floor", "rounds_per_step", "bytes_per_epoch",
-        "min_bytes_per_epoch", "coordinator_peak_rss_mb", "worker_peak_rss_mb"}
+KEYS = {"mode", "workers", "batch_size", "epoch_seconds", "ratio_to_floor", "cpu_ms_per_step", "cpu_ratio_to_floor",
+        "rounds_per_step", "bytes_per_epoch", "min_bytes_per_epoch", "coordinator_peak_rss_mb", "worker_peak_rss_mb"}
 # first layer (with the last step's gradient), the later layer's forward and backward; or the first layer alone
 ROUNDS_PER_STEP = {"workers": 3, "coordinator": 1}
 ECHO_TIMEOUT = 60.0  # seconds; echo workers that take longer to start or answer are hung
@@ -49,6 +50,10 @@ def test_bench_writes_json_for_floor_cluster_and_transport(tmp_path):
         step_ms = row["epoch_seconds"] * 1000 / row["steps"]
         assert 0.8 * step_ms <= sum(row["coordinator_ms_per_step"].values()) <= 1.05 * step_ms, row
         assert row["worker_ms_per_step"]["compute"] > 0
+        assert 0 < row["coordinator_cpu_ms_per_step"] <= 1.1 * (os.cpu_count() or 1) * step_ms, row
+        assert row["worker_cpu_ms_per_step"] > 0  # the workers' CPU clocks moved
+        assert row["cpu_ms_per_step"] == row["coordinator_cpu_ms_per_step"] + row["worker_cpu_ms_per_step"]
+    assert rows[0]["cpu_ms_per_step"] > 0 and all(r["cpu_ms_per_step"] is None for r in rows if r["mode"] == "transport")
     assert "| 2 | 64 | coordinator | ipc | every-step |" in done.stdout  # a row of the profile table
 
 
@@ -136,3 +141,21 @@ def test_the_coordinator_fit_is_a_line_through_its_busy_time_per_step():
     fits = coordinator_fits([row(2, 3.0), row(4, 5.0), row(7, 8.0), {"measure": "accuracy"}])
     fixed, per_worker = fits[(128, "workers", "every-step")]
     assert (fixed, per_worker) == (pytest.approx(1.0), pytest.approx(1.0))  # 1 + 1 N, the wait left out
+
+
+def test_a_shared_clock_keeps_the_process_cpu_time_as_of_its_last_wait(tmp_path):
+    from common.phases import CPU, PhaseClock, read_shared
+
+    clock = PhaseClock()
+    clock.lap("wait")
+    assert clock.seconds()[CPU] == 0  # an unshared clock does not pay for reading the CPU clock
+    clock.share(tmp_path, "A")
+    clock.lap("wait")
+    before = read_shared(tmp_path)[CPU]
+    busy_until = time.process_time() + 0.05
+    while time.process_time() < busy_until:
+        pass
+    assert read_shared(tmp_path)[CPU] == before  # read at waits only
+    clock.lap("compute")
+    clock.lap("wait")
+    assert read_shared(tmp_path)[CPU] - before >= 0.05
