@@ -105,10 +105,12 @@ def _time_to_accuracy(config: TrainingConfig, workers: int, targets: tuple) -> d
         if len(reached) == len(targets):
             break
     session.finish()
+    figures = []  # per target: when it was first reached, if it was
+    for target in targets:
+        seconds, epochs = reached.get(target, (None, None))
+        figures.append({"target": target, "seconds": seconds, "epochs": epochs})
     return {"measure": "accuracy", "mode": "cluster" if workers else "local", "workers": workers,
-            "batch_size": config.batch_size, "test_accuracy_by_epoch": history,
-            "reached": [{"target": target, "seconds": reached.get(target, (None, None))[0],
-                         "epochs": reached.get(target, (None, None))[1]} for target in targets]}
+            "batch_size": config.batch_size, "test_accuracy_by_epoch": history, "reached": figures}
 
 
 def _measured(session: Session, epochs: int) -> EpochMeasure:

@@ -159,3 +159,12 @@ def test_a_shared_clock_keeps_the_process_cpu_time_as_of_its_last_wait(tmp_path)
     clock.lap("compute")
     clock.lap("wait")
     assert read_shared(tmp_path)[CPU] - before >= 0.05
+
+
+def test_the_time_to_accuracy_table_has_a_pair_of_columns_per_target():
+    from bench.cli import markdown
+
+    reached = [{"target": 0.97, "seconds": 2.54, "epochs": 4}, {"target": 0.975, "seconds": None, "epochs": None}]
+    table = markdown([{"measure": "accuracy", "mode": "local", "workers": 0, "reached": reached}]).splitlines()
+    assert table[-3] == "| mode | workers | s to 97.0% | epochs to 97.0% | s to 97.5% | epochs to 97.5% |"
+    assert table[-1] == "| local | 0 | 2.5 | 4 | - | - |" and table[-2].count("|") == table[-1].count("|")
