@@ -43,8 +43,8 @@ class EpochMeasure:
     rounds: int  # synchronous scatter/gather rounds
     coordinator_phases: dict = field(default_factory=dict)  # phase -> seconds of the epoch (see common.phases)
     worker_phases: dict = field(default_factory=dict)  # phase -> seconds of the epoch, summed over the workers
-    cpu_seconds: float | None = None  # CPU time of the epoch in the trainer's process, every thread's
-    worker_cpu_seconds: float | None = None  # CPU time of the epoch, summed over the workers (as of their last wait)
+    cpu_seconds: float | None = None  # CPU time of the epoch in the trainer's (or router's) process, every thread's
+    worker_cpu_seconds: float | None = None  # CPU time of the epoch, summed over the workers' processes
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ def _timed_epoch(trainer: Trainer, cluster, phases_dir: Path) -> EpochMeasure:
     traffic = cluster.traffic if cluster else None
     before = (traffic.sent + traffic.received, traffic.rounds) if traffic else (0, 0)
     workers_before = phases.read_shared(phases_dir)
-    cpu_started = time.process_time()
+    cpu_started = (time.process_time(), _children_cpu_seconds())
     phases.clock.lap("wait")  # the time between epochs is not the epoch's
     started = time.perf_counter()  # right after the lap, so that the phases and the seconds span the same time
     phases_before = (phases.clock.seconds(), workers_before)
@@ -167,7 +167,7 @@ def _timed_epoch(trainer: Trainer, cluster, phases_dir: Path) -> EpochMeasure:
     trainer.products.epoch_ended()  # where kept rows are re-keyed every epoch
     phases.clock.lap("math")  # the epoch's last stretch: its end and its report
     seconds = time.perf_counter() - started
-    cpu_seconds = time.process_time() - cpu_started
+    cpu_seconds, worker_cpu_seconds = time.process_time() - cpu_started[0], _children_cpu_seconds() - cpu_started[1]
     phases_after = (phases.clock.seconds(), phases.read_shared(phases_dir))
     after = (traffic.sent + traffic.received, traffic.rounds) if traffic else (0, 0)
     coordinator, workers = (
@@ -176,8 +176,7 @@ def _timed_epoch(trainer: Trainer, cluster, phases_dir: Path) -> EpochMeasure:
     )
     return EpochMeasure(
         seconds, report.test_accuracy, after[0] - before[0], after[1] - before[1],
-        coordinator if cluster else {}, workers if cluster else {}, cpu_seconds,
-        phases_after[1][phases.CPU] - workers_before[phases.CPU] if cluster else None,
+        coordinator if cluster else {}, workers if cluster else {}, cpu_seconds, worker_cpu_seconds if cluster else None,
     )
 
 
@@ -199,9 +198,12 @@ def _echoed_epochs(rows: int, batch_size: int, sizes: tuple, workers: int, items
 
 def _timed_echo_epoch(router: echo.EchoRouter, epoch: list) -> EpochMeasure:
     """`epoch`: each step's rounds of request frames."""
+    cpu_started = (time.process_time(), _children_cpu_seconds())
     start = time.perf_counter()
     moved = sum(router.run_step(rounds) for rounds in epoch)
-    return EpochMeasure(time.perf_counter() - start, None, moved, sum(map(len, epoch)))
+    seconds = time.perf_counter() - start
+    return EpochMeasure(seconds, None, moved, sum(map(len, epoch)), cpu_seconds=time.process_time() - cpu_started[0],
+                        worker_cpu_seconds=_children_cpu_seconds() - cpu_started[1])
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -214,9 +216,18 @@ def _peak_rss_mb(pid: int) -> float:
 
 def _largest_worker_rss_mb() -> float | None:
     """The largest peak resident memory among this process's children (the spawned workers), in MiB."""
-    children = [
-        int(pid)
-        for task in Path(f"/proc/{os.getpid()}/task").iterdir()
-        for pid in (task / "children").read_text().split()
-    ]
-    return max((_peak_rss_mb(pid) for pid in children), default=None)
+    return max((_peak_rss_mb(pid) for pid in _children()), default=None)
+
+
+def _children_cpu_seconds() -> float:
+    """The CPU time so far of this process's children (the spawned or echo workers), every thread's, in seconds:
+    each thread's schedstat counts nanoseconds, where /proc/PID/stat counts 10 ms ticks."""
+    nanoseconds = 0
+    for pid in _children():
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            nanoseconds += int((task / "schedstat").read_text().split()[0])  # time on a CPU (proc(5))
+    return nanoseconds / 1e9
+
+
+def _children() -> list:
+    return [int(pid) for task in Path(f"/proc/{os.getpid()}/task").iterdir() for pid in (task / "children").read_text().split()]

@@ -4,9 +4,6 @@ The clock works in laps: `lap(PHASE)` charges the time since the previous lap to
 only the end of each phase and every nanosecond is charged somewhere. It is always on (a lap costs well
 under a microsecond); `python -m bench --profile` reads it. A worker whose environment names a folder in
 PHASES_DIR_VARIABLE keeps its totals in a small shared file there, so the bench can read them live.
-
-A shared clock also keeps the process's CPU time, every thread's (ZeroMQ's I/O thread too), as of its last
-wait: when processes outnumber cores, CPU time per step is the steady measure of what a step costs.
 """
 
 import os
@@ -25,8 +22,6 @@ WORKER_PHASES = ("wait", "decode", "compute", "encode", "send")
 """A worker's: waiting for a request, decoding it, computing, encoding and sending the answer."""
 
 PHASES = tuple(dict.fromkeys(COORDINATOR_PHASES + WORKER_PHASES))
-CPU = "cpu"  # not a phase: the process's CPU time so far, in the totals beside the phases
-TOTALS = PHASES + (CPU,)
 PHASES_DIR_VARIABLE = "SCATTERPROP_PHASES_DIR"
 
 
@@ -34,36 +29,32 @@ class PhaseClock:
     """Nanoseconds per phase, in `totals` (an array that may live in a shared file)."""
 
     def __init__(self, totals: np.ndarray | None = None):
-        self.totals = np.zeros(len(TOTALS), np.int64) if totals is None else totals
-        self.index = {name: number for number, name in enumerate(TOTALS)}
+        self.totals = np.zeros(len(PHASES), np.int64) if totals is None else totals
+        self.index = {phase: number for number, phase in enumerate(PHASES)}
         self.last = time.perf_counter_ns()
-        self.keeps_cpu = False  # only a shared clock: reading the CPU clock costs about 1 us, ten laps' worth
 
     def lap(self, phase: str) -> None:
         now = time.perf_counter_ns()
         self.totals[self.index[phase]] += now - self.last
         self.last = now
-        if phase == "wait" and self.keeps_cpu:  # about once a message
-            self.totals[self.index[CPU]] = time.process_time_ns()
 
     def seconds(self) -> dict:
-        """phase (and CPU) -> seconds so far."""
-        return {name: float(total) / 1e9 for name, total in zip(TOTALS, self.totals)}
+        """phase -> seconds so far."""
+        return {phase: float(total) / 1e9 for phase, total in zip(PHASES, self.totals)}
 
     def share(self, folder: Path, name: str) -> None:
         """Keep the totals in folder/name.phases from now on, readable by another process while this one runs."""
-        shared = np.lib.format.open_memmap(Path(folder) / f"{name}.phases", "w+", np.int64, (len(TOTALS),))
+        shared = np.lib.format.open_memmap(Path(folder) / f"{name}.phases", "w+", np.int64, (len(PHASES),))
         shared[:] = self.totals
         self.totals = shared
-        self.keeps_cpu = True
 
 
 def read_shared(folder: Path) -> dict:
-    """phase (and CPU) -> seconds, summed over every shared clock in the folder."""
-    totals = np.zeros(len(TOTALS), np.int64)
+    """phase -> seconds, summed over every shared clock in the folder."""
+    totals = np.zeros(len(PHASES), np.int64)
     for path in Path(folder).glob("*.phases"):
         totals += np.load(path, mmap_mode="r")
-    return dict(zip(TOTALS, totals / 1e9))
+    return dict(zip(PHASES, totals / 1e9))
 
 
 def share_if_asked(name: str) -> None:
