@@ -159,7 +159,7 @@ def _timed_epoch(trainer: Trainer, cluster, phases_dir: Path) -> EpochMeasure:
     traffic = cluster.traffic if cluster else None
     before = (traffic.sent + traffic.received, traffic.rounds) if traffic else (0, 0)
     workers_before = phases.read_shared(phases_dir)
-    cpu_started = (time.process_time(), _children_cpu_seconds())
+    cpu_started, worker_cpu_started = time.process_time(), _children_cpu_seconds()
     phases.clock.lap("wait")  # the time between epochs is not the epoch's
     started = time.perf_counter()  # right after the lap, so that the phases and the seconds span the same time
     phases_before = (phases.clock.seconds(), workers_before)
@@ -167,7 +167,7 @@ def _timed_epoch(trainer: Trainer, cluster, phases_dir: Path) -> EpochMeasure:
     trainer.products.epoch_ended()  # where kept rows are re-keyed every epoch
     phases.clock.lap("math")  # the epoch's last stretch: its end and its report
     seconds = time.perf_counter() - started
-    cpu_seconds, worker_cpu_seconds = time.process_time() - cpu_started[0], _children_cpu_seconds() - cpu_started[1]
+    cpu_seconds, worker_cpu_seconds = time.process_time() - cpu_started, _children_cpu_seconds() - worker_cpu_started
     phases_after = (phases.clock.seconds(), phases.read_shared(phases_dir))
     after = (traffic.sent + traffic.received, traffic.rounds) if traffic else (0, 0)
     coordinator, workers = (
@@ -198,12 +198,12 @@ def _echoed_epochs(rows: int, batch_size: int, sizes: tuple, workers: int, items
 
 def _timed_echo_epoch(router: echo.EchoRouter, epoch: list) -> EpochMeasure:
     """`epoch`: each step's rounds of request frames."""
-    cpu_started = (time.process_time(), _children_cpu_seconds())
+    cpu_started, worker_cpu_started = time.process_time(), _children_cpu_seconds()
     start = time.perf_counter()
     moved = sum(router.run_step(rounds) for rounds in epoch)
     seconds = time.perf_counter() - start
-    return EpochMeasure(seconds, None, moved, sum(map(len, epoch)), cpu_seconds=time.process_time() - cpu_started[0],
-                        worker_cpu_seconds=_children_cpu_seconds() - cpu_started[1])
+    return EpochMeasure(seconds, None, moved, sum(map(len, epoch)), cpu_seconds=time.process_time() - cpu_started,
+                        worker_cpu_seconds=_children_cpu_seconds() - worker_cpu_started)
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -230,4 +230,6 @@ def _children_cpu_seconds() -> float:
 
 
 def _children() -> list:
-    return [int(pid) for task in Path(f"/proc/{os.getpid()}/task").iterdir() for pid in (task / "children").read_text().split()]
+    """This process's children's process ids (each of its threads lists those it started)."""
+    tasks = Path(f"/proc/{os.getpid()}/task").iterdir()
+    return [int(pid) for task in tasks for pid in (task / "children").read_text().split()]
