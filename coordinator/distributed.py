@@ -61,7 +61,6 @@ class ClusterProducts:
         self.on_quarantine = on_quarantine  # (Worker, slot, request kind, Evidence)
         self.rekey_steps = rekey_steps  # steps between re-keys of kept rows: 1 sends the rows every step; None: epochs
         self.kept = None  # the KeptPeriod under way, if any
-        self.kept_tracking = None  # what the kept rows' answers of the current round are checked against
         self.later_operands = {}  # layer -> (activations, weights) of its last forward
         self.later_permutations = {}  # layer -> the output permutation of its last LaterForward round
         self.last_later_forward = {}  # (slot, layer) -> its last LaterForward request, the operands it keeps
@@ -165,7 +164,8 @@ class ClusterProducts:
 
         def track():  # what the answers are checked against: worked out while the workers compute
             nonlocal tracking
-            tracking = self.kept_tracking = self.kept.tracking_after(logged)
+            tracking = self.kept.tracking_after(logged)
+            return tracking
 
         phases.clock.lap("math")
         dtype = self.kept.start.dtype
@@ -193,13 +193,13 @@ class ClusterProducts:
                 return unpermuted(period.start, period.permutation)
 
             def requests():
-                self.kept_tracking = period.tracking
                 hidden, shared = period.start.shape[1], ReturnRows(0)
                 return {slot: (shared, Expected({"weights": (len(period.plan.columns(slot)), hidden)}))
                         for slot in period.plan.slots}
 
             try:
-                results = self._attempt(requests, [Placed("weights", period.start.dtype, period.plan.columns)])
+                results = self._attempt(requests, [Placed("weights", period.start.dtype, period.plan.columns)],
+                                        lambda: period.tracking)
             except WorkerLost as lost:
                 self._recover(lost.lost)  # which starts a new period from the rebuilt rows
                 continue
@@ -284,11 +284,11 @@ class ClusterProducts:
             built[slot] = (request, Expected({"partial": (len(activations), weights.shape[1])}))
         return built
 
-    def _round(self, requests: Callable, products: list, overlap: Callable | None = None) -> dict:
+    def _round(self, requests: Callable, products: list, tracking: Callable | None = None) -> dict:
         """Run a round until every slot has a trusted answer, recovering from lost or lying workers (see _attempt)."""
         while True:
             try:
-                return self._attempt(requests, products, overlap)
+                return self._attempt(requests, products, tracking)
             except WorkerLost as lost:
                 self._recover(lost.lost)
                 self._later_forward_again()
@@ -299,23 +299,22 @@ class ClusterProducts:
         for layer in sorted(self.awaiting_backward):
             self._round(lambda: self._later_forward_requests(layer), [])
 
-    def _attempt(self, requests: Callable, products: list, overlap: Callable | None = None) -> dict:
-        """One try at a round: shards first where they are missing, then the requests; `overlap` (the coordinator's
-        own work for the round) runs while the workers compute, and each slot's answers are checked and gathered
-        into `products` (gathering.Summed or Placed) as soon as they are in. Returns name -> product; raises
-        WorkerLost when a worker is lost, or quarantines leave a slot with none."""
+    def _attempt(self, requests: Callable, products: list, tracking: Callable | None = None) -> dict:
+        """One try at a round: shards first where they are missing, then the requests; `tracking`, called while the
+        workers compute, gives what is known of the kept rows (kept.Tracking) to check their answers against. Each
+        slot's answers are checked and gathered into `products` (gathering.Summed or Placed) as soon as they are in.
+        Returns name -> product; raises WorkerLost when a worker is lost, or quarantines leave a slot with none."""
         self._deliver_shards()
         built = requests()
         sampled = {slot: self.verifier.chosen(request) for slot, (request, _) in built.items()}  # in slot order
         phases.clock.lap("build")
         self.cluster.send_round(built)
-        if overlap is not None:
-            overlap()
-            phases.clock.lap("check")
+        kept = None if tracking is None else tracking()
+        phases.clock.lap("check")
         gatherers = [spec.gatherer(self.plan.slots) for spec in products]
 
         def take(slot, answers):
-            trusted = self._trusted_answer(slot, built[slot][0], answers, sampled[slot])
+            trusted = self._trusted_answer(slot, built[slot][0], answers, sampled[slot], kept)
             phases.clock.lap("check")
             if trusted is not None:
                 for gatherer in gatherers:
@@ -325,7 +324,7 @@ class ClusterProducts:
         self.cluster.gather(take)
         return {spec.name: gatherer.result() for spec, gatherer in zip(products, gatherers)}
 
-    def _trusted_answer(self, slot: int, request, answers: list, sampled: bool) -> dict | None:
+    def _trusted_answer(self, slot: int, request, answers: list, sampled: bool, kept) -> dict | None:
         """The answer to keep from a slot's replicas, quarantining each one caught wrong (None if all were).
 
         Replicas that agree stand or fall together, checked when the secret sample picks them; replicas
@@ -333,19 +332,19 @@ class ClusterProducts:
         """
         first = answers[0][1]
         if all(_identical(first, products) for _, products in answers[1:]):
-            evidence = self._caught(slot, request, first) if sampled else None
+            evidence = self._caught(slot, request, first, kept) if sampled else None
             verdicts = [(worker, products, evidence) for worker, products in answers]
         else:
-            verdicts = [(worker, products, self._caught(slot, request, products)) for worker, products in answers]
+            verdicts = [(worker, products, self._caught(slot, request, products, kept)) for worker, products in answers]
         for worker, _, evidence in verdicts:
             if evidence is not None:
                 self._quarantine(worker, slot, request, evidence)
         return next((products for _, products, evidence in verdicts if evidence is None), None)
 
-    def _caught(self, slot: int, request, products: dict):
-        """The Freivalds evidence against one answer, or None."""
+    def _caught(self, slot: int, request, products: dict, kept):
+        """The Freivalds evidence against one answer, or None; `kept` is the kept rows' tracking, if any."""
         forward = self.last_later_forward.get((slot, request.layer)) if isinstance(request, LaterBackward) else None
-        return self.verifier.check(request, products, self.plan.columns(slot), forward, self.kept_tracking)
+        return self.verifier.check(request, products, self.plan.columns(slot), forward, kept)
 
     def _quarantine(self, worker, slot: int, request, evidence) -> None:
         self.cluster.quarantine(worker, str(evidence))
