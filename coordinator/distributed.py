@@ -4,7 +4,8 @@ the columns shuffled by a fresh secret permutation, and the partial products com
 One permutation serves all the workers of a round: the error they get is the same matrix for all, so
 per-worker permutations would hide nothing from colluders that a shared one does not, and to a single
 worker the two look the same (see "What each worker sees" in the README). The coordinator then shuffles
-each operand once and un-shuffles each summed or assembled product once.
+each operand once, sends the workers one message where their requests are the same, checks and gathers
+each slot's answer as soon as it is in (coordinator.gathering), and un-shuffles each product once.
 
 When a worker is lost mid-round, its slot goes to a standby if one waits (which widens nobody's view),
 or else its columns and units are spread over the survivors, who get the extra columns of the images;
