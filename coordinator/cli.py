@@ -142,10 +142,10 @@ def train(
     from coordinator.spawn import spawn_endpoint
 
     overrides = dict(
-        epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed, hidden=None if hidden is None else hidden_layers(hidden), activation=activation,
-        output=output, loss=loss, dropout=dropout, init=init, uniform_limit=uniform_limit, normal_std=normal_std,
-        dtype=dtype, wire=wire, rekey=rekey, data=None if data is None else str(data), train_limit=train_limit,
-        test_limit=test_limit,
+        epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed,
+        hidden=None if hidden is None else hidden_layers(hidden), activation=activation, output=output, loss=loss,
+        dropout=dropout, init=init, uniform_limit=uniform_limit, normal_std=normal_std, dtype=dtype, wire=wire,
+        rekey=rekey, data=None if data is None else str(data), train_limit=train_limit, test_limit=test_limit,
         input_divisor=None if scale is None else (255.0 if scale else 1.0), report_every=report_every,
         checkpoint_epochs=checkpoint_epochs, checkpoint_every=checkpoint_every,
     )
