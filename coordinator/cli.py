@@ -310,6 +310,32 @@ def conformance(
 
 
 @app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(
+        envvar="SCATTERPROP_RUN_DIR", help="The run directory of the run the worker took part in.", file_okay=False,
+    )],
+    recording: Annotated[Path, _option("AUDIT_RECORDING", "The folder a `worker --record` wrote.", file_okay=False)],
+    known_labels: Annotated[int, _option(
+        "AUDIT_KNOWN_LABELS", "Training labels the attacker knows (one image of each class in turn).", min=0,
+    )] = 10,
+    colluders: Annotated[str | None, _option(
+        "AUDIT_COLLUDERS", "Comma list of other workers' recording folders, attacked pooled with RECORDING.",
+    )] = None,
+):
+    """Attack a worker's recording: how much of the labels, hidden units and digits it learnt, against chance."""
+    from coordinator.audit import audit_run, save_audits
+    from coordinator.display import print_audit
+
+    others = [Path(folder) for folder in colluders.split(",")] if colluders else []
+    audits = audit_run(run_dir, recording, others, known_labels)
+    for result in audits:
+        print_audit(result)
+    typer.echo(f"wrote {save_audits(run_dir, audits)}")
+    if any(result.partial for result in audits):
+        typer.echo(f"partial: {'; '.join(sorted({why for result in audits for why in result.partial}))}", err=True)
+
+
+@app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(envvar="SCATTERPROP_RUN_DIR", help="A run directory written by `coordinator train`.")],
     out: Annotated[Path | None, _option("REPORT_OUT", "Where to write the PNGs (default: RUN_DIR/report).")] = None,

@@ -94,6 +94,11 @@ class Cluster:
         self.traffic.rounds += 1
         self._start(lambda now: self.scheduler.start_round(requests, now))
 
+    @property
+    def round_number(self) -> int:
+        """The number the requests of the latest round carry."""
+        return self.scheduler.round_number
+
     def run_sends(self, sends: dict) -> None:
         """A round of one request to each of some workers (peer -> (slot, message, Expected)), until all answered."""
         self._start(lambda now: self.scheduler.start_sends(sends, now))

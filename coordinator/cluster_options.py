@@ -159,6 +159,7 @@ class ClusterOptions:
             cluster, plan, images, permutation_seed, self.rebalance, verifier, config.wire,
             on_exposure=lambda *change: records.append_exposure(*watch.position(), *change),
             on_quarantine=lambda *caught: records.append_quarantine(*watch.position(), *caught),
+            on_keys=records.append_keys,
             rekey_steps=config.rekey_steps,
         )
 

@@ -152,3 +152,17 @@ def output_for(quiet: bool, log_format: str, epochs: int, report_every: int) -> 
     if quiet or not sys.stdout.isatty():
         return PlainOutput(epochs, report_every)
     return LiveOutput(epochs, report_every)
+
+
+def print_audit(result) -> None:
+    """An audit's scores as a table, titled with who was attacked and how the run was set."""
+    from coordinator.audit import table
+
+    mode = ", ".join(f"{name} {value}" for name, value in result.mode.items())
+    title = f"worker {result.worker} (slot {result.slot}); {mode}; {result.known_labels} known labels"
+    audit_table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    for heading in ("attack", "recovered", "with known", "control", "chance", "scored", "how"):
+        audit_table.add_column(heading, justify="left" if heading in ("attack", "how") else "right")
+    for row in table(result):
+        audit_table.add_row(*row)
+    Console(width=None if sys.stdout.isatty() else UNBOUNDED_WIDTH).print(audit_table)

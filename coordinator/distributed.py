@@ -49,7 +49,7 @@ class ClusterProducts:
 
     def __init__(
         self, cluster, plan: ExposurePlan, images: dict, permutation_seed: int, rebalance: bool, verifier: Verifier,
-        wire: str, on_exposure: Callable, on_quarantine: Callable, rekey_steps: int | None = 1,
+        wire: str, on_exposure: Callable, on_quarantine: Callable, on_keys: Callable, rekey_steps: int | None = 1,
     ):
         self.cluster = cluster
         self.plan = plan
@@ -60,6 +60,7 @@ class ClusterProducts:
         self.wire = wire  # how errors go out and partial products come back (model.WIRE_FORMATS)
         self.on_exposure = on_exposure  # (slot, worker name, plan, reason): a slot's columns changed hands
         self.on_quarantine = on_quarantine  # (Worker, slot, request kind, Evidence)
+        self.on_keys = on_keys  # (round number, {layer: the permutation its columns travel under}): the audit's truth
         self.rekey_steps = rekey_steps  # steps between re-keys of kept rows: 1 sends the rows every step; None: epochs
         self.kept = None  # the KeptPeriod under way, if any
         self.later_operands = {}  # layer -> (activations, weights) of its last forward
@@ -134,7 +135,7 @@ class ClusterProducts:
                     expected["gradient"] = (len(columns), hidden)
                 slot_weights = None if rows is None else shuffled_weights[columns]
                 built[slot] = (_for_slot(shared, slot_weights), Expected(expected))
-            return built
+            return built, {1: shuffle}
 
         products = []
         if error is not None:
@@ -161,7 +162,8 @@ class ClusterProducts:
             logged = None if step is None else LoggedStep(error_rows, from_wire(wire_error, error.dtype), learning_rate)
             shared = KeptFirstLayer(0, None, split, rows, error_rows, wire_error, float(learning_rate))
             expected = Expected({} if rows is None else {"partial": (len(rows), period.start.shape[1])})
-            return {slot: (_for_slot(shared, period.rows_for(slot)), expected) for slot in self.plan.slots}
+            built = {slot: (_for_slot(shared, period.rows_for(slot)), expected) for slot in self.plan.slots}
+            return built, {1: period.permutation}
 
         def track():  # what the answers are checked against: worked out while the workers compute
             nonlocal tracking
@@ -195,8 +197,9 @@ class ClusterProducts:
 
             def requests():
                 hidden, shared = period.start.shape[1], ReturnRows(0)
-                return {slot: (shared, Expected({"weights": (len(period.plan.columns(slot)), hidden)}))
-                        for slot in period.plan.slots}
+                built = {slot: (shared, Expected({"weights": (len(period.plan.columns(slot)), hidden)}))
+                         for slot in period.plan.slots}
+                return built, {1: period.permutation}
 
             try:
                 results = self._attempt(requests, [Placed("weights", period.start.dtype, period.plan.columns)],
@@ -233,7 +236,7 @@ class ClusterProducts:
             for slot in self.plan.slots:
                 units = len(self.plan.units(slot, layer))
                 built[slot] = (shared, Expected({"gradient": (units, outputs), "error": (batch, units)}))
-            return built
+            return built, {layer: permutation}
 
         def units(slot):
             return self.plan.units(slot, layer)
@@ -283,7 +286,7 @@ class ClusterProducts:
                                    weights=shuffled_weights[units])
             self.last_later_forward[slot, layer] = request
             built[slot] = (request, Expected({"partial": (len(activations), weights.shape[1])}))
-        return built
+        return built, {layer: permutation}
 
     def _round(self, requests: Callable, products: list, tracking: Callable | None = None) -> dict:
         """Run a round until every slot has a trusted answer, recovering from lost or lying workers (see _attempt)."""
@@ -301,15 +304,17 @@ class ClusterProducts:
             self._round(lambda: self._later_forward_requests(layer), [])
 
     def _attempt(self, requests: Callable, products: list, tracking: Callable | None = None) -> dict:
-        """One try at a round: shards first where they are missing, then the requests; `tracking`, called while the
+        """One try at a round: shards first where they are missing, then the requests (built with the permutation of
+        each layer whose columns they carry, for the record); `tracking`, called while the
         workers compute, gives what is known of the kept rows (kept.Tracking) to check their answers against. Each
         slot's answers are checked and gathered into `products` (gathering.Summed or Placed) as soon as they are in.
         Returns name -> product; raises WorkerLost when a worker is lost, or quarantines leave a slot with none."""
         self._deliver_shards()
-        built = requests()
+        built, keys = requests()
         sampled = {slot: self.verifier.chosen(request) for slot, (request, _) in built.items()}  # in slot order
         phases.clock.lap("build")
         self.cluster.send_round(built)
+        self.on_keys(self.cluster.round_number, keys)
         kept = None if tracking is None else tracking()
         phases.clock.lap("check")
         gatherers = [spec.gatherer(self.plan.slots) for spec in products]

@@ -26,6 +26,7 @@ def write_report(run_dir: Path, out_dir: Path) -> list:
     exposure = _read_exposure(run_dir / "exposure.npz")
     handovers = _read_json_lines(run_dir / "exposure.jsonl") if (run_dir / "exposure.jsonl").exists() else []
     workers = _read_json(run_dir / "workers.json")
+    audits = _read_json(run_dir / "audit.json")
     pyplot = _pyplot()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -36,6 +37,8 @@ def write_report(run_dir: Path, out_dir: Path) -> list:
         figures["exposure-map.png"] = _exposure_map(pyplot, exposure, handovers, _slot_names(workers, handovers))
     if workers:
         figures["workers.png"] = _worker_load(pyplot, workers)
+    if audits:
+        figures["audit.png"] = _audit_panel(pyplot, audits)
     written = []
     for name, figure in figures.items():
         figure.savefig(out_dir / name, dpi=DPI)
@@ -189,3 +192,22 @@ def _bar_name(worker: dict) -> str:
     if worker.get("left"):
         return f"{worker['name']} (left)"
     return worker["name"] if worker["slot"] is not None else f"{worker['name']} (standby)"
+
+
+def _audit_panel(pyplot, audits: list):
+    """Each attack of `coordinator audit`: what it recovered against its control and chance, one panel per audit
+    (the worker alone, then its colluders pooled)."""
+    figure, panels = pyplot.subplots(1, len(audits), figsize=(7 * len(audits), 4.5), layout="constrained", squeeze=False)
+    for axes, audit in zip(panels[0], audits):
+        scores = audit["scores"][::-1]  # the first attack on top
+        positions, height = np.arange(len(scores)), 0.38
+        axes.barh(positions + height / 2, [100 * (s["recovered"] or 0) for s in scores], height, label="recovered")
+        axes.barh(positions - height / 2, [100 * (s["control"] or 0) for s in scores], height, color="0.65",
+                  label="control (labels shuffled)")
+        axes.scatter([100 * s["chance"] for s in scores], positions, marker="|", s=300, color="black", zorder=3,
+                     label="chance")
+        axes.set_yticks(positions, [s["attack"] for s in scores], fontsize=8)
+        axes.set(xlim=(0, 100), xlabel="% right", title=f"what worker {audit['worker']} learnt")
+        axes.grid(axis="x", alpha=0.3)
+        axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=3, fontsize=8, frameon=False)
+    return figure

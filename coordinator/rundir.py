@@ -1,4 +1,5 @@
-"""The run directory: config.json, history.jsonl, exposure.npz, workers.json, model.npz and coordinator.log."""
+"""The run directory: config.json, history.jsonl, exposure.npz, workers.json, permutations.jsonl, model.npz and
+coordinator.log."""
 
 import dataclasses
 import json
@@ -21,6 +22,7 @@ from coordinator.config import TrainingConfig
 from coordinator.training import LocalProducts, Trainer
 
 LOG_FILE = "coordinator.log"
+KEYS_FILE = "permutations.jsonl"  # the secret permutation of each layer, round by round: the truth of an audit
 # The settings model.npz keeps beside the parameters: what an evaluation needs, and the loss it was trained for.
 # A file from before the network was a setting holds only input_divisor; its sigmoid layers are the defaults.
 MODEL_SETTINGS = ("input_divisor", "activation", "output", "loss")
@@ -77,6 +79,7 @@ class RunDirectory:
     def __init__(self, path: Path, history: list = ()):
         """Open the run directory, its history starting with `history` (a resumed run's finished epochs)."""
         self.path = Path(path)
+        self.last_keys = {}  # layer -> the permutation last written to the keys log
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "history.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in history))
@@ -106,6 +109,25 @@ class RunDirectory:
             exposure.write(json.dumps(record) + "\n")
         log.info("worker %s sees %d input columns and %d hidden units (%s)", worker, len(record["columns"]),
                  plan.units_held(slot), reason)
+
+    def append_keys(self, round_number: int, keys: dict) -> None:
+        """Record the permutation each layer's columns travel under from this round on, where it changed: what
+        `coordinator audit` scores a worker's tracking of hidden units against. Round numbers start again with each
+        coordinator process, so its first line names a new session."""
+        changed = {layer: p for layer, p in keys.items() if self.last_keys.get(layer) is not p}
+        if not changed:
+            return
+        lines = []
+        if not self.last_keys:
+            lines.append({"session": self._sessions() + 1})
+        self.last_keys.update(changed)
+        lines += [{"round": round_number, "layer": layer, "permutation": p.tolist()} for layer, p in changed.items()]
+        with open(self.path / KEYS_FILE, "a") as log_file:
+            log_file.write("".join(json.dumps(line) + "\n" for line in lines))
+
+    def _sessions(self) -> int:
+        path = self.path / KEYS_FILE
+        return path.read_text().count('"session"') if path.exists() else 0
 
     def last_holders(self) -> dict:
         """slot -> the name of the worker that last took it over, from exposure.jsonl ({} without one)."""

@@ -45,10 +45,21 @@ def main(
                      help="Seconds without a word from the coordinator after which to exit with an error "
                      "(default: keep trying)."),
     ] = None,
+    record: Annotated[
+        Path | None,
+        typer.Option(envvar="SCATTERPROP_RECORD", file_okay=False,
+                     help="Also write every message received and sent into this folder, for `coordinator audit` "
+                     "(what a curious operator of this machine could keep; see docs/RECORDING.md)."),
+    ] = None,
+    record_limit: Annotated[
+        float, typer.Option(envvar="SCATTERPROP_RECORD_LIMIT", min=1,
+                            help="Megabytes the recording may take; then recording stops and the work goes on."),
+    ] = 300.0,
 ):
     """Connect to a coordinator and compute partial matrix products for it until it says stop."""
     for variable in BLAS_THREAD_VARIABLES:  # read by the BLAS library when numpy is first imported
         os.environ[variable] = str(threads)
+    from common.recording import Recorder
     from worker.compute import WorkerState
     from worker.faults import faulty_state
 
@@ -61,11 +72,17 @@ def main(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s", datefmt="%H:%M:%S")
     curve = None if curve_secret_key is None else (curve_secret_key, curve_server_key)
+    name = name or f"{socket.gethostname()}-{os.getpid()}"
+    recorder = None if record is None else Recorder(
+        record, round(record_limit * 1e6), name, connect, on_limit=logging.getLogger("worker").warning
+    )
     context = zmq.Context()
     try:
-        _work(context, connect, name or f"{socket.gethostname()}-{os.getpid()}", curve, make_state, give_up_after)
+        _work(context, connect, name, curve, make_state, give_up_after, recorder)
     finally:  # closes what a failed start left open, and waits (up to its linger) for a deregistration to leave
         context.destroy(linger=0)
+        if recorder is not None:
+            recorder.close()
 
 
 class Terminated(Exception):
@@ -87,12 +104,12 @@ def _sigterm_leaves():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _work(context, connect: str, name: str, curve, make_state, give_up_after: float | None) -> None:
+def _work(context, connect: str, name: str, curve, make_state, give_up_after: float | None, recorder) -> None:
     from worker.connection import CoordinatorLink, GaveUp, Rejected
     from worker.serve import serve
 
     try:
-        link = CoordinatorLink(connect, name, context, curve=curve, give_up_after=give_up_after)
+        link = CoordinatorLink(connect, name, context, curve=curve, give_up_after=give_up_after, recorder=recorder)
     except zmq.ZMQError as error:
         raise InputError(f"cannot connect to {connect}: {error}") from None
     try:

@@ -25,16 +25,18 @@ class CoordinatorLink:
 
     def __init__(
         self, address: str, name: str, context: zmq.Context | None = None, curve: tuple | None = None,
-        give_up_after: float | None = None,
+        give_up_after: float | None = None, recorder=None,
     ):
         """`curve`: (this worker's key pair file, the coordinator's public key file) to encrypt and authenticate;
-        `give_up_after`: seconds without a word from the coordinator after which `receive` raises GaveUp (None: never).
+        `give_up_after`: seconds without a word from the coordinator after which `receive` raises GaveUp (None: never);
+        `recorder`: a common.recording.Recorder that gets every frame but heartbeats, both ways (`worker --record`).
         """
         self.address = address
         self.name = name
         self.context = context or zmq.Context.instance()
         self.curve = curve
         self.give_up_after = give_up_after
+        self.recorder = recorder
         self.socket = self.poller = None
         self.welcomed = False
         self.backoff = settings.RECONNECT_BACKOFF[0]
@@ -66,6 +68,8 @@ class CoordinatorLink:
         phases.clock.lap("encode")
         self.socket.send(frame)
         phases.clock.lap("send")
+        if self.recorder is not None and not isinstance(message, Heartbeat):
+            self.recorder.record("sent", frame)
         self.heartbeat_at = time.monotonic() + settings.HEARTBEAT_INTERVAL  # any message is a sign of life
 
     def close(self, reason: str = "") -> None:
@@ -85,6 +89,8 @@ class CoordinatorLink:
             return None
         finally:
             phases.clock.lap("decode")
+        if self.recorder is not None and not isinstance(message, Heartbeat):
+            self.recorder.record("received", frame.buffer)
         if isinstance(message, Reject):
             raise Rejected(message.reason)
         if isinstance(message, RegisterAgain):

@@ -1,0 +1,596 @@
+"""`coordinator audit`: what a worker learnt from what it was sent, measured by attacking its recording.
+
+A recording (`worker --record`) holds exactly what a curious operator of one spare machine has: its pixels,
+and every request and answer. The attacks below use nothing else, in the order a worker gets them; only the
+scoring reads the truth, which the run directory holds: the labels (from the run's data), the exposure
+plan, and the secret permutation of every round (permutations.jsonl).
+
+Columns a worker is sent are shuffled by a fresh permutation at each re-key (layer 1) or round (later
+layers), but a worker can follow them: the weights it is sent next are the ones it holds now, stepped by a
+gradient it computed itself, in a new order, so a minimum-cost assignment of columns (scipy's
+linear_sum_assignment) puts every column back in one order for the whole run ("hidden-unit tracking").
+In that order:
+- the output layer's error d2 = (prediction - one-hot label) / B names each row's label column by its one
+  negative entry (bce and ce; the label column is the least one for mse too);
+- with the label in hand, prediction = B d2 + one-hot is the model's own guess, right even where the label
+  trained on is noise (`--label-privacy`);
+- the first layer's error d1 rows of one class point the same way: cosine k-means in windows of steps,
+  each window's clusters matched to the last's.
+Labels come out up to a renaming of the classes; an attacker that knows K labels (`--known-labels`) names
+them. With the labels it inferred, a worker trains a classifier on its own pixels and reads test digits.
+Every score has a control: the same guesses scored against the true labels shuffled among the images,
+which no attack can know; a control away from chance means the scoring, not the attack, found something.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.cluster.vq import kmeans2
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import cdist
+
+from common import model
+from common.errors import UserError
+from common.protocol import FirstLayer, KeptFirstLayer, LaterBackward, LaterForward, Result, Shard, Welcome
+from common.recording import read_recording
+from coordinator.config import TrainingConfig
+from coordinator.rundir import KEYS_FILE
+
+AUDIT_FILE = "audit.json"
+WINDOW_ROWS = 1600  # d1 rows clustered together: 50 steps of 32, one default kept period
+CLUSTER_RESTARTS = 5  # k-means runs per window; the tightest is kept
+RIDGE = 1.0  # the pixel classifier's ridge penalty, on pixels scaled to [0, 1]
+CONTROL_SEED = 20261207  # the shuffle of the true labels that the controls score against
+
+
+class AuditError(UserError):
+    """A run or recording that cannot be audited; one line says which and why."""
+
+
+@dataclass
+class Key:
+    """Columns of one layer sent under one permutation: the weights as sent, and the ones the worker held."""
+
+    round: int
+    weights: np.ndarray  # (rows, n) in this key's column order
+    held: np.ndarray | None  # (rows, n) the worker's own copy just before, in the previous key's order
+
+
+@dataclass
+class Error:
+    """One error the worker was sent: rows of the batch, the error in its key's column order."""
+
+    round: int
+    key: int  # index into the layer's keys
+    rows: np.ndarray  # (B,) training images
+    values: np.ndarray  # (B, n)
+
+
+@dataclass
+class View:
+    """Everything one worker (or colluders pooled) saw, in order."""
+
+    worker: str
+    slot: int
+    pixels: dict  # split -> (n, k) uint8: the worker's own columns of every image
+    keys: dict = field(default_factory=dict)  # layer -> [Key]
+    errors: dict = field(default_factory=dict)  # layer -> [Error]; layer 1's is d1, the last layer's d2
+    learning_rate: float = 0.0
+    partial: list = field(default_factory=list)  # why parts of the recording were not used
+
+
+def view_of(recording, config: TrainingConfig) -> View:
+    """The worker's view, read from its recording the way the worker itself could, message by message."""
+    output_layer = len(config.hidden) + 1
+    slot, shards, held = None, {}, {}
+    forward_rows = None  # the training rows of the latest first-layer forward: the later layers' batch
+    batch_of_layer, layer_of_backward = {}, {}  # layer -> rows of its latest forward; backward request -> its layer
+    view = View(recording.worker, -1, {})
+    sessions = 0
+    last_request = 0
+    for recorded in recording.messages:
+        message = recorded.message
+        if isinstance(message, Welcome):
+            slot = message.slot
+            view.slot = slot if view.slot < 0 else view.slot
+            continue
+        request = getattr(message, "request", None)
+        if recorded.direction == "received" and request is not None:
+            if request < last_request:
+                sessions += 1
+            last_request = request
+        if sessions:  # a new coordinator process numbers its rounds afresh; the keys log is scored per session
+            view.partial.append("audited the first coordinator session only")
+            break
+        if recorded.direction == "sent":
+            if isinstance(message, Result) and message.request in layer_of_backward:
+                layer = layer_of_backward.pop(message.request)
+                held[layer] = held[layer] - view.learning_rate * message.products["gradient"]
+            continue
+        if isinstance(message, Shard):
+            _take_shard(shards, message)
+            if message.split == "train" and message.offset == 0 and 1 in held:
+                view.partial.append("the worker's columns changed: hidden units followed within each set of columns")
+                held.pop(1)
+        elif isinstance(message, (FirstLayer, KeptFirstLayer)):
+            view.learning_rate = message.learning_rate or view.learning_rate
+            if message.weights is not None:
+                _new_key(view, 1, request, message.weights, held)
+            if message.error is not None and 1 in held:
+                error = message.error.astype(config.dtype)
+                view.errors.setdefault(1, []).append(Error(request, len(view.keys[1]) - 1, message.error_rows, error))
+                inputs = model.inputs(shards["train"][0][message.error_rows], config.dtype, config.input_divisor)
+                held[1] = held[1] - message.learning_rate * model.weight_gradient(inputs, error)
+            if message.rows is not None:
+                forward_rows = message.rows if message.split == "train" else None
+        elif isinstance(message, LaterForward):
+            _new_key(view, message.layer, request, message.weights, held)
+            batch_of_layer[message.layer] = forward_rows
+        elif isinstance(message, LaterBackward):
+            rows = batch_of_layer.get(message.layer)
+            layer_of_backward[request] = message.layer  # its answer's gradient steps the worker's copy
+            if message.layer == output_layer and rows is not None:
+                layer_keys = view.keys[message.layer]
+                view.errors.setdefault(message.layer, []).append(
+                    Error(request, len(layer_keys) - 1, rows, message.error.astype(config.dtype)))
+    view.pixels = {split: pixels for split, (pixels, filled) in shards.items() if filled == len(pixels)}
+    if "train" not in view.pixels:
+        raise AuditError(f"the recording of worker {recording.worker} holds no whole training shard")
+    if recording.ended != "closed":
+        view.partial.append(f"the recording ended early ({recording.ended})")
+    return view
+
+
+def _take_shard(shards: dict, shard: Shard) -> None:
+    if shard.offset == 0:
+        shards[shard.split] = (np.zeros((shard.total, shard.images.shape[1]), np.uint8), 0)
+    pixels, filled = shards[shard.split]
+    pixels[shard.offset : shard.offset + len(shard.images)] = shard.images
+    shards[shard.split] = (pixels, max(filled, shard.offset + len(shard.images)))
+
+
+def _new_key(view: View, layer: int, request: int, weights: np.ndarray, held: dict) -> None:
+    previous = held.get(layer)
+    fits = previous is not None and previous.shape == weights.shape
+    view.keys.setdefault(layer, []).append(Key(request, weights, previous if fits else None))
+    held[layer] = weights.astype(np.float64)
+
+
+def pooled(views: list) -> View:
+    """Colluders' views as one: their pixels side by side, their weight rows stacked (a round's permutation is
+    the same for every worker, so their columns line up), the errors (the same matrix for all) of the first."""
+    first = views[0]
+    for other in views[1:]:
+        for layer, keys in first.keys.items():
+            if [key.round for key in keys] != [key.round for key in other.keys.get(layer, [])]:
+                raise AuditError(f"the recordings of {first.worker} and {other.worker} do not share their rounds")
+    keys = {layer: [Key(key.round, np.vstack([v.keys[layer][i].weights for v in views]),
+                        None if any(v.keys[layer][i].held is None for v in views)
+                        else np.vstack([v.keys[layer][i].held for v in views]))
+                    for i, key in enumerate(layer_keys)]
+            for layer, layer_keys in first.keys.items()}
+    pixels = {split: np.hstack([v.pixels[split] for v in views]) for split in first.pixels
+              if all(split in v.pixels for v in views)}
+    names = "+".join(v.worker for v in views)
+    return View(names, first.slot, pixels, keys, first.errors, first.learning_rate,
+                sorted({reason for v in views for reason in v.partial}))
+
+
+# --- following columns across keys -------------------------------------------------------------------------------
+
+def followed(keys: list) -> np.ndarray:
+    """For each key, each column's index in the first key's order, as the worker can work it out: (keys, n)."""
+    identity = [np.arange(keys[0].weights.shape[1])]
+    for key in keys[1:]:
+        if key.held is None:  # nothing to match against: the worker starts counting afresh
+            identity.append(np.arange(key.weights.shape[1]))
+            continue
+        _, matched = linear_sum_assignment(cdist(key.weights.T, key.held.T, "sqeuclidean"))
+        identity.append(identity[-1][matched])
+    return np.array(identity)
+
+
+def true_units(keys: list, permutations: list) -> np.ndarray:
+    """The true unit of each column of each key: (keys, n)."""
+    return np.array([_in_force(permutations, key.round) for key in keys])
+
+
+def _in_force(permutations: list, round_number: int) -> np.ndarray:
+    """The permutation of the latest (round, permutation) at or before the round."""
+    rounds = [number for number, _ in permutations]
+    at = np.searchsorted(rounds, round_number, side="right") - 1
+    if at < 0:
+        raise AuditError(f"{KEYS_FILE} has no permutation for round {round_number}")
+    return permutations[at][1]
+
+
+def tracking_accuracy(identity: np.ndarray, units: np.ndarray) -> float:
+    """The fraction of later keys' columns the worker follows to the right unit of the first key."""
+    if len(identity) < 2:
+        return float("nan")
+    guessed = units[0][identity[1:]]  # the unit the worker thinks each column is
+    return float(np.mean(guessed == units[1:]))
+
+
+# --- labels -------------------------------------------------------------------------------------------------------
+
+def in_first_order(errors: list, identity: np.ndarray) -> list:
+    """Each error with its columns put in the first key's order."""
+    aligned = []
+    for error in errors:
+        values = np.empty_like(error.values)
+        values[:, identity[error.key]] = error.values
+        aligned.append(values)
+    return aligned
+
+
+def label_columns(aligned: list) -> list:
+    """Per error, each row's label column: the output error's one negative (least) entry."""
+    return [values.argmin(axis=1) for values in aligned]
+
+
+def predictions(aligned: list, rows: list) -> list:
+    """Per error, the model's own guess for each row: the largest of B d2 + one-hot(label column) (bce, ce)."""
+    guesses = []
+    for values, batch in zip(aligned, rows):
+        outputs = values * len(batch)
+        outputs[np.arange(len(values)), values.argmin(axis=1)] += 1
+        guesses.append(outputs.argmax(axis=1))
+    return guesses
+
+
+def error_clusters(aligned: list, classes: int, rng: np.random.Generator) -> list:
+    """Per error, a cluster id for each row: cosine k-means over windows of WINDOW_ROWS rows, each window's clusters
+    renamed to the nearest of the previous window's centroids."""
+    labels, window, previous = [], [], None
+
+    def flush():
+        nonlocal previous
+        rows = np.vstack(window)
+        unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
+        centroids, ids = _tightest_kmeans(unit, classes, rng)
+        if previous is not None:  # rename to follow the previous window's clusters
+            _, order = linear_sum_assignment(-centroids @ previous.T)
+            renamed = np.empty(classes, int)
+            renamed[np.arange(classes)] = order
+            ids, centroids = renamed[ids], centroids[np.argsort(order)]
+        previous = centroids
+        start = 0
+        for values in window:
+            labels.append(ids[start : start + len(values)])
+            start += len(values)
+        window.clear()
+
+    for values in aligned:
+        window.append(values)
+        if sum(map(len, window)) >= WINDOW_ROWS:
+            flush()
+    if window:
+        flush()
+    return labels
+
+
+def _tightest_kmeans(unit: np.ndarray, classes: int, rng: np.random.Generator) -> tuple:
+    best = None
+    for _ in range(CLUSTER_RESTARTS):
+        centroids, ids = kmeans2(unit, classes, minit="++", seed=rng)
+        spread = np.sum((unit - centroids[ids]) ** 2)
+        if best is None or spread < best[0]:
+            best = (spread, centroids, ids)
+    centroids = best[1] / np.maximum(np.linalg.norm(best[1], axis=1, keepdims=True), 1e-30)
+    return centroids, best[2]
+
+
+def nearest_known(aligned: list, rows: list, known: np.ndarray, known_labels: np.ndarray, images: int) -> list:
+    """Per error, each row's label as that of the known image whose d1 row of the same epoch is nearest in angle
+    (the direction attack of Li et al., ICLR 2022, with known labels as anchors)."""
+    unit = [values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-30) for values in aligned]
+    epochs = np.cumsum([0] + [len(batch) for batch in rows])[:-1] // images  # each image comes once an epoch
+    label_of = dict(zip(known.tolist(), known_labels.tolist()))
+    guesses = []
+    for epoch in np.unique(epochs):
+        members = np.flatnonzero(epochs == epoch)
+        anchors = [(unit[i][j], label_of[row]) for i in members for j, row in enumerate(rows[i]) if row in label_of]
+        if not anchors:
+            guesses += [np.full(len(rows[i]), -1) for i in members]
+            continue
+        directions, labels = np.array([a for a, _ in anchors]), np.array([label for _, label in anchors])
+        guesses += [labels[(unit[i] @ directions.T).argmax(axis=1)] for i in members]
+    return guesses
+
+
+def per_image(rows: list, guesses: list, images: int, classes: int) -> np.ndarray:
+    """Each training image's most frequent guess over the epochs it was seen, -1 for images never seen: (n,)."""
+    votes = np.zeros((images, classes + 1), np.int64)  # the last column counts no guess (-1)
+    np.add.at(votes, (np.concatenate(rows), np.concatenate(guesses)), 1)
+    votes = votes[:, :classes]
+    guessed = votes.argmax(axis=1)
+    guessed[votes.sum(axis=1) == 0] = -1
+    return guessed
+
+
+# --- scoring ------------------------------------------------------------------------------------------------------
+
+def best_renaming(guesses: np.ndarray, truth: np.ndarray, classes: int) -> np.ndarray:
+    """The renaming of guessed ids to classes that makes most guesses right (the auditor's view): (classes,)."""
+    confusion = np.zeros((classes, classes), np.int64)
+    np.add.at(confusion, (guesses, truth), 1)
+    ids, named = linear_sum_assignment(-confusion)
+    renaming = np.empty(classes, int)
+    renaming[ids] = named
+    return renaming
+
+
+def named_by_known(guesses: np.ndarray, known: np.ndarray, truth: np.ndarray, classes: int) -> np.ndarray:
+    """The renaming an attacker makes from the labels it knows: each id gets the known label seen most with it;
+    ids no known image names get the labels left, in order (the attacker cannot tell them apart)."""
+    votes = np.zeros((classes, classes), np.int64)
+    np.add.at(votes, (guesses[known], truth[known]), 1)
+    renaming = np.full(classes, -1)
+    for guessed in np.argsort(-votes.max(axis=1), kind="stable"):
+        if votes[guessed].max() > 0 and votes[guessed].argmax() not in renaming:
+            renaming[guessed] = votes[guessed].argmax()
+    left = [label for label in range(classes) if label not in renaming]
+    renaming[renaming < 0] = left[: int(np.sum(renaming < 0))]
+    return renaming
+
+
+def known_images(truth: np.ndarray, count: int, classes: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` training images whose labels the attacker knows: classes in turn, one image of each, then again."""
+    by_class = [rng.permutation(np.flatnonzero(truth == label)) for label in range(classes)]
+    return np.array([by_class[i % classes][i // classes] for i in range(count) if i // classes < len(by_class[i % classes])],
+                    dtype=np.int64)
+
+
+@dataclass
+class Score:
+    attack: str
+    recovered: float  # fraction right, up to the best renaming of the classes
+    with_known: float | None  # fraction right of the images not known, named from the known ones
+    control: float  # `recovered`, against the true labels shuffled
+    chance: float  # what guessing achieves
+    images: int  # how many were scored
+    note: str = ""
+
+
+def scored(attack: str, guesses: np.ndarray, truth: np.ndarray, shuffled: np.ndarray, known: np.ndarray,
+           classes: int, note: str = "", naming: np.ndarray | None = None) -> Score:
+    """A per-image guess scored against the truth and the control; images never guessed (-1) are left out.
+
+    With K known labels the attacker names the guessed ids from them, or uses `naming`: the renaming it already
+    has for guesses in the same ids (identity for guesses that are labels already)."""
+    seen = guesses >= 0
+    g, t, s = guesses[seen], truth[seen], shuffled[seen]
+    recovered = np.mean(best_renaming(g, t, classes)[g] == t)
+    control = np.mean(best_renaming(g, s, classes)[g] == s)
+    with_known = None
+    known_seen = np.intersect1d(known, np.flatnonzero(seen))
+    if len(known):
+        renaming = named_by_known(guesses, known_seen, truth, classes) if naming is None else naming
+        unknown = seen.copy()
+        unknown[known] = False
+        with_known = float(np.mean(renaming[guesses[unknown]] == truth[unknown]))
+    chance = float(np.max(np.bincount(t, minlength=classes)) / len(t))
+    return Score(attack, float(recovered), with_known, float(control), chance, int(seen.sum()), note)
+
+
+# --- the pixel classifier -----------------------------------------------------------------------------------------
+
+def pixel_classifier(pixels: np.ndarray, labels: np.ndarray, classes: int) -> np.ndarray:
+    """Ridge regression of one-hot labels on the pixels (scaled to [0, 1], with a constant): (k + 1, classes)."""
+    features = _features(pixels)
+    targets = np.eye(classes)[labels]
+    gram = features.T @ features + RIDGE * np.eye(features.shape[1])  # (k + 1, k + 1)
+    return np.linalg.solve(gram, features.T @ targets)
+
+
+def classified(weights: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    return (_features(pixels) @ weights).argmax(axis=1)
+
+
+def _features(pixels: np.ndarray) -> np.ndarray:
+    return np.hstack([pixels / 255.0, np.ones((len(pixels), 1))])  # (n, k) -> (n, k + 1)
+
+
+# --- the run's truth ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Truth:
+    config: TrainingConfig
+    train_labels: np.ndarray
+    test_labels: np.ndarray
+    train_images: np.ndarray  # (n, I) uint8, to tell that a recording is of this run
+    test_images: np.ndarray
+    holders: dict  # worker name -> the input columns of its first exposure record
+    permutations: dict  # layer -> [(round, permutation)] of the first session
+
+    @property
+    def classes(self) -> int:
+        return self.config_outputs
+
+    @property
+    def config_outputs(self) -> int:
+        return int(max(self.train_labels.max(), self.test_labels.max())) + 1
+
+
+def truth_of(run_dir: Path) -> Truth:
+    """What the coordinator knows of a run, or AuditError naming the file that is missing."""
+    run_dir = Path(run_dir)
+    for name in ("config.json", "exposure.jsonl", KEYS_FILE):
+        if not (run_dir / name).is_file():
+            raise AuditError(f"{run_dir} has no {name}: audit a distributed run's directory")
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        saved.pop("mode", None)
+        config = TrainingConfig(**saved)
+        exposure = [json.loads(line) for line in (run_dir / "exposure.jsonl").read_text().splitlines()]
+        permutations = _keys_log(run_dir / KEYS_FILE)
+    except (ValueError, TypeError, KeyError) as error:
+        raise AuditError(f"cannot read the run in {run_dir}: {error}") from None
+    holders = {}
+    for record in exposure:
+        holders.setdefault(record["worker"], np.array(record["columns"]))
+    data = config.load_data()
+    return Truth(config, data.train_labels, data.test_labels, data.train_images, data.test_images, holders, permutations)
+
+
+def _keys_log(path: Path) -> dict:
+    """layer -> [(round, permutation)] of the first coordinator session in the keys log."""
+    permutations, sessions = {}, 0
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a line cut short by a kill: the rest of the log is not trusted
+            break
+        if "session" in entry:
+            sessions += 1
+            if sessions > 1:
+                break
+            continue
+        permutations.setdefault(entry["layer"], []).append((entry["round"], np.array(entry["permutation"])))
+    return permutations
+
+
+def check_belongs(view: View, truth: Truth, folder: Path) -> None:
+    """Refuse a recording that is not of this run: its worker must have held these very pixels of the run's images."""
+    columns = truth.holders.get(view.worker.split("+")[0])
+    pixels = view.pixels["train"]
+    if columns is None:
+        raise AuditError(f"the recording in {folder} is of worker {view.worker}, who took no part in this run")
+    first = truth.train_images[:, columns[: pixels.shape[1]]]
+    if first.shape != pixels.shape or not np.array_equal(first, pixels):
+        raise AuditError(f"the recording in {folder} is not of this run: worker {view.worker}'s pixels differ")
+
+
+# --- the audit ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Audit:
+    worker: str
+    slot: int
+    mode: dict
+    known_labels: int
+    scores: list
+    partial: list
+
+
+
+def save_audits(run_dir: Path, audits: list) -> Path:
+    """Write RUN_DIR/audit.json: the worker's audit, then its colluders' if any."""
+    path = Path(run_dir) / AUDIT_FILE
+    path.write_text(json.dumps([asdict(result) for result in audits], indent=1) + "\n")
+    return path
+
+
+def audit_run(run_dir: Path, recording: Path, colluders: list = (), known_labels: int = 10) -> list:
+    """The audit of one worker's recording and, with colluders' recordings, of all of them pooled."""
+    truth = truth_of(run_dir)
+    views = [_checked_view(folder, truth) for folder in [recording, *colluders]]
+    audits = [audit(truth, views[:1], known_labels)]
+    if colluders:
+        audits.append(audit(truth, views, known_labels))
+    return audits
+
+
+def _checked_view(folder: Path, truth: Truth) -> View:
+    view = view_of(read_recording(folder), truth.config)
+    check_belongs(view, truth, folder)
+    return view
+
+
+def audit(truth: Truth, views: list, known_labels: int = 10, seed: int = 0) -> Audit:
+    """Attack what one worker, or colluders pooled, saw, scored against the run's truth."""
+    config = truth.config
+    view = views[0] if len(views) == 1 else pooled(views)
+    classes, rng = truth.classes, np.random.default_rng(seed)
+    truth_train = truth.train_labels
+    shuffled = np.random.default_rng(CONTROL_SEED).permutation(truth_train)
+    known = known_images(truth_train, known_labels, classes, rng)
+    scores, guesses_by_attack = [], {}
+
+    def score(attack, guesses, note="", naming=None):
+        guesses_by_attack[attack] = guesses
+        scores.append(scored(attack, guesses, truth_train, shuffled, known, classes, note, naming))
+
+    output_layer = len(config.hidden) + 1
+    identities = {}
+    for layer, keys in sorted(view.keys.items()):
+        identities[layer] = followed(keys)
+        if layer in truth.permutations:
+            units = true_units(keys, truth.permutations[layer])
+            accuracy = tracking_accuracy(identities[layer], units)
+            chance_units = units[:, np.random.default_rng(CONTROL_SEED).permutation(units.shape[1])]
+            what = "hidden units" if layer < output_layer else "output classes"
+            scores.append(Score(f"tracking: layer {layer}'s {what} across {len(keys)} keys", accuracy, None,
+                                tracking_accuracy(identities[layer], chance_units), 1 / units.shape[1],
+                                units.shape[1]))
+    images = len(truth_train)
+    if output_layer in view.errors:
+        errors = view.errors[output_layer]
+        rows = [error.rows for error in errors]
+        per_round = [_round_score(e.values.argmin(axis=1), truth_train[e.rows], classes) for e in errors]
+        control = float(np.mean([_round_score(e.values.argmin(axis=1), shuffled[e.rows], classes) for e in errors]))
+        d = f"d{output_layer}"  # the output layer's error: d2 in the default 784-128-10 network
+        scores.append(Score(f"label from {d}, each round alone", float(np.mean(per_round)), None, control, control,
+                            len(errors), "which rows of a round share a label; chance is the control"))
+        aligned = in_first_order(errors, identities[output_layer])
+        labels = per_image(rows, label_columns(aligned), images, classes)
+        score(f"label from {d}, rounds linked", labels)
+        if config.loss in ("bce", "ce"):
+            naming = named_by_known(labels, known, truth_train, classes)  # the same columns, so the same names
+            score(f"prediction read from {d}", per_image(rows, predictions(aligned, rows), images, classes),
+                  "the model's guess, not the label trained on", naming)
+    if 1 in view.errors:
+        errors = view.errors[1]
+        aligned = in_first_order(errors, identities[1])
+        rows = [e.rows for e in errors]
+        score("label from d1, clustered", per_image(rows, error_clusters(aligned, classes, rng), images, classes),
+              f"cosine k-means, windows of {WINDOW_ROWS} rows")
+        if len(known):
+            score("label from d1, nearest known (Li et al.)",
+                  per_image(rows, nearest_known(aligned, rows, known, truth_train[known], images), images, classes),
+                  "cosine to the known images' d1 of the same epoch", np.arange(classes))
+    label_attacks = [s for s in scores if s.attack in guesses_by_attack]
+    if label_attacks:
+        best = max(label_attacks, key=lambda s: s.recovered)
+        scores.append(_pixel_attack(view, truth, best.attack, guesses_by_attack[best.attack], known, classes))
+    mode = {"later_layers": "workers" if output_layer in view.errors else "coordinator", "rekey": config.rekey,
+            "hidden": list(config.hidden), "dropout": config.dropout, "loss": config.loss,
+            "colluders": len(views)}
+    return Audit(view.worker, view.slot, mode, len(known), scores, view.partial)
+
+
+def _round_score(guesses: np.ndarray, truth: np.ndarray, classes: int) -> float:
+    return float(np.mean(best_renaming(guesses, truth, classes)[guesses] == truth))
+
+
+def _pixel_attack(view: View, truth: Truth, source: str, guesses: np.ndarray, known: np.ndarray, classes: int) -> Score:
+    """A classifier the worker trains on its own training pixels with the labels it inferred, scored on its test
+    pixels: up to the renaming that best fits the training guesses, and named from the known labels."""
+    if "test" not in view.pixels or not len(truth.test_labels):
+        return Score("digit from its own pixels", float("nan"), None, float("nan"), 1 / classes, 0, "no test pixels")
+    seen = guesses >= 0
+    weights = pixel_classifier(view.pixels["train"][seen], guesses[seen], classes)
+    test_guesses = classified(weights, view.pixels["test"])
+    test = truth.test_labels
+    renaming = best_renaming(guesses[seen], truth.train_labels[seen], classes)
+    shuffled = np.random.default_rng(CONTROL_SEED).permutation(test)
+    known_renaming = named_by_known(guesses, known[seen[known]], truth.train_labels, classes) if len(known) else None
+    ceiling = classified(pixel_classifier(view.pixels["train"], truth.train_labels, classes), view.pixels["test"])
+    return Score(
+        f"digit from its own pixels ({view.pixels['train'].shape[1]} pixels)", float(np.mean(renaming[test_guesses] == test)),
+        None if known_renaming is None else float(np.mean(known_renaming[test_guesses] == test)),
+        float(np.mean(renaming[test_guesses] == shuffled)), float(np.max(np.bincount(test)) / len(test)), len(test),
+        f"trained on the guesses of '{source}'; on every true label {np.mean(ceiling == test):.1%}",
+    )
+
+
+def table(result: Audit) -> list:
+    """The audit as rows for a printed table: attack, recovered, with K known, control, chance, images, note."""
+    def percent(value):
+        return "-" if value is None or value != value else f"{value:.1%}"
+
+    return [(s.attack, percent(s.recovered), percent(s.with_known), percent(s.control), percent(s.chance),
+             str(s.images), s.note) for s in result.scores]
