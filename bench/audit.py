@@ -37,6 +37,7 @@ MODES = {  # name -> `coordinator train` options
     "deep": ("--hidden", "256,128"),
 }
 WORKERS = "ABCDEFG"
+RECORD_LIMIT_MB = 2000  # a whole recording of two epochs in every mode (300 MB a default run's 2 epochs)
 RUN_TIMEOUT = 1800  # seconds for one mode's run: a hang, not a slow machine
 
 
@@ -95,7 +96,7 @@ def recorded_run(scratch: Path, options: tuple, epochs: int, train_limit: int | 
                "--run-dir", str(run_dir), "--epochs", str(epochs), "--quiet", *limits, *options]
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
     for name in WORKERS:
-        record = ("--record", str(scratch / "recording")) if name == WORKERS[-1] else ()
+        record = ("--record", str(scratch / "recording"), "--record-limit", str(RECORD_LIMIT_MB)) if name == WORKERS[-1] else ()
         processes.append(subprocess.Popen([sys.executable, "-m", "worker", "--connect", address, "--name", name,
                                            "--give-up-after", "60", *record],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
