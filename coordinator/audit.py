@@ -17,7 +17,7 @@ In that order:
 - the first layer's error d1 rows of one class point the same way: cosine k-means in windows of steps,
   each window's clusters matched to the last's.
 Labels come out up to a renaming of the classes; an attacker that knows K labels (`--known-labels`) names
-them. With the labels it inferred, a worker trains a classifier on its own pixels and reads test digits.
+them. With the labels it inferred, a worker classifies test digits by their nearest training images in its own pixels.
 Every score has a control: the same guesses scored against the true labels shuffled among the images,
 which no attack can know; a control away from chance means the scoring, not the attack, found something.
 """
@@ -42,7 +42,8 @@ from coordinator.rundir import KEYS_FILE
 AUDIT_FILE = "audit.json"
 WINDOW_ROWS = 1600  # d1 rows clustered together: 50 steps of 32, one default kept period
 CLUSTER_RESTARTS = 5  # k-means runs per window; the tightest is kept
-RIDGE = 1.0  # the pixel classifier's ridge penalty, on pixels scaled to [0, 1]
+NEIGHBOURS = 5  # the pixel classifier's vote
+NEIGHBOUR_CHUNK = 1000  # test images whose distances to every training image are held at once (240 MB at 60,000)
 CONTROL_SEED = 20261207  # the shuffle of the true labels that the controls score against
 
 
@@ -383,20 +384,22 @@ def scored(attack: str, guesses: np.ndarray, truth: np.ndarray, shuffled: np.nda
 
 # --- the pixel classifier -----------------------------------------------------------------------------------------
 
-def pixel_classifier(pixels: np.ndarray, labels: np.ndarray, classes: int) -> np.ndarray:
-    """Ridge regression of one-hot labels on the pixels (scaled to [0, 1], with a constant): (k + 1, classes)."""
-    features = _features(pixels)
-    targets = np.eye(classes)[labels]
-    gram = features.T @ features + RIDGE * np.eye(features.shape[1])  # (k + 1, k + 1)
-    return np.linalg.solve(gram, features.T @ targets)
+def nearest_neighbours(train_pixels: np.ndarray, labels: np.ndarray, pixels: np.ndarray, classes: int) -> np.ndarray:
+    """Each image's digit by a vote of the NEIGHBOURS training images nearest in the worker's pixels: (n,).
 
-
-def classified(weights: np.ndarray, pixels: np.ndarray) -> np.ndarray:
-    return (_features(pixels) @ weights).argmax(axis=1)
-
-
-def _features(pixels: np.ndarray) -> np.ndarray:
-    return np.hstack([pixels / 255.0, np.ones((len(pixels), 1))])  # (n, k) -> (n, k + 1)
+    (On 112 random pixels of MNIST: 91% of test digits with every true label, against 78% for a linear
+    classifier.) Distances come from matrix products, |a|^2 - 2 a.b + |b|^2, a chunk of images at a time."""
+    train = train_pixels.astype(np.float32)
+    train_norms = np.einsum("ij,ij->i", train, train)  # (m,)
+    guesses = []
+    for start in range(0, len(pixels), NEIGHBOUR_CHUNK):
+        chunk = pixels[start : start + NEIGHBOUR_CHUNK].astype(np.float32)
+        distances = train_norms[None, :] - 2 * chunk @ train.T  # (c, k) @ (k, m) -> (c, m); |a|^2 ranks nothing
+        nearest = np.argpartition(distances, NEIGHBOURS - 1, axis=1)[:, :NEIGHBOURS]  # (c, NEIGHBOURS)
+        votes = np.zeros((len(chunk), classes), np.int64)
+        np.add.at(votes, (np.repeat(np.arange(len(chunk)), NEIGHBOURS), labels[nearest].ravel()), 1)
+        guesses.append(votes.argmax(axis=1))
+    return np.concatenate(guesses)
 
 
 # --- the run's truth ----------------------------------------------------------------------------------------------
@@ -583,13 +586,12 @@ def _pixel_attack(view: View, truth: Truth, source: str, guesses: np.ndarray, kn
     if "test" not in view.pixels or not len(truth.test_labels):
         return []
     seen = guesses >= 0
-    weights = pixel_classifier(view.pixels["train"][seen], guesses[seen], classes)
-    test_guesses = classified(weights, view.pixels["test"])
+    test_guesses = nearest_neighbours(view.pixels["train"][seen], guesses[seen], view.pixels["test"], classes)
     test = truth.test_labels
     renaming = best_renaming(guesses[seen], truth.train_labels[seen], classes)
     shuffled = np.random.default_rng(CONTROL_SEED).permutation(test)
     known_renaming = named_by_known(guesses, known[seen[known]], truth.train_labels, classes) if len(known) else None
-    ceiling = classified(pixel_classifier(view.pixels["train"], truth.train_labels, classes), view.pixels["test"])
+    ceiling = nearest_neighbours(view.pixels["train"], truth.train_labels, view.pixels["test"], classes)
     chance = float(np.max(np.bincount(test)) / len(test))
     return [
         Score(f"digit from its own pixels ({view.pixels['train'].shape[1]} pixels)",
