@@ -85,64 +85,102 @@ class View:
 
 def view_of(recording, config: TrainingConfig) -> View:
     """The worker's view, read from its recording the way the worker itself could, message by message."""
-    output_layer = len(config.hidden) + 1
-    slot, shards, held = None, {}, {}
-    forward_rows = None  # the training rows of the latest first-layer forward: the later layers' batch
-    batch_of_layer, layer_of_backward = {}, {}  # layer -> rows of its latest forward; backward request -> its layer
-    view = View(recording.worker, -1, {})
-    sessions = 0
-    last_request = 0
+    reader = ViewReader(recording.worker, config)
     for recorded in recording.messages:
-        message = recorded.message
-        if isinstance(message, Welcome):
-            slot = message.slot
-            view.slot = slot if view.slot < 0 else view.slot
-            continue
-        request = getattr(message, "request", None)
-        if recorded.direction == "received" and request is not None:
-            if request < last_request:
-                sessions += 1
-            last_request = request
-        if sessions:  # a new coordinator process numbers its rounds afresh; the keys log is scored per session
-            view.partial.append("audited the first coordinator session only")
+        if not reader.take(recorded.direction, recorded.message):
             break
-        if recorded.direction == "sent":
-            if isinstance(message, Result) and message.request in layer_of_backward:
-                layer = layer_of_backward.pop(message.request)
-                held[layer] = held[layer] - view.learning_rate * message.products["gradient"]
-            continue
-        if isinstance(message, Shard):
-            _take_shard(shards, message)
-            if message.split == "train" and message.offset == 0 and 1 in held:
-                view.partial.append("the worker's columns changed: hidden units followed within each set of columns")
-                held.pop(1)
-        elif isinstance(message, (FirstLayer, KeptFirstLayer)):
-            view.learning_rate = message.learning_rate or view.learning_rate
-            if message.weights is not None:
-                _new_key(view, 1, request, message.weights, held)
-            if message.error is not None and 1 in held:
-                error = message.error.astype(config.dtype)
-                view.errors.setdefault(1, []).append(Error(request, len(view.keys[1]) - 1, message.error_rows, error))
-                inputs = model.inputs(shards["train"][0][message.error_rows], config.dtype, config.input_divisor)
-                held[1] = held[1] - message.learning_rate * model.weight_gradient(inputs, error)
-            if message.rows is not None:
-                forward_rows = message.rows if message.split == "train" else None
-        elif isinstance(message, LaterForward):
-            _new_key(view, message.layer, request, message.weights, held)
-            batch_of_layer[message.layer] = forward_rows
-        elif isinstance(message, LaterBackward):
-            rows = batch_of_layer.get(message.layer)
-            layer_of_backward[request] = message.layer  # its answer's gradient steps the worker's copy
-            if message.layer == output_layer and rows is not None:
-                layer_keys = view.keys[message.layer]
-                view.errors.setdefault(message.layer, []).append(
-                    Error(request, len(layer_keys) - 1, rows, message.error.astype(config.dtype)))
-    view.pixels = {split: pixels for split, (pixels, filled) in shards.items() if filled == len(pixels)}
+    view = reader.view
+    view.pixels = {split: pixels for split, (pixels, filled) in reader.shards.items() if filled == len(pixels)}
     if "train" not in view.pixels:
         raise AuditError(f"the recording of worker {recording.worker} holds no whole training shard")
     if recording.ended != "closed":
         view.partial.append(f"the recording ended early ({recording.ended})")
     return view
+
+
+class ViewReader:
+    """Builds a View from messages in the order they crossed the worker's socket, keeping what the worker holds:
+    its shards, and its own copy of each layer's rows, stepped by the gradients it computes."""
+
+    def __init__(self, worker: str, config: TrainingConfig):
+        self.view = View(worker, -1, {})
+        self.config = config
+        self.output_layer = len(config.hidden) + 1
+        self.shards = {}  # split -> (pixels, rows filled)
+        self.held = {}  # layer -> the worker's rows of it now, in the latest key's column order
+        self.forward_rows = None  # the training rows of the latest first-layer forward: the later layers' batch
+        self.batch_of_layer = {}  # later layer -> the rows of its latest forward
+        self.layer_of_backward = {}  # a later_backward's request number -> its layer, for its answer's gradient
+        self.last_request = 0
+        self.handlers = {
+            Welcome: self._welcome, Shard: self._shard, FirstLayer: self._first_layer,
+            KeptFirstLayer: self._first_layer, LaterForward: self._later_forward, LaterBackward: self._later_backward,
+        }
+
+    def take(self, direction: str, message) -> bool:
+        """Follow one message; False once the rest belongs to another coordinator session, which is not audited."""
+        if direction == "sent":
+            self._answer(message)
+            return True
+        request = getattr(message, "request", None)
+        if request is not None:
+            if request < self.last_request:  # a new coordinator process numbers its rounds afresh
+                self.view.partial.append("audited the first coordinator session only")
+                return False
+            self.last_request = request
+        handler = self.handlers.get(type(message))
+        if handler:
+            handler(message)
+        return True
+
+    def _welcome(self, welcome: Welcome) -> None:
+        if self.view.slot < 0:
+            self.view.slot = welcome.slot
+
+    def _shard(self, shard: Shard) -> None:
+        _take_shard(self.shards, shard)
+        if shard.split == "train" and shard.offset == 0 and 1 in self.held:  # other columns: its rows are gone
+            self.view.partial.append("the worker's columns changed: hidden units followed within each set of columns")
+            self.held.pop(1)
+
+    def _first_layer(self, message) -> None:
+        """A (kept) first-layer request: new rows are a new key; an error is d1, and steps the rows held."""
+        self.view.learning_rate = message.learning_rate or self.view.learning_rate
+        if message.weights is not None:
+            self._new_key(1, message.request, message.weights)
+        if message.error is not None and 1 in self.held:
+            error = message.error.astype(self.config.dtype)
+            self.view.errors.setdefault(1, []).append(
+                Error(message.request, len(self.view.keys[1]) - 1, message.error_rows, error))
+            pixels = self.shards["train"][0][message.error_rows]
+            inputs = model.inputs(pixels, self.config.dtype, self.config.input_divisor)
+            self.held[1] = self.held[1] - message.learning_rate * model.weight_gradient(inputs, error)
+        if message.rows is not None:
+            self.forward_rows = message.rows if message.split == "train" else None
+
+    def _later_forward(self, message: LaterForward) -> None:
+        self._new_key(message.layer, message.request, message.weights)
+        self.batch_of_layer[message.layer] = self.forward_rows
+
+    def _later_backward(self, message: LaterBackward) -> None:
+        rows = self.batch_of_layer.get(message.layer)
+        self.layer_of_backward[message.request] = message.layer
+        if message.layer == self.output_layer and rows is not None:
+            keys = self.view.keys[message.layer]
+            self.view.errors.setdefault(message.layer, []).append(
+                Error(message.request, len(keys) - 1, rows, message.error.astype(self.config.dtype)))
+
+    def _answer(self, message) -> None:
+        """The worker's own answer to a later layer's backward: its gradient steps the rows it holds."""
+        if isinstance(message, Result) and message.request in self.layer_of_backward:
+            layer = self.layer_of_backward.pop(message.request)
+            self.held[layer] = self.held[layer] - self.view.learning_rate * message.products["gradient"]
+
+    def _new_key(self, layer: int, request: int, weights: np.ndarray) -> None:
+        previous = self.held.get(layer)
+        fits = previous is not None and previous.shape == weights.shape
+        self.view.keys.setdefault(layer, []).append(Key(request, weights, previous if fits else None))
+        self.held[layer] = weights.astype(np.float64)
 
 
 def _take_shard(shards: dict, shard: Shard) -> None:
@@ -151,13 +189,6 @@ def _take_shard(shards: dict, shard: Shard) -> None:
     pixels, filled = shards[shard.split]
     pixels[shard.offset : shard.offset + len(shard.images)] = shard.images
     shards[shard.split] = (pixels, max(filled, shard.offset + len(shard.images)))
-
-
-def _new_key(view: View, layer: int, request: int, weights: np.ndarray, held: dict) -> None:
-    previous = held.get(layer)
-    fits = previous is not None and previous.shape == weights.shape
-    view.keys.setdefault(layer, []).append(Key(request, weights, previous if fits else None))
-    held[layer] = weights.astype(np.float64)
 
 
 def pooled(views: list) -> View:
@@ -416,11 +447,7 @@ class Truth:
 
     @property
     def classes(self) -> int:
-        return self.config_outputs
-
-    @property
-    def config_outputs(self) -> int:
-        return int(max(self.train_labels.max(), self.test_labels.max())) + 1
+        return int(self.train_labels.max()) + 1
 
 
 def truth_of(run_dir: Path) -> Truth:
@@ -508,71 +535,89 @@ def _checked_view(folder: Path, truth: Truth) -> View:
     return view
 
 
+class Scoring:
+    """Scores guesses of the training labels against the truth and the control, and keeps each attack's guesses."""
+
+    def __init__(self, truth: Truth, known_labels: int, rng: np.random.Generator):
+        self.truth, self.classes = truth.train_labels, truth.classes
+        self.shuffled = np.random.default_rng(CONTROL_SEED).permutation(self.truth)  # what no attack can know
+        self.known = known_images(self.truth, known_labels, self.classes, rng)
+        self.scores, self.guesses = [], {}
+
+    def labels(self, attack: str, guesses: np.ndarray, note: str = "", naming: np.ndarray | None = None) -> None:
+        """Score a per-image guess of the labels (see `scored`)."""
+        self.guesses[attack] = guesses
+        self.scores.append(scored(attack, guesses, self.truth, self.shuffled, self.known, self.classes, note, naming))
+
+    def best_labels(self) -> tuple:
+        """(name, guesses) of the label attack that recovered most."""
+        best = max((score for score in self.scores if score.attack in self.guesses), key=lambda s: s.recovered)
+        return best.attack, self.guesses[best.attack]
+
+
 def audit(truth: Truth, views: list, known_labels: int = 10, seed: int = 0) -> Audit:
     """Attack what one worker, or colluders pooled, saw, scored against the run's truth."""
     config = truth.config
     view = views[0] if len(views) == 1 else pooled(views)
-    classes, rng = truth.classes, np.random.default_rng(seed)
-    truth_train = truth.train_labels
-    shuffled = np.random.default_rng(CONTROL_SEED).permutation(truth_train)
-    known = known_images(truth_train, known_labels, classes, rng)
-    scores, guesses_by_attack = [], {}
-
-    def score(attack, guesses, note="", naming=None):
-        guesses_by_attack[attack] = guesses
-        scores.append(scored(attack, guesses, truth_train, shuffled, known, classes, note, naming))
-
+    rng = np.random.default_rng(seed)
+    scoring = Scoring(truth, known_labels, rng)
     output_layer = len(config.hidden) + 1
-    identities = {}
-    for layer, keys in sorted(view.keys.items()):
-        identities[layer] = followed(keys)
-        if layer in truth.permutations:
-            units = true_units(keys, truth.permutations[layer])
-            accuracy = tracking_accuracy(identities[layer], units)
-            chance_units = units[:, np.random.default_rng(CONTROL_SEED).permutation(units.shape[1])]
-            what = "hidden units" if layer < output_layer else "output classes"
-            scores.append(Score(f"tracking: layer {layer}'s {what} across {len(keys)} keys", accuracy, None,
-                                tracking_accuracy(identities[layer], chance_units), 1 / units.shape[1],
-                                units.shape[1]))
-    images = len(truth_train)
+    identities = {layer: followed(keys) for layer, keys in view.keys.items()}
+    _score_tracking(scoring, view, truth, identities, output_layer)
     if output_layer in view.errors:
-        errors = view.errors[output_layer]
-        rows = [error.rows for error in errors]
-        per_round = [_round_score(e.values.argmin(axis=1), truth_train[e.rows], classes) for e in errors]
-        control = float(np.mean([_round_score(e.values.argmin(axis=1), shuffled[e.rows], classes) for e in errors]))
-        d = f"d{output_layer}"  # the output layer's error: d2 in the default 784-128-10 network
-        scores.append(Score(f"label from {d}, each round alone", float(np.mean(per_round)), None, control, control,
-                            len(errors), "which rows of a round share a label; chance is the control"))
-        aligned = in_first_order(errors, identities[output_layer])
-        labels = per_image(rows, label_columns(aligned), images, classes)
-        score(f"label from {d}, rounds linked", labels)
-        if config.loss in ("bce", "ce"):
-            naming = named_by_known(labels, known, truth_train, classes)  # the same columns, so the same names
-            score(f"prediction read from {d}", per_image(rows, predictions(aligned, rows), images, classes),
-                  "the model's guess, not the label trained on", naming)
+        _attack_output_error(scoring, view.errors[output_layer], identities[output_layer], output_layer, config.loss)
     if 1 in view.errors:
-        errors = view.errors[1]
-        aligned = in_first_order(errors, identities[1])
-        rows = [e.rows for e in errors]
-        clusters = per_image(rows, error_clusters(aligned, classes, rng), images, classes)
-        naming = None
-        if len(known):
-            nearest = per_image(rows, nearest_known(aligned, rows, known, truth_train[known], images), images, classes)
-            both = (clusters >= 0) & (nearest >= 0)  # each cluster named by its rows' nearest known labels
-            naming = best_renaming(clusters[both], nearest[both], classes) if both.any() else None
-        score("label from d1, clustered", clusters, f"cosine k-means, windows of {WINDOW_ROWS} rows; "
-              "clusters named by their rows' nearest known labels", naming)
-        if len(known):
-            score("label from d1, nearest known (Li et al.)", nearest,
-                  "cosine to the known images' d1 of the same epoch", np.arange(classes))
-    label_attacks = [s for s in scores if s.attack in guesses_by_attack]
-    if label_attacks:
-        best = max(label_attacks, key=lambda s: s.recovered)
-        scores += _pixel_attack(view, truth, best.attack, guesses_by_attack[best.attack], known, classes)
+        _attack_first_error(scoring, view.errors[1], identities[1], rng)
+    if scoring.guesses:
+        scoring.scores += _pixel_attack(view, truth, *scoring.best_labels(), scoring.known, scoring.classes)
     mode = {"later_layers": "workers" if output_layer in view.errors else "coordinator", "rekey": config.rekey,
-            "hidden": list(config.hidden), "dropout": config.dropout, "loss": config.loss,
-            "colluders": len(views)}
-    return Audit(view.worker, view.slot, mode, len(known), scores, view.partial)
+            "hidden": list(config.hidden), "dropout": config.dropout, "loss": config.loss, "colluders": len(views)}
+    return Audit(view.worker, view.slot, mode, len(scoring.known), scoring.scores, view.partial)
+
+
+def _score_tracking(scoring: Scoring, view: View, truth: Truth, identities: dict, output_layer: int) -> None:
+    """How well the worker followed each layer's columns, against the permutations and against a random truth."""
+    for layer, keys in sorted(view.keys.items()):
+        if layer not in truth.permutations:
+            continue
+        units = true_units(keys, truth.permutations[layer])
+        random_units = units[:, np.random.default_rng(CONTROL_SEED).permutation(units.shape[1])]
+        what = "hidden units" if layer < output_layer else "output classes"
+        scoring.scores.append(Score(
+            f"tracking: layer {layer}'s {what} across {len(keys)} keys", tracking_accuracy(identities[layer], units),
+            None, tracking_accuracy(identities[layer], random_units), 1 / units.shape[1], units.shape[1]))
+
+
+def _attack_output_error(scoring: Scoring, errors: list, identity: np.ndarray, layer: int, loss: str) -> None:
+    """The labels from the output layer's error: per round alone, then linked across rounds; and the model's guess."""
+    d, images, classes = f"d{layer}", len(scoring.truth), scoring.classes  # d2 in the default network
+    per_round = [_round_score(e.values.argmin(axis=1), scoring.truth[e.rows], classes) for e in errors]
+    control = float(np.mean([_round_score(e.values.argmin(axis=1), scoring.shuffled[e.rows], classes) for e in errors]))
+    scoring.scores.append(Score(f"label from {d}, each round alone", float(np.mean(per_round)), None, control, control,
+                                len(errors), "which rows of a round share a label; chance is the control"))
+    rows, aligned = [e.rows for e in errors], in_first_order(errors, identity)
+    labels = per_image(rows, label_columns(aligned), images, classes)
+    scoring.labels(f"label from {d}, rounds linked", labels)
+    if loss in ("bce", "ce"):  # where d2 = prediction - target, so the prediction can be read back
+        naming = named_by_known(labels, scoring.known, scoring.truth, classes)  # the same columns, the same names
+        scoring.labels(f"prediction read from {d}", per_image(rows, predictions(aligned, rows), images, classes),
+                       "the model's guess, not the label trained on", naming)
+
+
+def _attack_first_error(scoring: Scoring, errors: list, identity: np.ndarray, rng: np.random.Generator) -> None:
+    """The labels from d1: clustered, and by the nearest known image (the clusters named by the latter's guesses)."""
+    images, classes, known = len(scoring.truth), scoring.classes, scoring.known
+    rows, aligned = [e.rows for e in errors], in_first_order(errors, identity)
+    clusters = per_image(rows, error_clusters(aligned, classes, rng), images, classes)
+    if not len(known):
+        scoring.labels("label from d1, clustered", clusters, f"cosine k-means, windows of {WINDOW_ROWS} rows")
+        return
+    nearest = per_image(rows, nearest_known(aligned, rows, known, scoring.truth[known], images), images, classes)
+    both = (clusters >= 0) & (nearest >= 0)
+    scoring.labels("label from d1, clustered", clusters, f"cosine k-means, windows of {WINDOW_ROWS} rows; clusters "
+                   "named by their rows' nearest known labels", best_renaming(clusters[both], nearest[both], classes))
+    scoring.labels("label from d1, nearest known (Li et al.)", nearest,
+                   "cosine to the known images' d1 of the same epoch", np.arange(classes))
 
 
 def _round_score(guesses: np.ndarray, truth: np.ndarray, classes: int) -> float:
