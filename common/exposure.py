@@ -121,8 +121,9 @@ class ExposurePlan:
         """The same split with its slots numbered 0, 1, ... in their order (which keeps the summing order)."""
         return self._remade(lambda owners: np.searchsorted(self.slots, owners))
 
-    def save(self, path: Path, permutation_seed: int) -> None:
-        np.savez(path, **self.arrays(), permutation_seed=np.array(str(permutation_seed)))  # 128 bits: kept as text
+    def save(self, file, permutation_seed: int) -> None:
+        """Write the plan and the permutations' seed as exposure.npz, into a path or a binary file."""
+        np.savez(file, **self.arrays(), permutation_seed=np.array(str(permutation_seed)))  # 128 bits: kept as text
 
     def _remade(self, change) -> "ExposurePlan":
         """A plan with `change` applied to every owner array: the columns', then each hidden layer's in order."""

@@ -15,10 +15,8 @@ it is not a signature: whoever can write the folder can write a whole new chain.
 import dataclasses
 import hashlib
 import json
-import os
 import logging
 import signal
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from common.errors import UserError
 from common.exposure import ExposurePlan
 from common.model import Params
 from coordinator.config import TrainingConfig
+from coordinator.files import write_atomically
 from coordinator.training import Progress, Trainer
 
 log = logging.getLogger("coordinator")
@@ -80,7 +79,7 @@ def save(folder: Path, checkpoint: Checkpoint, prev: str | None) -> str:
     folder.mkdir(exist_ok=True)
     arrays_path = folder / f"{checkpoint.number:06d}.npz"
     plan = {} if checkpoint.plan is None else checkpoint.plan.arrays()
-    _write_atomically(arrays_path, lambda file: np.savez(file, **checkpoint.params.arrays(), **plan))
+    write_atomically(arrays_path, lambda file: np.savez(file, **checkpoint.params.arrays(), **plan))
     progress = checkpoint.progress
     metadata = {
         "checkpoint": checkpoint.number, "steps": checkpoint.steps, "epoch": progress.epoch,
@@ -90,17 +89,8 @@ def save(folder: Path, checkpoint: Checkpoint, prev: str | None) -> str:
     }
     metadata["sha256"] = metadata_sha256(metadata)
     text = json.dumps(metadata, indent=1) + "\n"
-    _write_atomically(arrays_path.with_suffix(".json"), lambda file: file.write(text.encode()))
+    write_atomically(arrays_path.with_suffix(".json"), lambda file: file.write(text.encode()))
     return metadata["sha256"]
-
-
-def _write_atomically(path: Path, write: Callable) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
 
 
 def read_chain(folder: Path) -> tuple:

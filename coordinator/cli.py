@@ -2,6 +2,7 @@
 
 import dataclasses
 import enum
+import errno
 from pathlib import Path
 from typing import Annotated
 
@@ -12,12 +13,14 @@ from common.cli import tcp_port_checked
 from common.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError, UserError
 from coordinator.checkpoint import Interrupted
 from coordinator.config import PRESETS, hidden_layers
-from coordinator.rundir import LOG_FILE, default_run_dir, discard_if_unstarted, logging_into
+from coordinator.files import remove_temporaries
+from coordinator.rundir import LOG_FILE, default_run_dir, discard_if_unstarted, logging_into, restore_model
 from coordinator.verify import Verify
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-OPEN_BIND = "tcp://*:5555"  # workers on other machines connect to port 5555 of any of this host's addresses
+OPEN_BIND = "tcp://*:5555"
+WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}  # the disk's, not ours  # workers on other machines connect to port 5555 of any of this host's addresses
 
 
 class Rebalance(str, enum.Enum):
@@ -150,8 +153,13 @@ def train(
         checkpoint_epochs=checkpoint_epochs, checkpoint_every=checkpoint_every,
     )
     config, start, run_dir = _what_to_train(preset, overrides, resume, resume_if_exists, run_dir)
+    if start is not None:
+        remove_temporaries(run_dir)  # what writes cut short by a kill left behind
     if start is not None and start.progress.epoch > config.epochs:  # a second `docker-compose up` after the end
         typer.echo(f"{run_dir} holds a finished run of {config.epochs} epochs: nothing to train")
+        if restore_model(run_dir, start.params, config):
+            typer.echo(f"wrote {run_dir / 'model.npz'} again from checkpoint {start.number:06d}: it was missing or "
+                       "not the final checkpoint's")
         return
     cluster = None if local else ClusterOptions(
         bind or (spawn_endpoint(run_dir) if spawn else OPEN_BIND), spawn or workers or PRESETS[preset].workers,
@@ -205,9 +213,31 @@ def _train(config, start, run_dir: Path, cluster, quiet: bool, log_format: LogFo
         raise typer.Exit(128 + stop.signal)  # 130 after a Ctrl-C; 143 after SIGTERM, as for any process it stops
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED)
+    except OSError as error:
+        if error.errno not in WRITE_FAILURES:
+            raise UserError(_internal(error, run_dir)) from None
+        raise UserError(_write_failure(error, run_dir)) from None
     except Exception as error:  # a bug, ours not the user's, yet shown alike: one line, the traceback in the log
-        text = str(error).partition("\n")[0]
-        raise UserError(f"internal: {type(error).__name__}: {text} (traceback in {run_dir / LOG_FILE})") from None
+        raise UserError(_internal(error, run_dir)) from None
+
+
+def _internal(error: Exception, run_dir: Path) -> str:
+    text = str(error).partition("\n")[0]
+    return f"internal: {type(error).__name__}: {text} (traceback in {run_dir / LOG_FILE})"
+
+
+def _write_failure(error: OSError, run_dir: Path) -> str:
+    """A full disk or a refused write, said with the file, what is safe, and how to go on."""
+    from coordinator.checkpoint import FOLDER, read_chain
+
+    links, _ = read_chain(run_dir / FOLDER)
+    if links:
+        safe = f"the run is safe up to checkpoint {links[-1]['checkpoint']:06d} (step {links[-1]['steps']})"
+        then = f"continue with `coordinator train --resume {run_dir}`"
+    else:
+        safe, then = "no checkpoint was written yet", "start the run again"
+    fix = "make room" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+    return f"cannot write {error.filename or run_dir}: {error.strerror}; {safe}; {fix}, then {then}"
 
 
 def _differences(saved, given) -> str:

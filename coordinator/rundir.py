@@ -19,6 +19,7 @@ from common.errors import InputError, UserError
 from common.exposure import ExposurePlan
 from common.model import Params
 from coordinator.config import TrainingConfig
+from coordinator.files import append_line, whole_lines, write_atomically, write_text_atomically
 from coordinator.training import LocalProducts, Trainer
 
 LOG_FILE = "coordinator.log"
@@ -42,13 +43,21 @@ def default_run_dir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+class RunLogHandler(logging.FileHandler):
+    """coordinator.log; on a full disk its lines are lost quietly: the error that ends the run says what happened,
+    where logging's default would print a traceback for every line."""
+
+    def handleError(self, record) -> None:
+        pass
+
+
 @contextmanager
 def logging_into(path: Path):
     """Copy every log line into RUN_DIR/coordinator.log while the run lasts, and the error that ends it with
     its traceback: there only, as the terminal gets one line."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path / LOG_FILE)
+        handler = RunLogHandler(path / LOG_FILE)
     except OSError as error:
         raise RunDirectoryError(f"cannot write run directory {path}: {error.strerror}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -82,20 +91,19 @@ class RunDirectory:
         self.last_keys = {}  # layer -> the permutation last written to the keys log
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / "history.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in history))
+            write_text_atomically(self.path / "history.jsonl", "".join(json.dumps(entry) + "\n" for entry in history))
         except OSError as error:
             raise RunDirectoryError(f"cannot write run directory {self.path}: {error.strerror}") from None
 
     def save_config(self, config, **extra) -> None:
         text = json.dumps({**dataclasses.asdict(config), **extra}, indent=2)
-        (self.path / "config.json").write_text(text + "\n")
+        write_text_atomically(self.path / "config.json", text + "\n")
 
     def append_history(self, report) -> None:
-        with open(self.path / "history.jsonl", "a") as history:
-            history.write(json.dumps(dataclasses.asdict(report)) + "\n")
+        append_line(self.path / "history.jsonl", json.dumps(dataclasses.asdict(report)) + "\n")
 
     def save_exposure(self, plan: ExposurePlan, permutation_seed: int) -> None:
-        plan.save(self.path / "exposure.npz", permutation_seed)
+        write_atomically(self.path / "exposure.npz", lambda file: plan.save(file, permutation_seed))
 
     def append_exposure(self, epoch: int, step: int, slot: int, worker: str, plan: ExposurePlan, reason: str) -> None:
         """Record that a worker holds a slot's columns and units (a list per hidden layer) from this point of the run
@@ -105,8 +113,7 @@ class RunDirectory:
             "columns": plan.columns(slot).tolist(),
             "units": [plan.units(slot, layer).tolist() for layer in plan.later_layers],
         }
-        with open(self.path / "exposure.jsonl", "a") as exposure:
-            exposure.write(json.dumps(record) + "\n")
+        append_line(self.path / "exposure.jsonl", json.dumps(record) + "\n")
         log.info("worker %s sees %d input columns and %d hidden units (%s)", worker, len(record["columns"]),
                  plan.units_held(slot), reason)
 
@@ -122,34 +129,48 @@ class RunDirectory:
             lines.append({"session": self._sessions() + 1})
         self.last_keys.update(changed)
         lines += [{"round": round_number, "layer": layer, "permutation": p.tolist()} for layer, p in changed.items()]
-        with open(self.path / KEYS_FILE, "a") as log_file:
-            log_file.write("".join(json.dumps(line) + "\n" for line in lines))
+        append_line(self.path / KEYS_FILE, "".join(json.dumps(line) + "\n" for line in lines))
 
     def _sessions(self) -> int:
-        path = self.path / KEYS_FILE
-        return path.read_text().count('"session"') if path.exists() else 0
+        return sum('"session"' in line for line in whole_lines(self.path / KEYS_FILE))
 
     def last_holders(self) -> dict:
         """slot -> the name of the worker that last took it over, from exposure.jsonl ({} without one)."""
-        path = self.path / "exposure.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
-        return {record["slot"]: record["worker"] for record in map(json.loads, lines)}
+        return {record["slot"]: record["worker"] for record in map(json.loads, whole_lines(self.path / "exposure.jsonl"))}
 
     def append_quarantine(self, epoch: int, step: int, worker, slot: int, request_kind: str, evidence) -> None:
         """Record a worker caught returning a wrong product, with the evidence."""
         record = {"epoch": epoch, "step": step, "worker": worker.name, "answers": worker.answered, "slot": slot,
                   "request": request_kind, **dataclasses.asdict(evidence)}
-        with open(self.path / "quarantine.jsonl", "a") as quarantine:
-            quarantine.write(json.dumps(record) + "\n")
+        append_line(self.path / "quarantine.jsonl", json.dumps(record) + "\n")
 
     def save_workers(self, statuses) -> None:
         """Each worker's final numbers (WorkerStatus), for `coordinator report`."""
         text = json.dumps([dataclasses.asdict(status) for status in statuses], indent=2)
-        (self.path / "workers.json").write_text(text + "\n")
+        write_text_atomically(self.path / "workers.json", text + "\n")
 
     def save_model(self, params: Params, config: TrainingConfig) -> None:
-        settings = {name: np.array(getattr(config, name)) for name in MODEL_SETTINGS}
-        np.savez(self.path / "model.npz", **params.arrays(), **settings)
+        write_model(self.path, params, config)
+
+
+def write_model(run_dir: Path, params: Params, config: TrainingConfig) -> None:
+    """RUN_DIR/model.npz: the parameters, and the settings an evaluation needs."""
+    settings = {name: np.array(getattr(config, name)) for name in MODEL_SETTINGS}
+    write_atomically(Path(run_dir) / "model.npz", lambda file: np.savez(file, **params.arrays(), **settings))
+
+
+def restore_model(run_dir: Path, params: Params, config: TrainingConfig) -> bool:
+    """Write a finished run's model.npz from its final checkpoint's parameters unless it already holds exactly them
+    (a kill or a full disk at the end of a run leaves it missing, or empty); True if it was written."""
+    path = Path(run_dir) / "model.npz"
+    try:
+        saved, _ = load_model(path)
+        if all(np.array_equal(a, b) for a, b in zip(saved.arrays().values(), params.arrays().values(), strict=True)):
+            return False
+    except (ModelError, ValueError):
+        pass
+    write_model(run_dir, params, config)
+    return True
 
 
 def load_model(path: Path) -> tuple:
