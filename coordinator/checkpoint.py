@@ -27,8 +27,9 @@ from common import model
 from common.errors import UserError
 from common.exposure import ExposurePlan
 from common.model import Params
-from coordinator.config import TrainingConfig
+from coordinator.config import OUTPUT_UNITS, TrainingConfig
 from coordinator.files import write_atomically
+from coordinator.labels import PrivateLabels
 from coordinator.training import Progress, Trainer
 
 log = logging.getLogger("coordinator")
@@ -62,6 +63,7 @@ class Checkpoint:
     number: int = 0  # position in the chain, from 1
     sha256: str | None = None
     masks: dict | None = None  # the state of the dropout masks' generator; None in a checkpoint from before dropout
+    labels: PrivateLabels | None = None  # the labels a label-private run trains on; None otherwise
 
 
 def file_sha256(path: Path) -> str:
@@ -79,7 +81,8 @@ def save(folder: Path, checkpoint: Checkpoint, prev: str | None) -> str:
     folder.mkdir(exist_ok=True)
     arrays_path = folder / f"{checkpoint.number:06d}.npz"
     plan = {} if checkpoint.plan is None else checkpoint.plan.arrays()
-    write_atomically(arrays_path, lambda file: np.savez(file, **checkpoint.params.arrays(), **plan))
+    labels = {} if checkpoint.labels is None else checkpoint.labels.arrays()
+    write_atomically(arrays_path, lambda file: np.savez(file, **checkpoint.params.arrays(), **plan, **labels))
     progress = checkpoint.progress
     metadata = {
         "checkpoint": checkpoint.number, "steps": checkpoint.steps, "epoch": progress.epoch,
@@ -142,13 +145,19 @@ def latest(folder: Path) -> Checkpoint:
         with np.load(arrays_path, allow_pickle=False) as saved:
             params = Params.from_arrays(saved)
             plan = ExposurePlan.from_arrays(saved) if "column_owners" in saved else None
+            labels = _private_labels(saved, metadata["config"]) if "trained_labels" in saved else None
     except (OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"cannot read {arrays_path}: {error}") from None
     progress = Progress(metadata["epoch"], metadata["epoch_step"], metadata["cost"], metadata["correct"])
     return Checkpoint(
         params, progress, metadata["history"], metadata["config"], metadata["permutations"], plan,
-        metadata["steps"], metadata["checkpoint"], metadata["sha256"], metadata.get("masks"),
+        metadata["steps"], metadata["checkpoint"], metadata["sha256"], metadata.get("masks"), labels,
     )
+
+
+def _private_labels(saved, config: dict) -> PrivateLabels:
+    classes = OUTPUT_UNITS[config.get("dataset", "mnist")]
+    return PrivateLabels.from_arrays(saved, config["label_privacy"], config.get("label_privacy_stages", 1), classes)
 
 
 class Checkpointer:
@@ -187,6 +196,7 @@ class Checkpointer:
             trainer.params.copy(), dataclasses.replace(trainer.progress), list(self.history),
             self.last.config, None if products.permutations is None else products.permutations.bit_generator.state,
             products.plan, trainer.steps_done, self.last.number + 1, masks=trainer.masks.bit_generator.state,
+            labels=trainer.private,
         )
         checkpoint.sha256 = save(self.folder, checkpoint, self.last.sha256)
         self.last = checkpoint
@@ -207,6 +217,9 @@ def resume_point(run_dir: Path) -> tuple:
         config = TrainingConfig(**start.config)
     except TypeError as error:
         raise CheckpointError(f"the last checkpoint's config does not fit this version: {error}") from None
+    if config.label_privacy is not None and start.labels is None:  # a second draw would spend the budget twice
+        raise CheckpointError(f"checkpoint {start.number:06d} of a label-private run holds no trained labels; "
+                              "they are never drawn again, so this run cannot continue")
     if start.masks is None:  # a run from before dropout existed drew no masks: its generator is as new
         start.masks = model.dropout_masks(config.seed).bit_generator.state
     return config, start

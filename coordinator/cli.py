@@ -78,6 +78,12 @@ def train(
     rekey: Annotated[str | None, _option("REKEY", "How long workers keep their first-layer rows and step them "
                                          "themselves: every-step (the rows travel every step), every-epoch, or N "
                                          "steps (default 50; see Kept rows in the README).")] = None,
+    label_privacy: Annotated[float | None, _option(
+        "LABEL_PRIVACY", "eps: train on labels replaced once by randomized response, so that each is eps-label-DP "
+        "(see What each worker sees in the README).")] = None,
+    label_privacy_stages: Annotated[int | None, _option(
+        "LABEL_PRIVACY_STAGES", "1: randomized response; 2: a half first, then the rest by RR with the model as "
+        "prior (LP-2ST).")] = None,
     scale: Annotated[bool | None, _option("SCALE", "Scale pixels to [0, 1] (--no-scale keeps 0-255).")] = None,
     data: Annotated[Path | None, _option("DATA", "Folder of MNIST-format IDX files (default: embedded MNIST).")] = None,
     train_limit: Annotated[int | None, _option("TRAIN_LIMIT", "Use only the first N training images.")] = None,
@@ -150,7 +156,8 @@ def train(
         dropout=dropout, init=init, uniform_limit=uniform_limit, normal_std=normal_std, dtype=dtype, wire=wire,
         rekey=rekey, data=None if data is None else str(data), train_limit=train_limit, test_limit=test_limit,
         input_divisor=None if scale is None else (255.0 if scale else 1.0), report_every=report_every,
-        checkpoint_epochs=checkpoint_epochs, checkpoint_every=checkpoint_every,
+        checkpoint_epochs=checkpoint_epochs, checkpoint_every=checkpoint_every, label_privacy=label_privacy,
+        label_privacy_stages=label_privacy_stages,
     )
     config, start, run_dir = _what_to_train(preset, overrides, resume, resume_if_exists, run_dir)
     if start is not None:

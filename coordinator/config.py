@@ -1,6 +1,7 @@
 """Training settings: defaults in one place, the presets, and their checks."""
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,8 @@ class TrainingConfig:
     report_every: int = 1  # print every this many epochs
     checkpoint_epochs: int = 1  # checkpoint after every this many epochs (and after the last)
     checkpoint_every: int = 0  # also checkpoint every this many steps within an epoch; 0: never mid-epoch
+    label_privacy: float | None = None  # eps: train on labels drawn once by randomized response (coordinator.labels)
+    label_privacy_stages: int = 1  # 1: plain randomized response; 2: RR with a prior, in two stages (LP-2ST)
 
     def __post_init__(self):
         # config.json holds a list, and runs from before deeper networks one int: both become the tuple
@@ -95,6 +98,15 @@ class TrainingConfig:
             (self.report_every >= 1, "report every must be at least 1"),
             (self.checkpoint_epochs >= 1, "checkpoint epochs must be at least 1"),
             (self.checkpoint_every >= 0, "checkpoint every must be at least 0"),
+            (self.label_privacy is None or (math.isfinite(self.label_privacy) and self.label_privacy > 0),
+             "label privacy (eps) must be a positive number"),
+            (self.label_privacy_stages in (1, 2), "label privacy stages must be 1 or 2"),
+            (self.label_privacy is not None or self.label_privacy_stages == 1,
+             "label privacy stages need --label-privacy EPS"),
+            (self.label_privacy is None or OUTPUT_UNITS.get(self.dataset, 0) > 1,
+             f"label privacy needs several classes; {self.dataset} has one output"),
+            (self.label_privacy is None or self.label_privacy_stages == 1 or self.epochs >= 2,
+             "two label privacy stages need at least 2 epochs"),
         ]
         return [message for ok, message in checks if not ok]
 

@@ -10,7 +10,8 @@ from common.data import SPLITS, Dataset
 from coordinator.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from coordinator.checkpoint import Checkpoint, CheckpointError, Checkpointer, has_checkpoints, stop_between_steps
 from coordinator.cluster_options import ClusterOptions
-from coordinator.config import TrainingConfig
+from coordinator.config import OUTPUT_UNITS, TrainingConfig
+from coordinator.labels import PrivateLabels
 from coordinator.rundir import RunDirectory
 from coordinator.status import RunStatus, RunWatch
 from coordinator.training import LocalProducts, Progress, Trainer
@@ -34,13 +35,18 @@ def train(
     start = start or _fresh_start(config, data, run_dir)
     records = RunDirectory(run_dir, start.history)
     records.save_config(config, mode="local" if cluster is None else "distributed")
+    if start.labels is not None:
+        records.save_labels(start.labels)
     watch = watch_from(config, data, start.progress, [on_status] if on_status else [])
     with products_backend(config, data, cluster, records, start, watch) as products:
-        trainer = Trainer(config, start.params, products, data.labels(), dataclasses.replace(start.progress))
+        trainer = Trainer(config, start.params, products, data.labels(), dataclasses.replace(start.progress),
+                          start.labels)
         trainer.masks.bit_generator.state = start.masks
         checkpoints = Checkpointer(records.path / CHECKPOINT_FOLDER, trainer, start)
 
         def on_epoch_recorded(report):
+            if trainer.private is not None:  # a second stage's draw, made at the epoch's start, is on record
+                records.save_labels(trainer.private)
             records.append_history(report)
             watch.epoch_done(report)
             on_epoch(report)
@@ -65,7 +71,9 @@ def _fresh_start(config: TrainingConfig, data: Dataset, run_dir: Path) -> Checkp
         config.layer_sizes(data), config.init, config.seed, config.dtype, config.uniform_limit, config.normal_std
     )
     masks = model.dropout_masks(config.seed).bit_generator.state
-    return Checkpoint(params, Progress(), [], dataclasses.asdict(config), masks=masks)
+    labels = None if config.label_privacy is None else PrivateLabels.drawn(
+        data.train_labels, config.label_privacy, config.label_privacy_stages, OUTPUT_UNITS[config.dataset], config.seed)
+    return Checkpoint(params, Progress(), [], dataclasses.asdict(config), masks=masks, labels=labels)
 
 
 def watch_from(config: TrainingConfig, data: Dataset, progress: Progress, listeners: list) -> RunWatch:

@@ -23,6 +23,7 @@ from coordinator.files import append_line, whole_lines, write_atomically, write_
 from coordinator.training import LocalProducts, Trainer
 
 LOG_FILE = "coordinator.log"
+LABELS_FILE = "labels.npz"  # a label-private run's trained labels (RunDirectory.save_labels)
 KEYS_FILE = "permutations.jsonl"  # the secret permutation of each layer, round by round: the truth of an audit
 # The settings model.npz keeps beside the parameters: what an evaluation needs, and the loss it was trained for.
 # A file from before the network was a setting holds only input_divisor; its sigmoid layers are the defaults.
@@ -98,6 +99,11 @@ class RunDirectory:
     def save_config(self, config, **extra) -> None:
         text = json.dumps({**dataclasses.asdict(config), **extra}, indent=2)
         write_text_atomically(self.path / "config.json", text + "\n")
+
+    def save_labels(self, labels) -> None:
+        """labels.npz: what a label-private run trains on (coordinator.labels), with eps and its stages."""
+        arrays = {**labels.arrays(), "eps": np.array(labels.eps), "stages": np.array(labels.stages)}
+        write_atomically(self.path / LABELS_FILE, lambda file: np.savez(file, **arrays))
 
     def append_history(self, report) -> None:
         append_line(self.path / "history.jsonl", json.dumps(dataclasses.asdict(report)) + "\n")

@@ -46,6 +46,7 @@ class EpochReport:
     train_accuracy: float
     test_accuracy: float | None  # after the epoch's last update; None with no test images
     seconds: float
+    label_privacy: float | None = None  # eps of a label-private run, whose train accuracy is of the labels trained on
 
 
 class LocalProducts:
@@ -94,13 +95,17 @@ def stepped(products, weights, pending, learning_rate) -> np.ndarray:
 
 
 class Trainer:
-    """Trains `params` in place; labels are per split, the inputs live with the products backend."""
+    """Trains `params` in place; labels are per split, the inputs live with the products backend. With `private`
+    labels (coordinator.labels) it trains on those, and only on the images each epoch's stage allows."""
 
-    def __init__(self, config: TrainingConfig, params: Params, products, labels: dict, progress: Progress = None):
+    def __init__(self, config: TrainingConfig, params: Params, products, labels: dict, progress: Progress = None,
+                 private=None):
         self.config = config
         self.params = params
         self.products = products
-        self.labels = labels  # split -> (n,) ints
+        self.true_labels = labels  # split -> (n,) ints
+        self.private = private
+        self.labels = labels if private is None else {**labels, "train": private.labels}  # what is trained on
         self.outputs = params.weights[-1].shape[1]
         self.pending = None  # (rows, hidden error) whose first-layer gradient is not yet applied
         self.progress = progress or Progress()
@@ -112,14 +117,23 @@ class Trainer:
         row_bytes = max(w.shape[1] for w in self.params.weights) * self.params.weights[0].dtype.itemsize
         return max(1, min(self.config.chunk_rows, settings.EVALUATION_REPLY_BYTES // row_bytes))
 
+    def training_rows(self, epoch: int) -> np.ndarray:
+        """The training images of an epoch: all of them, unless a label-private run's first stage is under way."""
+        if self.private is None:
+            return np.arange(len(self.labels["train"]), dtype=np.int32)
+        return self.private.rows_of_epoch(epoch, self.config.epochs)
+
     @property
     def steps_per_epoch(self) -> int:
-        return batches(len(self.labels["train"]), self.config.batch_size)
+        """Steps of the epoch under way."""
+        return batches(len(self.training_rows(self.progress.epoch)), self.config.batch_size)
 
     @property
     def steps_done(self) -> int:
         """Gradient steps of the whole run so far."""
-        return (self.progress.epoch - 1) * self.steps_per_epoch + self.progress.step
+        size = self.config.batch_size
+        done = sum(batches(len(self.training_rows(epoch)), size) for epoch in range(1, self.progress.epoch))
+        return done + self.progress.step
 
     def train(
         self,
@@ -136,8 +150,12 @@ class Trainer:
     def run_epoch(self, on_batch: Callable[[int], None] = None, after_step: Callable[[], None] = None) -> EpochReport:
         """Train the rest of the epoch under way, then move `progress` to the next one."""
         started = time.perf_counter()
-        size, batch, progress = len(self.labels["train"]), self.config.batch_size, self.progress
-        order = batch_order(self.config.seed, progress.epoch, size)
+        batch, progress = self.config.batch_size, self.progress
+        if self.private is not None and self.private.second_stage_due(progress.epoch, self.config.epochs):
+            self._draw_second_stage()  # once: its labels are in every checkpoint from here on
+        rows = self.training_rows(progress.epoch)
+        size = len(rows)
+        order = rows[batch_order(self.config.seed, progress.epoch, size)]
         for start in range(progress.step * batch, size, batch):
             batch_cost, batch_correct = self.train_batch(order[start : start + batch])
             progress.step, progress.cost, progress.correct = (
@@ -150,7 +168,15 @@ class Trainer:
         test_accuracy = self.accuracy("test") if len(self.labels["test"]) else None
         self.progress = Progress(progress.epoch + 1)
         seconds = time.perf_counter() - started
-        return EpochReport(progress.epoch, progress.cost / size, progress.correct / size, test_accuracy, seconds)
+        return EpochReport(progress.epoch, progress.cost / size, progress.correct / size, test_accuracy, seconds,
+                           self.config.label_privacy)
+
+    def _draw_second_stage(self) -> None:
+        """RR with a prior for the images still undrawn: the prior is the model's outputs, trained on the others."""
+        rows, step = self.private.undrawn, self.evaluation_rows
+        outputs = np.vstack([self._forward_pass("train", rows[start : start + step], dropout=False)[2]
+                             for start in range(0, len(rows), step)])
+        self.private.draw_second_stage(self.true_labels["train"], outputs, self.config.seed)
 
     def train_batch(self, rows: np.ndarray) -> tuple:
         """One step of gradient descent on a batch, in chunks; returns its summed cost and correct count."""

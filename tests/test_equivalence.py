@@ -105,3 +105,13 @@ def test_training_actually_moves_the_weights(train_run, local_models, settings, 
     hidden = settings[settings.index("--hidden") + 1].split(",") if "--hidden" in settings else ["128"]
     initial = initial_params((784, *map(int, hidden), 10), "scaled", seed, "float64").arrays()
     assert max_difference(local_model, initial) > 1e-2
+
+
+@pytest.mark.parametrize("stages", ["1", "2"])
+def test_label_privacy_matches_local(train_run, local_models, stages):
+    """The labels are drawn, and in two stages drawn again from the model's outputs, on the coordinator alone."""
+    settings = (*SMALL_RUN, "--label-privacy", "2", "--label-privacy-stages", stages)
+    local_model, local_history = _local(train_run, local_models, settings)
+    _, run_dir = train_run("--spawn", 2, "--bind", LOOPBACK_ANY_PORT, *settings)
+    _assert_same_run(run_dir, local_model, local_history)
+    assert max_difference(local_model, _local(train_run, local_models, SMALL_RUN)[0]) > 1e-2  # the labels differ
