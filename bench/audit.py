@@ -54,6 +54,8 @@ class ModeRow:
     highest_control: float  # the largest control of every label attack: chance, if the scoring is sound
     recording_mb: float
     recording_cpu_ratio: float  # the recording worker's CPU over the median of the six others', in the same run
+    bound: float | None = None  # with --label-privacy: the probability that randomized response kept a label
+    first_stage: dict | None = None  # label attack -> its recovery of the labels randomized response drew
 
 
 def _option(envvar: str, help: str, **kwargs):
@@ -66,6 +68,8 @@ def main(
     train_limit: Annotated[int | None, _option("TRAIN_LIMIT", "Use only the first N training images.", min=1)] = None,
     modes: Annotated[str, _option("MODES", f"Comma list of modes: {', '.join(MODES)}.")] = ",".join(MODES),
     out: Annotated[Path, _option("OUT", "Where to write the rows as JSON.")] = Path("audit-bench.json"),
+    options: Annotated[str, _option("OPTIONS", "More `coordinator train` options for every run, such as "
+                                    "'--label-privacy 2'.")] = "",
 ):
     """Audit one worker's recording in each mode, and time what recording costs it."""
     chosen = [mode.strip() for mode in modes.split(",")]
@@ -75,8 +79,9 @@ def main(
     rows, costs = [], None
     for mode in chosen:
         with tempfile.TemporaryDirectory(prefix="audit-bench-") as scratch:
-            run_dir, recording, cpu_ratio = recorded_run(Path(scratch), MODES[mode], epochs, train_limit)
-            rows.append(mode_row(" ".join(MODES[mode]) or "defaults", run_dir, recording, cpu_ratio))
+            train_options = (*MODES[mode], *options.split())
+            run_dir, recording, cpu_ratio = recorded_run(Path(scratch), train_options, epochs, train_limit)
+            rows.append(mode_row(" ".join(train_options) or "defaults", run_dir, recording, cpu_ratio))
             if costs is None:
                 costs = recording_cost(recording)
         typer.echo(markdown(rows[-1:]).splitlines()[-1], err=True)  # progress, one row at a time
@@ -132,11 +137,13 @@ def mode_row(mode: str, run_dir: Path, recording: Path, cpu_ratio: float) -> Mod
     pixels = next(score for name, score in scores.items() if name.startswith("digit from its own pixels ("))
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     label_attacks = [score for score in result.scores if score.with_known is not None]
+    private = {score.attack: score.first_stage for score in label_attacks if score.bound is not None}
     return ModeRow(
         mode, history[-1]["test_accuracy"], scores_starting(scores, "tracking: layer 1's"),
         known("rounds linked"), known("prediction read from"), known("label from d1"),
         pixels.with_known, scores_starting(scores, "digit from its own pixels, every true label"),
         max(score.control for score in label_attacks), (recording / FILE).stat().st_size / 1e6, cpu_ratio,
+        label_attacks[0].bound, private or None,
     )
 
 
@@ -188,6 +195,13 @@ def markdown(rows: list) -> str:
                      f"{percent(row.label_from_d1)} | {percent(row.digit_from_pixels)} "
                      f"({percent(row.digit_from_pixels_every_label)}) | {percent(row.highest_control)} | "
                      f"{row.recording_mb:.0f} | {row.recording_cpu_ratio:.2f}x |")
+    private = [row for row in rows if row.bound is not None]
+    if private:
+        attacks = list(private[0].first_stage)
+        lines += ["", "Of the labels randomized response drew, against its bound:", "",
+                  "| mode | bound | " + " | ".join(attacks) + " |", "|---|---:|" + "---:|" * len(attacks)]
+        lines += [f"| {row.mode} | {row.bound:.1%} | " + " | ".join(percent(row.first_stage.get(attack))
+                                                             for attack in attacks) + " |" for row in private]
     return "\n".join(lines)
 
 

@@ -36,8 +36,10 @@ from common import model
 from common.errors import InputError
 from common.protocol import FirstLayer, KeptFirstLayer, LaterBackward, LaterForward, Result, Shard, Welcome
 from common.recording import read_recording
-from coordinator.config import TrainingConfig
-from coordinator.rundir import KEYS_FILE
+from common.label_privacy import keep_probability
+from coordinator.config import OUTPUT_UNITS, TrainingConfig
+from coordinator.labels import FIRST, PrivateLabels
+from coordinator.rundir import KEYS_FILE, LABELS_FILE
 
 AUDIT_FILE = "audit.json"
 WINDOW_ROWS = 1600  # d1 rows clustered together: 50 steps of 32, one default kept period
@@ -390,6 +392,9 @@ class Score:
     chance: float  # what guessing achieves
     images: int  # how many were scored
     note: str = ""
+    bound: float | None = None  # with --label-privacy: the probability that randomized response kept a label
+    first_stage: float | None = None  # `recovered`, of the images whose label plain randomized response drew
+    above_bound: bool | None = None  # whether `first_stage` passes the bound by over 3 standard errors of its count
 
 
 def scored(attack: str, guesses: np.ndarray, truth: np.ndarray, shuffled: np.ndarray, known: np.ndarray,
@@ -444,6 +449,7 @@ class Truth:
     test_images: np.ndarray
     holders: dict  # worker name -> the input columns of its first exposure record
     permutations: dict  # layer -> [(round, permutation)] of the first session
+    private: PrivateLabels | None  # a label-private run's trained labels, from labels.npz
 
     @property
     def classes(self) -> int:
@@ -468,7 +474,19 @@ def truth_of(run_dir: Path) -> Truth:
     for record in exposure:
         holders.setdefault(record["worker"], np.array(record["columns"]))
     data = config.load_data()
-    return Truth(config, data.train_labels, data.test_labels, data.train_images, data.test_images, holders, permutations)
+    return Truth(config, data.train_labels, data.test_labels, data.train_images, data.test_images, holders, permutations,
+                 _private_labels(run_dir, config))
+
+
+def _private_labels(run_dir: Path, config: TrainingConfig) -> PrivateLabels | None:
+    if config.label_privacy is None:
+        return None
+    try:
+        with np.load(run_dir / LABELS_FILE, allow_pickle=False) as saved:
+            return PrivateLabels.from_arrays(saved, config.label_privacy, config.label_privacy_stages,
+                                             OUTPUT_UNITS[config.dataset])
+    except (OSError, ValueError, KeyError) as error:
+        raise AuditError(f"{run_dir} is a label-private run whose {LABELS_FILE} cannot be read: {error}") from None
 
 
 def _keys_log(path: Path) -> dict:
@@ -536,10 +554,12 @@ def _checked_view(folder: Path, truth: Truth) -> View:
 
 
 class Scoring:
-    """Scores guesses of the training labels against the truth and the control, and keeps each attack's guesses."""
+    """Scores guesses of the training labels against the truth and the control, and keeps each attack's guesses;
+    in a label-private run, also over the images plain randomized response drew, beside the bound."""
 
     def __init__(self, truth: Truth, known_labels: int, rng: np.random.Generator):
         self.truth, self.classes = truth.train_labels, truth.classes
+        self.private = truth.private
         self.shuffled = np.random.default_rng(CONTROL_SEED).permutation(self.truth)  # what no attack can know
         self.known = known_images(self.truth, known_labels, self.classes, rng)
         self.scores, self.guesses = [], {}
@@ -547,7 +567,14 @@ class Scoring:
     def labels(self, attack: str, guesses: np.ndarray, note: str = "", naming: np.ndarray | None = None) -> None:
         """Score a per-image guess of the labels (see `scored`)."""
         self.guesses[attack] = guesses
-        self.scores.append(scored(attack, guesses, self.truth, self.shuffled, self.known, self.classes, note, naming))
+        score = scored(attack, guesses, self.truth, self.shuffled, self.known, self.classes, note, naming)
+        if self.private is not None:
+            first = (self.private.stage == FIRST) & (guesses >= 0)
+            renaming = best_renaming(guesses[guesses >= 0], self.truth[guesses >= 0], self.classes)
+            score.bound = bound = keep_probability(self.private.eps, self.classes)
+            score.first_stage = float(np.mean(renaming[guesses[first]] == self.truth[first]))
+            score.above_bound = bool(score.first_stage > bound + 3 * np.sqrt(bound * (1 - bound) / first.sum()))
+        self.scores.append(score)
 
     def best_labels(self) -> tuple:
         """(name, guesses) of the label attack that recovered most."""
@@ -571,7 +598,8 @@ def audit(truth: Truth, views: list, known_labels: int = 10, seed: int = 0) -> A
     if scoring.guesses:
         scoring.scores += _pixel_attack(view, truth, *scoring.best_labels(), scoring.known, scoring.classes)
     mode = {"later_layers": "workers" if output_layer in view.errors else "coordinator", "rekey": config.rekey,
-            "hidden": list(config.hidden), "dropout": config.dropout, "loss": config.loss, "colluders": len(views)}
+            "hidden": list(config.hidden), "dropout": config.dropout, "loss": config.loss, "colluders": len(views),
+            "label_privacy": config.label_privacy, "label_privacy_stages": config.label_privacy_stages}
     return Audit(view.worker, view.slot, mode, len(scoring.known), scoring.scores, view.partial)
 
 
@@ -599,9 +627,11 @@ def _attack_output_error(scoring: Scoring, errors: list, identity: np.ndarray, l
     labels = per_image(rows, label_columns(aligned), images, classes)
     scoring.labels(f"label from {d}, rounds linked", labels)
     if loss in ("bce", "ce"):  # where d2 = prediction - target, so the prediction can be read back
-        naming = named_by_known(labels, scoring.known, scoring.truth, classes)  # the same columns, the same names
-        scoring.labels(f"prediction read from {d}", per_image(rows, predictions(aligned, rows), images, classes),
-                       "the model's guess, not the label trained on", naming)
+        guessed = per_image(rows, predictions(aligned, rows), images, classes)
+        known = scoring.known  # both guesses are in the same columns: the known images name them together
+        naming = named_by_known(np.concatenate([labels, guessed]), np.concatenate([known, known + images]),
+                                np.concatenate([scoring.truth, scoring.truth]), classes)
+        scoring.labels(f"prediction read from {d}", guessed, "the model's guess, not the label trained on", naming)
 
 
 def _attack_first_error(scoring: Scoring, errors: list, identity: np.ndarray, rng: np.random.Generator) -> None:
@@ -649,10 +679,23 @@ def _pixel_attack(view: View, truth: Truth, source: str, guesses: np.ndarray, kn
     ]
 
 
-def table(result: Audit) -> list:
-    """The audit as rows for a printed table: attack, recovered, with K known, control, chance, images, note."""
+HEADINGS = ("attack", "recovered", "with known", "control", "chance", "scored", "how")
+PRIVATE_HEADINGS = ("first stage", "bound")
+
+
+def table(result: Audit) -> tuple:
+    """(headings, rows) of the audit as a printed table; a label-private run's has the bound and each attack's score
+    over the images randomized response drew beside it, marked `above` where it passes by over 3 standard errors."""
     def percent(value):
         return "-" if value is None or value != value else f"{value:.1%}"
 
-    return [(s.attack, percent(s.recovered), percent(s.with_known), percent(s.control), percent(s.chance),
-             str(s.images), s.note) for s in result.scores]
+    private = result.mode.get("label_privacy") is not None
+    rows = []
+    for s in result.scores:
+        row = [s.attack, percent(s.recovered), percent(s.with_known), percent(s.control), percent(s.chance),
+               str(s.images)]
+        if private:
+            row += [percent(s.first_stage) + (" above" if s.above_bound else ""), percent(s.bound)]
+        rows.append((*row, s.note))
+    headings = (*HEADINGS[:-1], *PRIVATE_HEADINGS, HEADINGS[-1]) if private else HEADINGS
+    return headings, rows

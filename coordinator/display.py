@@ -161,8 +161,9 @@ def print_audit(result) -> None:
     mode = ", ".join(f"{name} {value}" for name, value in result.mode.items())
     title = f"worker {result.worker} (slot {result.slot}); {mode}; {result.known_labels} known labels"
     audit_table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
-    for heading in ("attack", "recovered", "with known", "control", "chance", "scored", "how"):
+    headings, rows = table(result)
+    for heading in headings:
         audit_table.add_column(heading, justify="left" if heading in ("attack", "how") else "right")
-    for row in table(result):
+    for row in rows:
         audit_table.add_row(*row)
     Console(width=None if sys.stdout.isatty() else UNBOUNDED_WIDTH).print(audit_table)

@@ -228,3 +228,38 @@ def test_a_recording_limit_stops_the_recording_not_the_work(tmp_path):
     assert read_recording(folder).ended == "limit"
     done, (result,) = audited(run_dir, "--recording", folder)
     assert result["partial"] and "partial: the recording ended early (limit)" in done.stderr
+
+
+def test_the_bound_check_flags_guesses_that_know_more_than_the_labels_trained_on():
+    """The check of the label-private tests below can fail: guesses that are the true labels pass the bound."""
+    from coordinator.audit import Scoring, Truth
+    from coordinator.labels import PrivateLabels
+
+    rng = np.random.default_rng(5)
+    truth = rng.integers(0, CLASSES, 20_000)
+    private = PrivateLabels.drawn(truth, 1.0, 1, CLASSES, seed=3)
+    run = Truth(None, truth, truth[:100], None, None, {}, {}, private)
+    scoring = Scoring(run, 10, rng)
+    scoring.labels("the labels trained on", private.labels.copy())
+    scoring.labels("the true labels", truth.copy())
+    trained, true = scoring.scores
+    assert trained.bound == pytest.approx(0.232, abs=1e-3) and not trained.above_bound
+    assert true.above_bound and true.first_stage == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("eps", ["1", "2"])
+def test_with_label_privacy_the_labels_read_from_d2_stay_within_the_bound(tmp_path, eps):
+    """What the worker reads from d2 is the label trained on: right no more often than randomized response keeps
+    one. The model's own prediction, which it can read too, is not so bounded: label privacy does not hide what
+    the model learnt from the other images."""
+    run_dir, (folder,) = recorded_run(tmp_path, "--label-privacy", eps, "--train-limit", "6000", "--epochs", "3")
+    _, (result,) = audited(run_dir, "--recording", folder)
+    scores = scores_of(result)
+    linked = scores["label from d2, rounds linked"]
+    assert linked["bound"] == pytest.approx({"1": 0.232, "2": 0.451}[eps], abs=1e-3)
+    assert not linked["above_bound"], linked
+    assert linked["first_stage"] > linked["bound"] - 0.05  # and it does read them: the trained labels, no fewer
+    assert scores["prediction read from d2"]["above_bound"]
+    for score in result["scores"]:
+        assert score["control"] <= score["chance"] + 0.10, score
