@@ -121,9 +121,11 @@ class ExposurePlan:
         """The same split with its slots numbered 0, 1, ... in their order (which keeps the summing order)."""
         return self._remade(lambda owners: np.searchsorted(self.slots, owners))
 
-    def save(self, file, permutation_seed: int) -> None:
-        """Write the plan and the permutations' seed as exposure.npz, into a path or a binary file."""
-        np.savez(file, **self.arrays(), permutation_seed=np.array(str(permutation_seed)))  # 128 bits: kept as text
+    def save(self, file, permutation_seed: int, label_privacy: float | None = None, stages: int = 1) -> None:
+        """Write the plan, the permutations' seed and the labels' privacy (eps, NaN for none, and its stages) as
+        exposure.npz, into a path or a binary file."""
+        np.savez(file, **self.arrays(), permutation_seed=np.array(str(permutation_seed)),  # 128 bits: kept as text
+                 label_privacy=np.array(np.nan if label_privacy is None else label_privacy), label_privacy_stages=stages)  # 128 bits: kept as text
 
     def _remade(self, change) -> "ExposurePlan":
         """A plan with `change` applied to every owner array: the columns', then each hidden layer's in order."""

@@ -91,7 +91,7 @@ class ClusterOptions:
         if start is None or start.plan is None:
             inputs, *hidden, _ = config.layer_sizes(data)
             plan = ExposurePlan.random(inputs, tuple(hidden), self.slots, config.seed)
-            records.save_exposure(plan, permutation_seed)
+            records.save_exposure(plan, permutation_seed, config)
             return plan, permutation_seed, {}
         if len(start.plan.slots) != self.slots:
             workers = len(start.plan.slots) * self.replicas

@@ -34,7 +34,8 @@ def write_report(run_dir: Path, out_dir: Path) -> list:
         raise ReportError(f"cannot write {out_dir}: {error.strerror}") from None
     figures = {"learning-curves.png": _learning_curves(pyplot, history)}
     if exposure is not None:
-        figures["exposure-map.png"] = _exposure_map(pyplot, exposure, handovers, _slot_names(workers, handovers))
+        figures["exposure-map.png"] = _exposure_map(pyplot, exposure, handovers, _slot_names(workers, handovers),
+                                                    history[-1].get("label_privacy"))
     if workers:
         figures["workers.png"] = _worker_load(pyplot, workers)
     if audits:
@@ -102,7 +103,9 @@ def _learning_curves(pyplot, history: list):
     figure, (cost, accuracy) = pyplot.subplots(1, 2, figsize=(10, 4), layout="constrained")
     cost.plot(epochs, [entry["cost"] for entry in history], marker="o")
     cost.set(title="cost", xlabel="epoch")
-    accuracy.plot(epochs, [100 * entry["train_accuracy"] for entry in history], marker="o", label="train")
+    eps = history[-1].get("label_privacy")
+    train = "train" if eps is None else f"train (labels trained on: eps {eps:g} label privacy)"
+    accuracy.plot(epochs, [100 * entry["train_accuracy"] for entry in history], marker="o", label=train)
     if all(entry["test_accuracy"] is not None for entry in history):
         accuracy.plot(epochs, [100 * entry["test_accuracy"] for entry in history], marker="s", label="test")
     accuracy.set(title="accuracy", xlabel="epoch", ylabel="%")
@@ -138,7 +141,7 @@ def _image_grid(owners: np.ndarray) -> np.ndarray:
     return owners.reshape(side, side) if side * side == len(owners) else owners[None, :]
 
 
-def _exposure_map(pyplot, column_owners: np.ndarray, handovers: list, names: dict):
+def _exposure_map(pyplot, column_owners: np.ndarray, handovers: list, names: dict, label_privacy: float | None):
     """The image grid coloured by the slot that holds each pixel; a second panel when pixels changed hands."""
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
@@ -157,6 +160,8 @@ def _exposure_map(pyplot, column_owners: np.ndarray, handovers: list, names: dic
     for panel, (title, owners) in zip(axes[0], panels):
         panel.imshow(_image_grid(owners), cmap=cmap, vmin=-0.5, vmax=slots - 0.5)
         panel.set(title=title, xticks=[], yticks=[])
+    if label_privacy is not None:  # what the errors the workers were sent can tell them of the labels
+        figure.suptitle(f"labels trained on: randomized response, each eps {label_privacy:g} label-private")
     if moved.any():
         rows, columns = np.nonzero(moved)
         axes[0][-1].scatter(columns, rows, s=6, c="black")

@@ -108,8 +108,9 @@ class RunDirectory:
     def append_history(self, report) -> None:
         append_line(self.path / "history.jsonl", json.dumps(dataclasses.asdict(report)) + "\n")
 
-    def save_exposure(self, plan: ExposurePlan, permutation_seed: int) -> None:
-        write_atomically(self.path / "exposure.npz", lambda file: plan.save(file, permutation_seed))
+    def save_exposure(self, plan: ExposurePlan, permutation_seed: int, config: TrainingConfig) -> None:
+        write_atomically(self.path / "exposure.npz", lambda file: plan.save(
+            file, permutation_seed, config.label_privacy, config.label_privacy_stages))
 
     def append_exposure(self, epoch: int, step: int, slot: int, worker: str, plan: ExposurePlan, reason: str) -> None:
         """Record that a worker holds a slot's columns and units (a list per hidden layer) from this point of the run
