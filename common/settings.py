@@ -33,8 +33,19 @@ HEARTBEAT_TIMEOUT = 3.0
 worker uses this value for the coordinator)."""
 
 REQUEST_DEADLINE = 30.0
-"""Seconds a worker may take over one request: the largest chunk product takes well under a second,
-so a worker that heartbeats but never answers is dropped long before a run would look hung."""
+"""Seconds a worker may take over one request at the most: the largest chunk product takes well under a
+second, so a worker that heartbeats but never answers is dropped long before a run would look hung."""
+
+REQUEST_DEADLINE_FLOOR = 10.0
+"""Seconds a request may always take, however fast its slot answered before: a busy machine's stalls and
+a shard chunk behind a slow link stay well within it."""
+
+REQUEST_DEADLINE_FACTOR = 20
+"""Once a slot has answered, its requests may take this many times its slowest recent answer (within the
+floor and the deadline): a worker that takes a slot over and never answers holds a round for 10 s, not 30."""
+
+RECENT_ANSWERS = 50
+"""Answers of a slot whose round trips set its deadline: a few epochs' worth of evaluation rounds and more."""
 
 FAREWELL_LINGER = 0.5
 """Seconds a leaving worker waits for its Deregister to go out: a loopback or LAN send takes milliseconds, and

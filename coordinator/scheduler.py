@@ -11,6 +11,7 @@ earlier rounds, is sent again.
 """
 
 import dataclasses
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -141,6 +142,7 @@ class Scheduler:
         self.banned = set()  # names and CURVE keys of quarantined workers
         self.wire_dtype = self.dtype if self.wire_dtype is None else self.wire_dtype
         self.replaced = set()  # old connections of workers that registered again
+        self.answer_times = {}  # slot -> its recent answers' round trips, in seconds, which set its deadline
         self.told_to_register = set()  # strangers already told to register again, so each is told once
         self.event_handlers = {
             Tick: lambda event: self._tick(event.now),
@@ -308,9 +310,19 @@ class Scheduler:
             if now - worker.last_seen > self.heartbeat_timeout:
                 actions += self._drop(peer, f"silent for {now - worker.last_seen:.1f} s")
         for peer, pending in list(self.outstanding.items()):
-            if now - pending.sent_at > settings.REQUEST_DEADLINE and peer in self.workers:
-                actions += self._drop(peer, f"left a request unanswered for {settings.REQUEST_DEADLINE:g} s")
+            deadline = self.deadline(pending.slot)
+            if now - pending.sent_at > deadline and peer in self.workers:
+                actions += self._drop(peer, f"left a request unanswered for {deadline:g} s")
         return actions
+
+    def deadline(self, slot: int) -> float:
+        """Seconds a request of this slot may take: a multiple of its slowest recent answer, within the floor and the
+        deadline; the deadline itself until the slot has answered."""
+        recent = self.answer_times.get(slot)
+        if not recent:
+            return settings.REQUEST_DEADLINE
+        return min(settings.REQUEST_DEADLINE, max(settings.REQUEST_DEADLINE_FLOOR,
+                                                  settings.REQUEST_DEADLINE_FACTOR * max(recent)))
 
     def _result(self, peer: bytes, message: Result, at: float) -> list:
         if message.request < self.round_number:
@@ -328,6 +340,8 @@ class Scheduler:
             worker.answered += 1
             worker.last_round_trip = at - pending.sent_at
             worker.busy_seconds += worker.last_round_trip
+            self.answer_times.setdefault(pending.slot, deque(maxlen=settings.RECENT_ANSWERS)).append(
+                worker.last_round_trip)
         return []
 
     def _invalid(self, products: dict, expected: Expected) -> str:

@@ -65,6 +65,37 @@ def test_silence_and_unanswered_requests_lose_a_worker():
     assert set(scheduler.take_lost()) == {0, 1, 2} and not scheduler.lost
 
 
+def test_a_slot_that_answered_quickly_is_given_less_time_than_one_never_heard():
+    """A worker that takes a slot over and only heartbeats holds the round for the floor, not the whole deadline."""
+    scheduler = _scheduler_with(2)
+    first = _round(scheduler)  # sent at 0.0; slot 0 answers in 50 ms, slot 1 never
+    scheduler.handle(Arrived(first[0].peer, Result(first[0].message.request, {"error": np.zeros((2, 3), F32)}),
+                             at=0.05))
+    assert scheduler.deadline(0) == settings.REQUEST_DEADLINE_FLOOR  # 20 x 50 ms is under the floor
+    assert scheduler.deadline(1) == settings.REQUEST_DEADLINE  # no answer yet: the whole deadline
+    scheduler.handle(Arrived(b"impostor", Register("w0", 1), at=0.1))  # takes slot 0 over: its record, its history
+    requests = {slot: (LaterBackward(0, 2, np.zeros((2, 3), F32)), Expected({"error": (2, 3)})) for slot in (0, 1)}
+    scheduler.start_round(requests, now=1.0)
+    for now in np.arange(1.5, 11.5, 1.0):  # alive, but never answering
+        for peer in (b"impostor", first[1].peer):
+            scheduler.handle(Arrived(peer, Heartbeat(), at=float(now)))
+    dropped = [a for a in scheduler.handle(Tick(11.5)) if isinstance(a, Disconnect)]
+    assert [a.peer for a in dropped] == [b"impostor"] and "unanswered for 10 s" in dropped[0].reason
+
+
+def test_a_slow_slot_gets_a_multiple_of_its_slowest_recent_answer():
+    scheduler = _scheduler_with(1)
+    for answer_seconds in (0.2, 1.2, 0.3):
+        sent = _round(scheduler)[0]
+        scheduler.handle(Arrived(sent.peer, Result(sent.message.request, {"error": np.zeros((2, 3), F32)}),
+                                 at=answer_seconds))
+    assert scheduler.deadline(0) == settings.REQUEST_DEADLINE_FACTOR * 1.2
+    for _ in range(settings.RECENT_ANSWERS):  # the slow answer ages out
+        sent = _round(scheduler)[0]
+        scheduler.handle(Arrived(sent.peer, Result(sent.message.request, {"error": np.zeros((2, 3), F32)}), at=0.3))
+    assert scheduler.deadline(0) == settings.REQUEST_DEADLINE_FLOOR
+
+
 def test_answers_to_an_abandoned_round_are_ignored():
     scheduler = _scheduler_with(1)
     first = _round(scheduler)[0]
