@@ -11,11 +11,12 @@ from common.errors import EXIT_USAGE, UserError
 UsageError = typer.BadParameter.__bases__[0]
 
 
-def run(app: typer.Typer, prog_name: str) -> NoReturn:
-    """Run a typer app, turning a bad command line or a UserError into one `error:` line and its exit code."""
+def run(app: typer.Typer, prog_name: str, **context) -> NoReturn:
+    """Run a typer app, turning a bad command line or a UserError into one `error:` line and its exit code;
+    `context` becomes the commands' `ctx.obj` (a test's faulty worker state, say)."""
     command = typer.main.get_command(app)
     try:
-        code = command.main(prog_name=prog_name, standalone_mode=False)
+        code = command.main(prog_name=prog_name, standalone_mode=False, obj=context)
     except UsageError as error:
         help_hint = f" (see '{error.ctx.command_path} --help')" if error.ctx else ""
         typer.echo(f"error: {error.format_message()}{help_hint}", err=True)

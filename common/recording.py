@@ -40,7 +40,8 @@ class Recorder:
     """Appends each frame a worker receives or sends to FOLDER/recording.msgpack, until `limit_bytes` are written."""
 
     def __init__(self, folder: Path, limit_bytes: int, worker: str, coordinator: str, on_limit=None):
-        """`on_limit(text)` is told once, when the limit stops the recording; the worker goes on working."""
+        """`on_limit(text)` is told once, when the limit (or a disk that is full) stops the recording; the worker
+        goes on working."""
         path = Path(folder) / FILE
         if path.exists():
             raise InputError(f"{path} already holds a recording; give another --record folder")
@@ -68,20 +69,32 @@ class Recorder:
                 self.on_limit(f"recording stopped at --record-limit ({self.limit_bytes / 1e6:g} MB) after "
                               f"{self.records} messages: {self.path}")
             return
-        self.file.write(head)
-        self.file.write(frame)
+        try:
+            self.file.write(head)
+            self.file.write(frame)
+        except OSError as error:  # a full disk ends the recording, not the work
+            self.recording = False
+            if self.on_limit:
+                self.on_limit(f"recording stopped after {self.records} messages: {self.path}: {error.strerror}")
+            return
         self.written += len(head) + len(frame)
         self.records += 1
 
     def close(self) -> None:
         if self.recording:
             self._end("closed")
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # what could not be written reads back as a truncated recording
+            pass
 
     def _end(self, why: str) -> None:
         self.recording = False
-        self._write({"end": why, "records": self.records, "bytes": self.written})
-        self.file.flush()
+        try:
+            self._write({"end": why, "records": self.records, "bytes": self.written})
+            self.file.flush()
+        except OSError:  # a full disk: the recording reads back as truncated
+            pass
 
     def _write(self, record: dict) -> None:
         packed = msgpack.packb(record)

@@ -95,7 +95,7 @@ def view_of(recording, config: TrainingConfig) -> View:
     view.pixels = {split: pixels for split, (pixels, filled) in reader.shards.items() if filled == len(pixels)}
     if "train" not in view.pixels:
         raise AuditError(f"the recording of worker {recording.worker} holds no whole training shard")
-    if recording.ended != "closed":
+    if not recording.complete:
         view.partial.append(f"the recording ended early ({recording.ended})")
     return view
 

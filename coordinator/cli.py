@@ -19,8 +19,8 @@ from coordinator.verify import Verify
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-OPEN_BIND = "tcp://*:5555"
-WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}  # the disk's, not ours  # workers on other machines connect to port 5555 of any of this host's addresses
+OPEN_BIND = "tcp://*:5555"  # workers on other machines connect to port 5555 of any of this host's addresses
+WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}  # the disk's, not ours
 
 
 class Rebalance(str, enum.Enum):

@@ -62,8 +62,11 @@ class Harness:
 
         wait_for(done, timeout, f"step {step} of epoch {epoch}")
 
-    def start_worker(self, name: str, *args) -> subprocess.Popen:
-        return self._start("worker", "--connect", self.address, "--name", name, *args)
+    def start_worker(self, name: str, *args, fault: str | None = None) -> subprocess.Popen:
+        """A worker process; with `fault`, one of tests.faulty_worker's, which answers wrongly or dies on purpose."""
+        program = "worker" if fault is None else "tests.faulty_worker"
+        return self._start(program, *(() if fault is None else (fault,)), "--connect", self.address, "--name", name,
+                           *args)
 
     def epochs_done(self) -> int:
         history = self.run_dir / "history.jsonl"

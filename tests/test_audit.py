@@ -263,3 +263,19 @@ def test_with_label_privacy_the_labels_read_from_d2_stay_within_the_bound(tmp_pa
     assert scores["prediction read from d2"]["above_bound"]
     for score in result["scores"]:
         assert score["control"] <= score["chance"] + 0.10, score
+
+
+def test_a_full_disk_stops_the_recording_not_the_worker(tmp_path):
+    told = []
+    recorder = record(tmp_path, recorded_messages(), on_limit=told.append)
+
+    class Full:
+        def write(self, *data):
+            raise OSError(28, "No space left on device")
+
+        flush = close = write
+
+    recorder.file = Full()
+    recorder.record("received", protocol.encode(recorded_messages()[1][1]))
+    recorder.close()
+    assert not recorder.recording and len(told) == 1 and "No space left" in told[0]

@@ -88,7 +88,7 @@ def test_a_quarantined_key_stays_out_under_another_name(tmp_path, key_folder):
         harness.start_coordinator("--workers", 2, "--curve-keys", key_folder, "--verify", "all", "--rebalance", "never",
                                   "--train-limit", "2000", "--test-limit", "100", "--epochs", "3", "--batch-size", "10")
         harness.start_worker("A", *_curve(key_folder, key_folder, "A"))
-        liar = harness.start_worker("B", "--fault", "zeros", *_curve(key_folder, key_folder, "B"))
+        liar = harness.start_worker("B", *_curve(key_folder, key_folder, "B"), fault="zeros")
         assert liar.wait(60) == 0  # it was told to stop
         disguised = harness.start_worker("innocent", *_curve(key_folder, key_folder, "B"))
         assert disguised.wait(60) == 1

@@ -14,7 +14,7 @@ from coordinator.verify import Verifier
 from tests.cluster_harness import Harness, one_process_model
 from tests.conftest import load_model, max_difference
 from worker.compute import RequestError, WorkerState
-from worker.faults import EXIT_CODE
+from tests.faults import EXIT_CODE
 
 RNG = np.random.default_rng(8)
 IMAGES = RNG.integers(0, 256, (60, 30), dtype=np.uint8)
@@ -127,7 +127,7 @@ def _cluster(tmp_path, faults: dict, *args) -> Harness:
     harness = Harness(tmp_path)
     harness.start_coordinator("--workers", 3, *RUN, *args)
     for name in "ABC":
-        harness.start_worker(name, *(("--fault", faults[name]) if name in faults else ()))
+        harness.start_worker(name, fault=faults.get(name))
     return harness
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.cluster_harness import Harness, one_process_model, wait_for
 from tests.conftest import LOOPBACK_ANY_PORT, load_model, max_difference
-from worker.faults import EXIT_CODE
+from tests.faults import EXIT_CODE
 
 pytestmark = pytest.mark.slow  # every test here starts real processes
 
@@ -100,7 +100,7 @@ def test_workers_that_vanish_at_any_point_of_the_protocol(harness, undisturbed, 
     """Workers that die as kill -9 leaves them: mid shard transfer at the start, mid transfer of the columns
     they take over from a lost worker, or two in the same round."""
     harness.start_coordinator("--workers", 7, *RUN)
-    workers = {name: harness.start_worker(name, *(("--fault", faults[name]) if name in faults else ())) for name in "ABCDEFG"}
+    workers = {name: harness.start_worker(name, fault=faults.get(name)) for name in "ABCDEFG"}
     log = _completes_like_undisturbed(harness, undisturbed)
     for name in faults:
         assert workers[name].wait(10) == EXIT_CODE, f"the fault of {name} never fired"
@@ -116,7 +116,7 @@ def test_workers_lost_in_later_layers_rounds_of_a_deep_run(harness, tmp_path_fac
     undisturbed = one_process_model(tmp_path_factory.mktemp("deep-local"), *DEEP_RUN)
     harness.start_coordinator("--workers", 3, *DEEP_RUN)
     faults = {"B": "exit-at-request:44", "C": "exit-at-request:76"}
-    workers = {name: harness.start_worker(name, *(("--fault", faults[name]) if name in faults else ()))
+    workers = {name: harness.start_worker(name, fault=faults.get(name))
                for name in "ABC"}
     assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
     for name in faults:

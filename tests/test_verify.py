@@ -11,7 +11,7 @@ from coordinator.verify import Verifier
 from tests.cluster_harness import Harness, one_process_model
 from tests.conftest import load_model, max_difference
 from worker.compute import WorkerState
-from worker.faults import FAULTS, FaultyWorkerState
+from tests.faults import FAULTS, FaultyWorkerState
 
 RNG = np.random.default_rng(3)
 IMAGES = RNG.integers(0, 256, (50, 30), dtype=np.uint8)
@@ -93,7 +93,7 @@ def _run_with_liar(tmp_path, fault: str, *args) -> Harness:
     harness.start_coordinator("--workers", 3, *RUN, *args)
     harness.start_worker("A")
     harness.start_worker("B")
-    harness.start_worker("liar", "--fault", fault)
+    harness.start_worker("liar", fault=fault)
     assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
     return harness
 
@@ -184,7 +184,7 @@ def test_replicas_unmask_a_liar_even_with_checks_off(tmp_path, honest):
         harness.start_coordinator("--workers", 4, "--replicas", 2, "--verify", "off", *RUN)
         for name in "ABC":
             harness.start_worker(name)
-        harness.start_worker("liar", "--fault", "flip")
+        harness.start_worker("liar", fault="flip")
         assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
         caught = _quarantined(harness)
         assert [(r["worker"], r["answers"]) for r in caught] == [("liar", FIRST_BAD_ANSWER["flip"])]

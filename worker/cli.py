@@ -21,6 +21,7 @@ BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THR
 
 @app.command()
 def main(
+    ctx: typer.Context,
     connect: Annotated[
         str, typer.Option(envvar="SCATTERPROP_CONNECT", help="The coordinator's ZeroMQ address.")
     ] = "tcp://localhost:5555",
@@ -30,7 +31,6 @@ def main(
     threads: Annotated[
         int, typer.Option(envvar="SCATTERPROP_THREADS", min=1, help="BLAS threads for the matrix products.")
     ] = 1,
-    fault: Annotated[str | None, typer.Option(hidden=True, help="Answer wrongly, or die, on purpose (tests only).")] = None,
     curve_secret_key: Annotated[
         Path | None,
         typer.Option(envvar="SCATTERPROP_CURVE_SECRET_KEY", help="This worker's key pair file (.key_secret)."),
@@ -61,14 +61,10 @@ def main(
         os.environ[variable] = str(threads)
     from common.recording import Recorder
     from worker.compute import WorkerState
-    from worker.faults import faulty_state
 
     if (curve_secret_key is None) != (curve_server_key is None):
         raise InputError("--curve-secret-key and --curve-server-key go together")
-    try:
-        make_state = faulty_state(fault) if fault else WorkerState
-    except ValueError as error:
-        raise InputError(str(error)) from None
+    make_state = (ctx.obj or {}).get("make_state", WorkerState)  # tests.faulty_worker passes another
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s", datefmt="%H:%M:%S")
     curve = None if curve_secret_key is None else (curve_secret_key, curve_server_key)

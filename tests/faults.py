@@ -1,4 +1,5 @@
-"""Deliberately wrong or dying workers, for testing that the coordinator copes (`worker --fault MODE[:N]`)."""
+"""Deliberately wrong or dying worker states, for testing that the coordinator copes (run by tests.faulty_worker).
+The shipped worker has no such switch."""
 
 import os
 
@@ -90,10 +91,11 @@ EXIT_CODE = 9  # as if killed: not 0, so a test can tell the fault fired
 
 
 def faulty_state(fault: str):
-    """The make_state of `worker --fault`: MODE for a wrong answer, EXIT:N for a death; ValueError otherwise."""
+    """The worker state of a fault: MODE for a wrong answer, EXIT:N for a death; ValueError otherwise."""
     mode, _, count = fault.partition(":")
     if mode in FAULTS and not count:
         return lambda dtype, divisor, wire: FaultyWorkerState(dtype, divisor, wire, mode)
     if mode in EXITS and count.isdigit() and int(count) >= 1:
         return lambda dtype, divisor, wire: ExitingWorkerState(dtype, divisor, wire, mode, int(count))
     raise ValueError(f"unknown fault {fault!r}; choose one of {', '.join(FAULTS)}, or {':N, '.join(EXITS)}:N")
+
