@@ -90,11 +90,15 @@ def _history(harness: Harness) -> list:
 
 def _run_with_liar(tmp_path, fault: str, *args) -> Harness:
     harness = Harness(tmp_path)
-    harness.start_coordinator("--workers", 3, *RUN, *args)
-    harness.start_worker("A")
-    harness.start_worker("B")
-    harness.start_worker("liar", fault=fault)
-    assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
+    try:
+        harness.start_coordinator("--workers", 3, *RUN, *args)
+        harness.start_worker("A")
+        harness.start_worker("B")
+        harness.start_worker("liar", fault=fault)
+        assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
+    except BaseException:  # the callers close it once it is returned; a run that failed would leave its workers
+        harness.close()
+        raise
     return harness
 
 
