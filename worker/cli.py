@@ -81,8 +81,10 @@ def main(
             recorder.close()
 
 
-class Terminated(Exception):
-    """SIGTERM: `docker stop`, `docker-compose stop` or `kill` asks the worker to leave."""
+class Terminated(BaseException):
+    """SIGTERM: `docker stop`, `docker-compose stop` or `kill` asks the worker to leave. A BaseException, as
+    KeyboardInterrupt is: raised wherever the signal lands, it must pass the `except Exception` of the decode gate
+    (a SIGTERM during msgpack's unpacking was taken for a bad frame, and the worker outlived its coordinator)."""
 
 
 def _leave(signal_number, frame):
