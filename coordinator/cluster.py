@@ -1,23 +1,19 @@
-"""The coordinator's transport: one ROUTER socket that turns frames into scheduler events and carries out
-the scheduler's actions."""
+"""The coordinator's side of the wire: turns a transport's frames into scheduler events, carries out the
+scheduler's actions, and runs scatter/gather rounds over the admitted workers."""
 
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import zmq
-
-from common import keys, phases, protocol, settings, sockets
+from common import phases, protocol, settings
 from common.errors import UserError
 from common.protocol import Stop
 from coordinator.scheduler import Admit, Arrived, Disconnect, Garbled, Refused, Scheduler, Send, Tick, Unreachable
+from coordinator.transport import Incoming
 
 log = logging.getLogger("coordinator")
 
-STOP_LINGER_MS = 500  # time for the last stop messages to leave before the socket closes
 TICK_INTERVAL = 0.1  # seconds between liveness checks: a tenth of a heartbeat interval is plenty
 MAX_COUNTED_PEERS = 100_000  # distinct strangers counted for one summary line; past that the count saturates
 MAX_FRAMES_BEFORE_TICK = 1000  # frames read before a due liveness check: a flood cannot stop the clock
@@ -56,26 +52,18 @@ class Traffic:
 class Cluster:
     """Workers registered on a bound ROUTER, and scatter/gather rounds over them."""
 
-    def __init__(
-        self, bind: str, scheduler: Scheduler, max_message_bytes: int, welcome: Callable, context=None,
-        curve_keys: Path | None = None,
-    ):
+    def __init__(self, transport, scheduler: Scheduler, welcome: Callable):
+        """`transport`: a coordinator.transport.RouterTransport, or anything with its methods."""
+        self.transport = transport
         self.scheduler = scheduler
         self.welcome = welcome  # slot (-1 for a standby) -> the Welcome a newly admitted worker gets
         self.next_tick = 0.0
-        self.context = context or zmq.Context.instance()
-        self.socket = self.context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished peer fails loudly
-        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        if curve_keys is not None:
-            keys.make_server(self.socket, curve_keys)
-        self.endpoint = sockets.bind(self.socket, bind, ClusterError)
-        self.authenticates = curve_keys is not None
-        self.poller = zmq.Poller()  # kept: socket.poll() would build one for every frame
-        self.poller.register(self.socket, zmq.POLLIN)
         self.traffic = Traffic()
         self.refusals = RefusalLog()
+
+    @property
+    def endpoint(self) -> str:
+        return self.transport.endpoint
 
     def admit_workers(self, timeout: float) -> None:
         """Wait until every slot has a worker."""
@@ -166,7 +154,7 @@ class Cluster:
 
     def close(self) -> None:
         self.refusals.flush(time.monotonic())
-        self.socket.close(linger=STOP_LINGER_MS)
+        self.transport.close()
 
     def _pump(self, deadline: float) -> bool:
         """Keep the clock ticking until one frame is handled (True) or the deadline passes (False)."""
@@ -199,25 +187,19 @@ class Cluster:
         self._carry_out(self.scheduler.handle(Tick(now)))
         self.refusals.summarise(now)
 
-    def _receive(self, timeout_ms: int) -> list | None:
-        """The next frames, taken without polling when they are already here (answers come in bursts)."""
-        try:
-            return self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            pass
-        ready = timeout_ms > 0 and self.poller.poll(timeout_ms)
+    def _receive(self, timeout_ms: int) -> Incoming | None:
+        incoming = self.transport.receive(timeout_ms)
         phases.clock.lap("wait")
-        return self.socket.recv_multipart(copy=False) if ready else None
+        return incoming
 
-    def _handle_frame(self, frames: list) -> None:
-        peer = frames[0].bytes
-        self.traffic.count(self._known(peer), received=sum(len(frame) for frame in frames[1:]))
-        if len(frames) != 2:
-            event = Garbled(peer, f"{len(frames) - 1} frames instead of 1")
+    def _handle_frame(self, incoming: Incoming) -> None:
+        peer, frames = incoming.peer, incoming.frames
+        self.traffic.count(self._known(peer), received=sum(len(frame) for frame in frames))
+        if len(frames) != 1:
+            event = Garbled(peer, f"{len(frames)} frames instead of 1")
         else:
             try:
-                key = _curve_key(frames[1]) if self.authenticates else None
-                event = Arrived(peer, protocol.decode(frames[1].buffer), time.monotonic(), key)
+                event = Arrived(peer, protocol.decode(memoryview(frames[0])), time.monotonic(), incoming.key)
             except protocol.ProtocolError as error:
                 event = Garbled(peer, str(error))
         phases.clock.lap("decode")
@@ -249,11 +231,10 @@ class Cluster:
 
     def _send_frame(self, peer: bytes, frame: bytes) -> None:
         phases.clock.lap("encode")
-        try:  # never blocks: a peer whose queue is full is as unreachable as one whose connection is gone
-            self.socket.send_multipart([peer, frame], zmq.NOBLOCK)
+        if self.transport.send(peer, frame):
             phases.clock.lap("send")
             self.traffic.count(self._known(peer), sent=len(frame))
-        except zmq.ZMQError:  # with ROUTER_MANDATORY: gone (EHOSTUNREACH) or its queue is full (EAGAIN)
+        else:  # a peer whose queue is full is as unreachable as one whose connection is gone
             self._carry_out(self.scheduler.handle(Unreachable(peer)))
 
 
@@ -295,6 +276,3 @@ def short_id(peer: bytes) -> str:
     return peer.hex()[:8]
 
 
-def _curve_key(frame: zmq.Frame) -> str | None:
-    """The sender's CURVE public key, as pyzmq's authenticator names it (z85)."""
-    return frame.get("User-Id") or None
