@@ -25,6 +25,7 @@ from common import model, phases
 from coordinator import run
 from coordinator.cluster_options import ClusterOptions
 from coordinator.config import TrainingConfig
+from coordinator.distributed import ClusterProducts
 from coordinator.rundir import RunDirectory
 from coordinator.spawn import LOOPBACK_ANY_PORT, spawn_endpoint
 from coordinator.training import Trainer
@@ -151,7 +152,7 @@ def _trained_epochs(config: TrainingConfig, workers: int, later_layers_here: boo
             for start in range(0, len(warmup_rows), config.batch_size):
                 trainer.train_batch(warmup_rows[start : start + config.batch_size])
             products.epoch_ended()  # so that a timed epoch is a whole period of rows kept every epoch
-            cluster = getattr(products, "cluster", None)
+            cluster = products.cluster if isinstance(products, ClusterProducts) else None  # the one-process floor has none
             yield lambda: _timed_epoch(trainer, cluster, Path(scratch)), cluster.idle if cluster else time.sleep
 
 

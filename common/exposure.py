@@ -8,7 +8,6 @@ hidden layer before it, each hidden layer with owners of its own."""
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 

@@ -191,12 +191,11 @@ class Checkpointer:
         if trainer.progress == self.last.progress:
             return
         trainer.settle()  # the pending first-layer gradient is applied now instead of with the next product
-        products = trainer.products
+        backend = trainer.products.state()
         checkpoint = Checkpoint(
-            trainer.params.copy(), dataclasses.replace(trainer.progress), list(self.history),
-            self.last.config, None if products.permutations is None else products.permutations.bit_generator.state,
-            products.plan, trainer.steps_done, self.last.number + 1, masks=trainer.masks.bit_generator.state,
-            labels=trainer.private,
+            trainer.params.copy(), dataclasses.replace(trainer.progress), list(self.history), self.last.config,
+            backend.permutations, backend.plan, trainer.steps_done, self.last.number + 1,
+            masks=trainer.masks.bit_generator.state, labels=trainer.private,
         )
         checkpoint.sha256 = save(self.folder, checkpoint, self.last.sha256)
         self.last = checkpoint

@@ -23,6 +23,7 @@ from coordinator.rundir import RunDirectory
 from coordinator.scheduler import Scheduler
 from coordinator.spawn import LocalWorkers, local_address, spawn_workers
 from coordinator.status import RunWatch, StatusServer, worker_statuses
+from coordinator.training import BackendState
 from coordinator.transport import RouterTransport, TransportError
 from coordinator.verify import Verifier, inputs_for
 
@@ -76,11 +77,11 @@ class ClusterOptions:
                 log.info("waiting for %d workers on %s", self.workers, cluster.endpoint)
                 cluster.admit_workers(self.wait_timeout)
                 products = self._backend(config, data, cluster, plan, permutation_seed, records, watch)
-                if start is not None and start.permutations is not None:  # the shuffles the interrupted run would have sent
-                    products.permutations.bit_generator.state = start.permutations
-                watch.workers = lambda: worker_statuses(scheduler, products.plan, cluster.traffic)
+                if start is not None:
+                    products.restore(BackendState(start.permutations, start.plan))
+                watch.workers = lambda: worker_statuses(scheduler, products.state().plan, cluster.traffic)
                 yield products
-                records.save_workers(worker_statuses(scheduler, products.plan, cluster.traffic, departed=True))
+                records.save_workers(worker_statuses(scheduler, products.state().plan, cluster.traffic, departed=True))
                 cluster.stop("training finished")
             except (Interrupted, KeyboardInterrupt):
                 cluster.stop("the coordinator was interrupted")

@@ -17,7 +17,7 @@ import zmq
 
 from common import model, protocol, settings, sockets
 from common.errors import UserError
-from coordinator.distributed import chunk_rows
+from coordinator.shards import chunk_rows
 from common.protocol import (
     Failure, FirstLayer, Heartbeat, KeptFirstLayer, Register, RegisterAgain, Reject, Result, ReturnRows, LaterBackward,
     LaterForward, Shard, Stop, Welcome,

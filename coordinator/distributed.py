@@ -14,7 +14,7 @@ workers' kept ones follow the old plan), and the round is sent again. The math d
 computed what.
 
 Recovery only changes the plan and who holds which slot; before every round, each worker that lacks its
-slot's current columns is sent them, in chunks (see ShardTransfer). So a peer may vanish at any moment,
+slot's current columns is sent them, in chunks (see coordinator.shards). So a peer may vanish at any moment,
 in the middle of a transfer included, and the next attempt simply starts from what is true then.
 
 With `--rekey`, workers keep their first-layer rows between re-keys (see coordinator.kept): a round then
@@ -24,24 +24,55 @@ kept rows are state that a lost worker takes with it.
 
 import dataclasses
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from common import model, phases, settings
+from common import model, phases
 from common.exposure import ExposurePlan, permuted, unpermuted
 from common.model import from_wire, to_wire
-from common.protocol import FirstLayer, KeptFirstLayer, LaterBackward, LaterForward, ReturnRows, Shard
+from common.protocol import FirstLayer, KeptFirstLayer, LaterBackward, LaterForward, ReturnRows
 from coordinator.cluster import ClusterError, WorkerLost
 from coordinator.gathering import Placed, Summed
 from coordinator.kept import KeptPeriod, LoggedStep
 from coordinator.scheduler import Expected
-from coordinator.training import LocalProducts, stepped
+from coordinator.shards import ShardDelivery
+from coordinator.training import BackendState, LocalLaterLayers, stepped
 from coordinator.verify import Verifier
 
 log = logging.getLogger("coordinator")
+
+
+@dataclass
+class Built:
+    """One attempt at a round: slot -> (request, Expected), the permutation of each layer whose columns the requests
+    carry (for the audit's record), and what the caller needs of the attempt that was answered (`made`: its shuffle,
+    or the step it logged)."""
+
+    requests: dict
+    keys: dict
+    made: object = None
+
+
+@dataclass
+class Round:
+    """A round as data: `build` makes its requests afresh for each attempt (a recovery changes the plan and draws new
+    permutations), the answers are gathered into `products` (gathering.Summed or Placed), and `tracking`, given the
+    attempt, says what the kept rows' answers are checked against (kept.Tracking), worked out while workers compute."""
+
+    build: Callable[[], Built]
+    products: list = field(default_factory=list)
+    tracking: Callable[[Built], object] | None = None
+
+
+@dataclass
+class Answered:
+    """A round's trusted products (name -> array), and the attempt they answer."""
+
+    results: dict
+    built: Built
+    tracking: object = None
 
 
 class ClusterProducts:
@@ -53,7 +84,6 @@ class ClusterProducts:
     ):
         self.cluster = cluster
         self.plan = plan
-        self.images = images  # split -> (n, I) uint8: the source of every shard
         self.permutations = np.random.default_rng(permutation_seed)
         self.rebalance = rebalance  # admit standbys at epoch boundaries, or keep them for losses only
         self.verifier = verifier
@@ -68,8 +98,7 @@ class ClusterProducts:
         self.last_later_forward = {}  # (slot, layer) -> its last LaterForward request, the operands it keeps
         self.awaiting_backward = set()  # later layers past their forward, not yet their backward: workers keep theirs
         self.next_slot = max(plan.slots) + 1
-        self.holding = {}  # peer -> the slot whose current columns it holds in full
-        self.transfers = {}  # peer -> its ShardTransfer under way
+        self.shards = ShardDelivery(images, self._exposed)
         self.reasons = {slot: "initial plan" for slot in plan.slots}  # why a slot's columns last moved
 
     def forward(self, weights, split, rows) -> np.ndarray:
@@ -118,15 +147,13 @@ class ClusterProducts:
         given, is a gradient, applied before the forward product of `rows`, if given."""
         hidden = weights.shape[1]
         error_rows, error, learning_rate = step or (None, None, 0.0)
-        shuffle = None
 
-        def requests():
-            nonlocal shuffle
+        def build() -> Built:
             shuffle = self.permutations.permutation(hidden)
             shuffled_weights = None if rows is None else permuted(weights, shuffle)
             shuffled_error = None if error is None else to_wire(permuted(error, shuffle), self.wire)
             shared = FirstLayer(0, None, split, rows, error_rows, shuffled_error, float(learning_rate))
-            built = {}
+            requests = {}
             for slot in self.plan.slots:
                 columns, expected = self.plan.columns(slot), {}
                 if rows is not None:
@@ -134,8 +161,8 @@ class ClusterProducts:
                 if error is not None:
                     expected["gradient"] = (len(columns), hidden)
                 slot_weights = None if rows is None else shuffled_weights[columns]
-                built[slot] = (_for_slot(shared, slot_weights), Expected(expected))
-            return built, {1: shuffle}
+                requests[slot] = (_for_slot(shared, slot_weights), Expected(expected))
+            return Built(requests, {1: shuffle}, made=shuffle)
 
         products = []
         if error is not None:
@@ -143,39 +170,34 @@ class ClusterProducts:
         if rows is not None:
             products.append(Summed("partial", weights.dtype))
         phases.clock.lap("math")  # the trainer's own, since the last round
-        results = self._round(requests, products)
-        gradient = None if error is None else unpermuted(results["gradient"], shuffle)
-        product = None if rows is None else unpermuted(results["partial"], shuffle)
+        answered = self._round(Round(build, products))
+        shuffle = answered.built.made
+        gradient = None if error is None else unpermuted(answered.results["gradient"], shuffle)
+        product = None if rows is None else unpermuted(answered.results["partial"], shuffle)
         phases.clock.lap("unshuffle")
         return gradient, product
 
     def _kept_round(self, split, rows, step) -> np.ndarray | None:
         """A round on the kept rows: the step's error goes out (one frame for all), only forward products come
         back; the workers apply the step to their rows, and the coordinator logs it."""
-        logged = tracking = None
+        error_rows, error, learning_rate = step or (None, None, 0.0)
 
-        def requests():
-            nonlocal logged
+        def build() -> Built:
             period = self.kept  # a recovery starts a new one, with rebuilt rows and a fresh permutation
-            error_rows, error, learning_rate = step or (None, None, 0.0)
             wire_error = None if error is None else to_wire(permuted(error, period.permutation), self.wire)
             logged = None if step is None else LoggedStep(error_rows, from_wire(wire_error, error.dtype), learning_rate)
             shared = KeptFirstLayer(0, None, split, rows, error_rows, wire_error, float(learning_rate))
             expected = Expected({} if rows is None else {"partial": (len(rows), period.start.shape[1])})
-            built = {slot: (_for_slot(shared, period.rows_for(slot)), expected) for slot in self.plan.slots}
-            return built, {1: period.permutation}
-
-        def track():  # what the answers are checked against: worked out while the workers compute
-            nonlocal tracking
-            tracking = self.kept.tracking_after(logged)
-            return tracking
+            requests = {slot: (_for_slot(shared, period.rows_for(slot)), expected) for slot in self.plan.slots}
+            return Built(requests, {1: period.permutation}, made=logged)
 
         phases.clock.lap("math")
         dtype = self.kept.start.dtype
-        results = self._round(requests, [] if rows is None else [Summed("partial", dtype)], track)
+        answered = self._round(Round(build, [] if rows is None else [Summed("partial", dtype)],
+                                     tracking=lambda built: self.kept.tracking_after(built.made)))
         period = self.kept
-        period.advance(logged, tracking)
-        product = None if rows is None else unpermuted(results["partial"], period.permutation)
+        period.advance(answered.built.made, answered.tracking)
+        product = None if rows is None else unpermuted(answered.results["partial"], period.permutation)
         phases.clock.lap("unshuffle")
         return product
 
@@ -189,26 +211,22 @@ class ClusterProducts:
     def _collected(self) -> np.ndarray:
         """End the kept period: W1 in natural order, from the workers' rows checked against the log, or rebuilt
         from the log when a worker is lost or caught."""
-        while True:
-            period = self.kept
-            if not period.sent:  # no worker holds its rows yet, so nothing has stepped them
-                self.kept = None
-                return unpermuted(period.start, period.permutation)
-
-            def requests():
-                hidden, shared = period.start.shape[1], ReturnRows(0)
-                built = {slot: (shared, Expected({"weights": (len(period.plan.columns(slot)), hidden)}))
-                         for slot in period.plan.slots}
-                return built, {1: period.permutation}
-
+        period = self.kept
+        if period.sent:  # else no worker holds its rows yet, so nothing has stepped them
+            hidden, shared = period.start.shape[1], ReturnRows(0)
+            requests = {slot: (shared, Expected({"weights": (len(period.plan.columns(slot)), hidden)}))
+                        for slot in period.plan.slots}
+            returned = Round(lambda: Built(requests, {1: period.permutation}),
+                             [Placed("weights", period.start.dtype, period.plan.columns)], lambda built: period.tracking)
             try:
-                results = self._attempt(requests, [Placed("weights", period.start.dtype, period.plan.columns)],
-                                        lambda: period.tracking)
+                answered = self._attempt(returned)
             except WorkerLost as lost:
-                self._recover(lost.lost)  # which starts a new period from the rebuilt rows
-                continue
-            self.kept = None
-            return unpermuted(results["weights"], period.permutation)
+                self._recover(lost.lost)  # rebuilds the rows from the log, in a new period that no worker holds yet
+            else:
+                self.kept = None
+                return unpermuted(answered.results["weights"], period.permutation)
+        period, self.kept = self.kept, None
+        return unpermuted(period.start, period.permutation)
 
     def later_forward(self, layer, activations, weights) -> np.ndarray:
         """A later layer's product, from each slot's units of the layer's input; the first later layer's starts a
@@ -217,9 +235,9 @@ class ClusterProducts:
         if layer == self.plan.later_layers[0]:
             self.awaiting_backward.clear()
         self.later_operands[layer] = (activations, weights)
-        results = self._round(lambda: self._later_forward_requests(layer), [Summed("partial", weights.dtype)])
+        answered = self._round(self._later_forward_round(layer, [Summed("partial", weights.dtype)]))
         self.awaiting_backward.add(layer)
-        product = unpermuted(results["partial"], self.later_permutations[layer])
+        product = unpermuted(answered.results["partial"], self.later_permutations[layer])
         phases.clock.lap("unshuffle")
         return product
 
@@ -229,23 +247,24 @@ class ClusterProducts:
         phases.clock.lap("math")
         batch, outputs = error.shape
 
-        def requests():
+        def build() -> Built:
             permutation = self.later_permutations[layer]  # a recovery re-sends the forward under a fresh one
             shared = LaterBackward(0, layer, to_wire(permuted(error, permutation), self.wire))  # one for every worker
-            built = {}
+            requests = {}
             for slot in self.plan.slots:
                 units = len(self.plan.units(slot, layer))
-                built[slot] = (shared, Expected({"gradient": (units, outputs), "error": (batch, units)}))
-            return built, {layer: permutation}
+                requests[slot] = (shared, Expected({"gradient": (units, outputs), "error": (batch, units)}))
+            return Built(requests, {layer: permutation})
 
         def units(slot):
             return self.plan.units(slot, layer)
 
-        results = self._round(requests, [Placed("gradient", error.dtype, units), Placed("error", error.dtype, units, 1)])
+        answered = self._round(Round(build, [Placed("gradient", error.dtype, units),
+                                             Placed("error", error.dtype, units, 1)]))
         self.awaiting_backward.discard(layer)
-        gradient = unpermuted(results["gradient"], self.later_permutations[layer])
+        gradient = unpermuted(answered.results["gradient"], self.later_permutations[layer])
         phases.clock.lap("unshuffle")
-        return gradient, results["error"]
+        return gradient, answered.results["error"]
 
     def epoch_ended(self) -> None:
         """Between epochs, let standbys stand in for lost replicas, then give each one still waiting a fair
@@ -262,6 +281,14 @@ class ClusterProducts:
         if weights is not None:
             self.kept = self._new_period(weights)
 
+    def state(self) -> BackendState:
+        return BackendState(self.permutations.bit_generator.state, self.plan)
+
+    def restore(self, state: BackendState) -> None:
+        """Continue the checkpoint's secret permutations: the shuffles the interrupted run would have sent next."""
+        if state.permutations is not None:
+            self.permutations.bit_generator.state = state.permutations
+
     def _standbys_join(self) -> bool:
         """Whether epoch_ended will give a standby a slot."""
         missing_replica = any(len(self.cluster.peers_of(slot)) < self.cluster.replicas for slot in self.plan.slots)
@@ -275,52 +302,57 @@ class ClusterProducts:
                 self.cluster.assign(self.cluster.standbys[0], slot)
                 self.reasons[slot] = "replaces a lost replica"
 
-    def _later_forward_requests(self, layer: int) -> dict:
-        activations, weights = self.later_operands[layer]
-        permutation = self.later_permutations[layer] = self.permutations.permutation(weights.shape[1])
-        shuffled_weights = permuted(weights, permutation)
-        built = {}
-        for slot in self.plan.slots:
-            units = self.plan.units(slot, layer)
-            request = LaterForward(request=0, layer=layer, activations=activations[:, units],
-                                   weights=shuffled_weights[units])
-            self.last_later_forward[slot, layer] = request
-            built[slot] = (request, Expected({"partial": (len(activations), weights.shape[1])}))
-        return built, {layer: permutation}
+    def _later_forward_round(self, layer: int, products: list) -> Round:
+        """A later layer's forward, under a permutation drawn afresh for each attempt; the workers keep its operands
+        for the layer's backward."""
 
-    def _round(self, requests: Callable, products: list, tracking: Callable | None = None) -> dict:
-        """Run a round until every slot has a trusted answer, recovering from lost or lying workers (see _attempt)."""
+        def build() -> Built:
+            activations, weights = self.later_operands[layer]
+            permutation = self.later_permutations[layer] = self.permutations.permutation(weights.shape[1])
+            shuffled_weights = permuted(weights, permutation)
+            requests = {}
+            for slot in self.plan.slots:
+                units = self.plan.units(slot, layer)
+                request = LaterForward(request=0, layer=layer, activations=activations[:, units],
+                                       weights=shuffled_weights[units])
+                self.last_later_forward[slot, layer] = request
+                requests[slot] = (request, Expected({"partial": (len(activations), weights.shape[1])}))
+            return Built(requests, {layer: permutation})
+
+        return Round(build, products)
+
+    def _round(self, round_: Round) -> Answered:
+        """Run a round until every slot has a trusted answer. A loss is a transition, not a retry from the top: the
+        lost slots are reassigned, and what must then go out is queued, in order: the forward of every later layer
+        still to go backward (the workers' kept operands followed the old plan), then the round itself."""
+        queue = [round_]
         while True:
             try:
-                return self._attempt(requests, products, tracking)
+                answered = self._attempt(queue[0])
             except WorkerLost as lost:
                 self._recover(lost.lost)
-                self._later_forward_again()
+                queue = [self._later_forward_round(layer, []) for layer in sorted(self.awaiting_backward)] + [round_]
+                continue
+            queue.pop(0)
+            if not queue:
+                return answered
 
-    def _later_forward_again(self) -> None:
-        """After a recovery the workers' kept operands of the later layers still to go backward follow the old
-        plan: send each of them again (a loss meanwhile starts this over, inside `_round`)."""
-        for layer in sorted(self.awaiting_backward):
-            self._round(lambda: self._later_forward_requests(layer), [])
-
-    def _attempt(self, requests: Callable, products: list, tracking: Callable | None = None) -> dict:
-        """One try at a round: shards first where they are missing, then the requests (built with the permutation of
-        each layer whose columns they carry, for the record); `tracking`, called while the
-        workers compute, gives what is known of the kept rows (kept.Tracking) to check their answers against. Each
-        slot's answers are checked and gathered into `products` (gathering.Summed or Placed) as soon as they are in.
-        Returns name -> product; raises WorkerLost when a worker is lost, or quarantines leave a slot with none."""
-        self._deliver_shards()
-        built, keys = requests()
-        sampled = {slot: self.verifier.chosen(request) for slot, (request, _) in built.items()}  # in slot order
+    def _attempt(self, round_: Round) -> Answered:
+        """One try at a round: shards first where they are missing, then the requests. Each slot's answers are
+        checked and gathered as soon as they are in. Raises WorkerLost when a worker is lost, or quarantines leave
+        a slot with none."""
+        self.shards.deliver(self.cluster, self.plan)
+        built = round_.build()
+        sampled = {slot: self.verifier.chosen(request) for slot, (request, _) in built.requests.items()}  # slot order
         phases.clock.lap("build")
-        self.cluster.send_round(built)
-        self.on_keys(self.cluster.round_number, keys)
-        kept = None if tracking is None else tracking()
+        self.cluster.send_round(built.requests)
+        self.on_keys(self.cluster.round_number, built.keys)
+        tracking = None if round_.tracking is None else round_.tracking(built)
         phases.clock.lap("check")
-        gatherers = [spec.gatherer(self.plan.slots) for spec in products]
+        gatherers = [spec.gatherer(self.plan.slots) for spec in round_.products]
 
         def take(slot, answers):
-            trusted = self._trusted_answer(slot, built[slot][0], answers, sampled[slot], kept)
+            trusted = self._trusted_answer(slot, built.requests[slot][0], answers, sampled[slot], tracking)
             phases.clock.lap("check")
             if trusted is not None:
                 for gatherer in gatherers:
@@ -328,7 +360,8 @@ class ClusterProducts:
                 phases.clock.lap("unshuffle")
 
         self.cluster.gather(take)
-        return {spec.name: gatherer.result() for spec, gatherer in zip(products, gatherers)}
+        return Answered({spec.name: gatherer.result() for spec, gatherer in zip(round_.products, gatherers)},
+                        built, tracking)
 
     def _trusted_answer(self, slot: int, request, answers: list, sampled: bool, kept) -> dict | None:
         """The answer to keep from a slot's replicas, quarantining each one caught wrong (None if all were).
@@ -381,69 +414,11 @@ class ClusterProducts:
         for slot in changed:
             self.reasons[slot] = reason
             for peer in self.cluster.peers_of(slot):
-                self.holding.pop(peer, None)
-                self.transfers.pop(peer, None)
+                self.shards.forget(peer)
 
-    def _deliver_shards(self) -> None:
-        """Send each worker of the plan that lacks its slot's current columns its shards, one chunk per worker
-        per round, so that every worker hears from us often however slow the link (raises WorkerLost)."""
-        started, chunks = time.monotonic(), 0
-        while True:
-            sends = {}
-            for slot in self.plan.slots:
-                for peer in self.cluster.peers_of(slot):
-                    if self.holding.get(peer) != slot:
-                        sends[peer] = (slot, self._transfer_to(peer, slot).next_chunk(), Expected({}))
-            if not sends:
-                if chunks:
-                    log.info("shards sent: %d chunks in %.1f s", chunks, time.monotonic() - started)
-                return
-            chunks += len(sends)
-            self.cluster.run_sends(sends)
-            for peer in sends:
-                transfer = self.transfers[peer]
-                transfer.sent += 1
-                if transfer.done:
-                    self.holding[peer] = self.transfers.pop(peer).slot
-
-    def _transfer_to(self, peer: bytes, slot: int) -> "ShardTransfer":
-        """The peer's transfer under way, or a new one of its slot's columns, recorded as exposed from now on."""
-        transfer = self.transfers.get(peer)
-        if transfer is None or transfer.slot != slot:
-            transfer = self.transfers[peer] = ShardTransfer(slot, self.images, self.plan.columns(slot))
-            self.on_exposure(slot, self.cluster.name_of(peer), self.plan, self.reasons[slot])
-        return transfer
-
-
-@dataclass
-class ShardTransfer:
-    """One worker's columns of every split, as Shard chunks of about SHARD_CHUNK_BYTES sent one at a time."""
-
-    slot: int
-    images: dict  # split -> (n, I) uint8
-    columns: np.ndarray  # the slot's input columns
-    sent: int = 0  # chunks answered so far
-
-    def __post_init__(self):
-        self.chunks = chunk_rows(self.images, max(1, settings.SHARD_CHUNK_BYTES // max(1, len(self.columns))))
-
-    @property
-    def done(self) -> bool:
-        return self.sent == len(self.chunks)
-
-    def next_chunk(self) -> Shard:
-        split, start, stop = self.chunks[self.sent]
-        images = self.images[split]
-        return Shard(0, split, start, len(images), np.ascontiguousarray(images[start:stop][:, self.columns]))
-
-
-def chunk_rows(images: dict, rows_per_chunk: int) -> list:
-    """(split, first row, row after the last) of every shard chunk of every split, in the order they are sent."""
-    return [
-        (split, offset, min(offset + rows_per_chunk, len(pixels)))
-        for split, pixels in images.items()
-        for offset in range(0, len(pixels), rows_per_chunk)
-    ]
+    def _exposed(self, peer: bytes, slot: int) -> None:
+        """A transfer of the slot's columns to the peer begins: from now on it has seen them."""
+        self.on_exposure(slot, self.cluster.name_of(peer), self.plan, self.reasons[slot])
 
 
 def _identical(first: dict, second: dict) -> bool:
@@ -457,8 +432,15 @@ class LocalLaterLayersProducts(ClusterProducts):
     its error; the price is that the coordinator does some matrix products itself (see "Speed" in the README).
     """
 
-    later_forward = LocalProducts.later_forward
-    later_backward = LocalProducts.later_backward
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.later = LocalLaterLayers()
+
+    def later_forward(self, layer, activations, weights) -> np.ndarray:
+        return self.later.forward(layer, activations, weights)
+
+    def later_backward(self, layer, error) -> tuple:
+        return self.later.backward(layer, error)
 
 
 def _for_slot(shared, weights: np.ndarray | None):

@@ -11,10 +11,12 @@ the protocol); `settle` applies the last one on its own.
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from common import model, settings
+from common.exposure import ExposurePlan
 from common.model import Params
 from coordinator.config import TrainingConfig
 
@@ -49,13 +51,53 @@ class EpochReport:
     label_privacy: float | None = None  # eps of a label-private run, whose train accuracy is of the labels trained on
 
 
+@dataclass(frozen=True)
+class BackendState:
+    """What a checkpoint keeps of a products backend: its secret permutations' generator state and its exposure
+    plan; neither exists in one process."""
+
+    permutations: dict | None = None
+    plan: ExposurePlan | None = None
+
+
+class Products(Protocol):
+    """A products backend: the matrix products of a step, computed in this process or by workers."""
+
+    def forward(self, weights, split, rows) -> np.ndarray: ...
+    def gradient(self, weights, error_rows, error) -> np.ndarray: ...
+    def step_then_forward(self, weights, error_rows, error, learning_rate, split, rows) -> tuple: ...
+    def settle(self, weights, pending, learning_rate) -> np.ndarray: ...
+    def later_forward(self, layer, activations, weights) -> np.ndarray: ...
+    def later_backward(self, layer, error) -> tuple: ...
+    def epoch_ended(self) -> None: ...
+    def state(self) -> BackendState: ...
+
+    def restore(self, state: BackendState) -> None:
+        """Continue a checkpoint's secret permutations (the plan a backend is built with: see ClusterOptions)."""
+
+
+class LocalLaterLayers:
+    """The later layers' products computed here, each layer's forward operands kept for its backward."""
+
+    def __init__(self):
+        self.operands = {}  # layer -> (activations, weights) of its last forward
+
+    def forward(self, layer, activations, weights) -> np.ndarray:
+        """(B, H) @ (H, n) -> (B, n)."""
+        self.operands[layer] = (activations, weights)
+        return model.later_forward(activations, weights)
+
+    def backward(self, layer, error) -> tuple:
+        """The layer's weight gradient (H, n) and the error carried back to its inputs (B, H)."""
+        return model.later_backward(*self.operands[layer], error)
+
+
 class LocalProducts:
     """The products computed here in full: the one-process run that the distributed run must match."""
 
     def __init__(self, inputs: dict):
         self.inputs = inputs  # split -> (n, I) floats
-        self.later_operands = {}  # layer -> (activations, weights) of its last forward, for its backward
-        self.plan = self.permutations = None  # one process: nothing is split or shuffled
+        self.later = LocalLaterLayers()
 
     def forward(self, weights, split, rows) -> np.ndarray:
         """The first layer's product for some rows of a split: (B, I) @ (I, H) -> (B, H)."""
@@ -75,16 +117,19 @@ class LocalProducts:
         return stepped(self, weights, pending, learning_rate)
 
     def later_forward(self, layer, activations, weights) -> np.ndarray:
-        """A later layer's product: (B, H) @ (H, n) -> (B, n)."""
-        self.later_operands[layer] = (activations, weights)
-        return model.later_forward(activations, weights)
+        return self.later.forward(layer, activations, weights)
 
     def later_backward(self, layer, error) -> tuple:
-        """A later layer's weight gradient (H, n) and the error carried back to its inputs (B, H)."""
-        return model.later_backward(*self.later_operands[layer], error)
+        return self.later.backward(layer, error)
 
     def epoch_ended(self) -> None:
         """Nothing changes between epochs in one process."""
+
+    def state(self) -> BackendState:
+        return BackendState()
+
+    def restore(self, state: BackendState) -> None:
+        """Nothing is shuffled in one process."""
 
 
 def stepped(products, weights, pending, learning_rate) -> np.ndarray:
@@ -98,7 +143,7 @@ class Trainer:
     """Trains `params` in place; labels are per split, the inputs live with the products backend. With `private`
     labels (coordinator.labels) it trains on those, and only on the images each epoch's stage allows."""
 
-    def __init__(self, config: TrainingConfig, params: Params, products, labels: dict, progress: Progress = None,
+    def __init__(self, config: TrainingConfig, params: Params, products: Products, labels: dict, progress: Progress = None,
                  private=None):
         self.config = config
         self.params = params
