@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +18,9 @@ from common import model, protocol, settings
 from common.protocol import Register
 from coordinator.config import PRESETS
 from common.data import XOR
-from tests.cli_reference import README
 from tests.conftest import LOOPBACK_ANY_PORT, assert_one_line_error, lines_of, load_model, run_cli, start, wait_for_line
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 # What keeps each preset's documented command short here; the options come after the README's, so they win.
 PRESET_SHORTENINGS = {
