@@ -101,7 +101,7 @@ def train(
         "directory).",
         callback=tcp_port_checked,
     )] = None,
-    wait_timeout: Annotated[float, _option("WAIT_TIMEOUT", "Seconds to wait for the workers.")] = 60.0,
+    wait_timeout: Annotated[float, _option("WAIT_TIMEOUT", "Seconds to wait for the workers.", min=0)] = 60.0,
     heartbeat_timeout: Annotated[
         float, _option("HEARTBEAT_TIMEOUT", "Seconds of silence after which a worker is lost.", min=0.5)
     ] = settings.HEARTBEAT_TIMEOUT,

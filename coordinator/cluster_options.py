@@ -24,7 +24,7 @@ from coordinator.scheduler import Scheduler
 from coordinator.spawn import LocalWorkers, local_address, spawn_workers
 from coordinator.status import RunWatch, StatusServer, worker_statuses
 from coordinator.training import BackendState
-from coordinator.transport import RouterTransport, TransportError
+from coordinator.transport import RouterTransport
 from coordinator.verify import Verifier, inputs_for
 
 log = logging.getLogger("coordinator")
@@ -107,11 +107,8 @@ class ClusterOptions:
 
     @contextmanager
     def _cluster(self, config: TrainingConfig, data: Dataset, scheduler: Scheduler):
-        try:
-            transport = RouterTransport(self.bind, _largest_reply_bytes(config, data.train_images.shape[1]),
-                                        curve_keys=self.curve_keys)
-        except TransportError as error:  # only binding fails here
-            raise ClusterError(f"{error}; is another coordinator running? choose another address with --bind") from None
+        transport = RouterTransport(self.bind, _largest_reply_bytes(config, data.train_images.shape[1]),
+                                    curve_keys=self.curve_keys)
         cluster = Cluster(transport, scheduler,
                           welcome=lambda slot: Welcome(slot, config.dtype, config.input_divisor, config.wire))
         try:

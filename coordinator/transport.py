@@ -10,11 +10,12 @@ from pathlib import Path
 import zmq
 
 from common import keys, sockets
+from common.errors import UserError
 
 STOP_LINGER_MS = 500  # time for the last stop messages to leave before the socket closes
 
 
-class TransportError(Exception):
+class TransportError(UserError):
     """The socket cannot be bound; the text is one line for the user."""
 
 
@@ -35,7 +36,8 @@ class RouterTransport:
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         if curve_keys is not None:
             keys.make_server(self.socket, curve_keys)
-        self.endpoint = sockets.bind(self.socket, bind, TransportError)
+        self.endpoint = sockets.bind(self.socket, bind, TransportError,
+                                     when_in_use="is another coordinator running? choose another address with --bind")
         self.authenticates = curve_keys is not None
         self.poller = zmq.Poller()  # kept: socket.poll() would build one for every frame
         self.poller.register(self.socket, zmq.POLLIN)
