@@ -88,6 +88,10 @@ class TrainingConfig:
             (self.wire in model.WIRE_FORMATS, f"wire must be one of {', '.join(model.WIRE_FORMATS)}"),
             (self.wire == "exact" or self.dtype == "float32", "a narrower --wire needs a float32 run"),
             (self.rekey_steps != 0, "rekey must be every-step, every-epoch or a number of steps of at least 1"),
+            # a batch of several chunks sums their gradients before the step; kept rows step with each error they get
+            (self.rekey_steps in (0, 1) or self.batch_size <= self.chunk_rows,
+             f"kept rows (rekey {self.rekey}) step once a chunk, so a batch must be at most {self.chunk_rows} images "
+             "(chunk rows); use rekey every-step, or a smaller batch"),
             (self.init in model.INITIALISATIONS, f"init must be one of {', '.join(model.INITIALISATIONS)}"),
             (self.uniform_limit > 0, "uniform limit must be positive"),
             (self.normal_std > 0, "normal std must be positive"),
@@ -113,14 +117,10 @@ class TrainingConfig:
     @property
     def rekey_steps(self) -> int | None:
         """Steps between re-keys of the workers' kept rows: 1 sends the rows every step, None every epoch; 0 if
-        `rekey` is not valid. Batches over `chunk_rows` always send the rows: their chunks' gradients are summed."""
+        `rekey` is not valid."""
         if self.rekey in REKEY_NAMES:
-            steps = REKEY_NAMES[self.rekey]
-        elif self.rekey.isdigit() and int(self.rekey) >= 1:
-            steps = int(self.rekey)
-        else:
-            return 0
-        return 1 if self.batch_size > self.chunk_rows else steps
+            return REKEY_NAMES[self.rekey]
+        return int(self.rekey) if self.rekey.isdigit() and int(self.rekey) >= 1 else 0
 
     def most_slots(self) -> int:
         """The most worker slots the network splits into: each slot needs an input column and a unit of every
@@ -146,7 +146,8 @@ PRESETS = {
     "default": Preset(TrainingConfig()),
     # The seed notebook: raw pixels, full batch, float64, and its initialisation.
     "seed": Preset(TrainingConfig(
-        input_divisor=1.0, batch_size=60_000, learning_rate=0.05, loss="mse", dtype="float64", init="legacy", seed=402
+        input_divisor=1.0, batch_size=60_000, learning_rate=0.05, loss="mse", dtype="float64", init="legacy", seed=402,
+        rekey="every-step",  # a full batch is many chunks, whose gradients are summed before the step
     )),
     # The seed's 2-3-1 XOR network; its lr 10 went with a cost divided by 2, ours divides by the 4 rows.
     # Its two input columns go to two workers, as in the seed.

@@ -80,7 +80,7 @@ class ClusterProducts:
 
     def __init__(
         self, cluster, plan: ExposurePlan, images: dict, permutation_seed: int, rebalance: bool, verifier: Verifier,
-        wire: str, on_exposure: Callable, on_quarantine: Callable, on_keys: Callable, rekey_steps: int | None = 1,
+        wire: str, on_exposure: Callable, on_quarantine: Callable, on_keys: Callable, rekey_steps: int | None,
     ):
         self.cluster = cluster
         self.plan = plan

@@ -19,6 +19,8 @@ CASES = [  # (program and arguments, environment, exit code, words of the error 
     (("coordinator", "train", "--local", "--label-privacy", "2", "--label-privacy-stages", "3", *TINY), {}, 2,
      ["stages must be 1 or 2"]),
     (("coordinator", "train", "--local", "--checkpoint-every", "-1", *TINY), {}, 2, ["checkpoint every"]),
+    (("coordinator", "train", "--workers", "2", "--batch-size", "5000", *TINY), {}, 2,
+     ["kept rows (rekey 50)", "at most 4096 images", "rekey every-step"]),
     (("coordinator", "train", "--local", *TINY), {"SCATTERPROP_LOG_FORMAT": "xml"}, 2, ["--log-format"]),
     (("coordinator", "train", "--resume", "/nonexistent/run"), {}, 1, ["no checkpoints in /nonexistent/run"]),
     (("coordinator", "train", "--workers", "2", "--bind", "nonsense", *TINY), {}, 1, ["cannot bind nonsense"]),

@@ -12,9 +12,9 @@ TOLERANCE = 1e-9
 # 2,000 images in batches of 20 for 2 epochs: 200 gradient steps.
 SMALL_RUN = ("--dtype", "float64", "--train-limit", "2000", "--test-limit", "500", "--batch-size", "20",
              "--epochs", "2", "--seed", "7")
-# One batch of 5,000 rows is sent in two chunks whose gradients are summed.
+# One batch of 5,000 rows is sent in two chunks whose gradients are summed (with the rows, which kept ones cannot).
 CHUNKED_RUN = ("--dtype", "float64", "--train-limit", "5000", "--test-limit", "100", "--batch-size", "5000",
-               "--epochs", "3", "--lr", "2")
+               "--epochs", "3", "--lr", "2", "--rekey", "every-step")
 # The other hidden activations and output functions, dropout, and two hidden layers, on 300 images in batches of 20:
 # 30 steps each.
 TINY_RUN = ("--dtype", "float64", "--train-limit", "300", "--test-limit", "100", "--batch-size", "20", "--epochs", "2",
