@@ -146,30 +146,31 @@ def _trained_epochs(config: TrainingConfig, workers: int, later_layers_here: boo
                 endpoint, workers, True, REGISTER_TIMEOUT, later_layers_here=later_layers_here, verify=verify
             )
         os.environ[phases.PHASES_DIR_VARIABLE] = scratch  # read by the workers spawned below
-        with run.products_backend(config, data, options, RunDirectory(Path(scratch))) as products:
+        clock = phases.PhaseClock()
+        with run.products_backend(config, data, options, RunDirectory(Path(scratch)), clock=clock) as products:
             trainer = Trainer(config, params, products, data.labels())
             warmup_rows = np.arange(min(WARMUP_STEPS * config.batch_size, len(data.train_labels)), dtype=np.int32)
             for start in range(0, len(warmup_rows), config.batch_size):
                 trainer.train_batch(warmup_rows[start : start + config.batch_size])
             products.epoch_ended()  # so that a timed epoch is a whole period of rows kept every epoch
             cluster = products.cluster if isinstance(products, ClusterProducts) else None  # the one-process floor has none
-            yield lambda: _timed_epoch(trainer, cluster, Path(scratch)), cluster.idle if cluster else time.sleep
+            yield lambda: _timed_epoch(trainer, cluster, clock, Path(scratch)), cluster.idle if cluster else time.sleep
 
 
-def _timed_epoch(trainer: Trainer, cluster, phases_dir: Path) -> EpochMeasure:
+def _timed_epoch(trainer: Trainer, cluster, clock: phases.PhaseClock, phases_dir: Path) -> EpochMeasure:
     traffic = cluster.traffic if cluster else None
     before = (traffic.sent + traffic.received, traffic.rounds) if traffic else (0, 0)
     workers_before = phases.read_shared(phases_dir)
     cpu_started, worker_cpu_started = time.process_time(), _children_cpu_seconds()
-    phases.clock.lap("wait")  # the time between epochs is not the epoch's
+    clock.lap("wait")  # the time between epochs is not the epoch's
     started = time.perf_counter()  # right after the lap, so that the phases and the seconds span the same time
-    phases_before = (phases.clock.seconds(), workers_before)
+    phases_before = (clock.seconds(), workers_before)
     report = trainer.run_epoch()
     trainer.products.epoch_ended()  # where kept rows are re-keyed every epoch
-    phases.clock.lap("math")  # the epoch's last stretch: its end and its report
+    clock.lap("math")  # the epoch's last stretch: its end and its report
     seconds = time.perf_counter() - started
     cpu_seconds, worker_cpu_seconds = time.process_time() - cpu_started, _children_cpu_seconds() - worker_cpu_started
-    phases_after = (phases.clock.seconds(), phases.read_shared(phases_dir))
+    phases_after = (clock.seconds(), phases.read_shared(phases_dir))
     after = (traffic.sent + traffic.received, traffic.rounds) if traffic else (0, 0)
     coordinator, workers = (
         {phase: after_[phase] - before_[phase] for phase in names}

@@ -1,9 +1,10 @@
 """Where a process's wall time goes: the phases of its hot path, timed with perf_counter_ns and summed.
 
 The clock works in laps: `lap(PHASE)` charges the time since the previous lap to PHASE, so the code marks
-only the end of each phase and every nanosecond is charged somewhere. It is always on (a lap costs well
-under a microsecond); `python -m bench --profile` reads it. A worker whose environment names a folder in
-PHASES_DIR_VARIABLE keeps its totals in a small shared file there, so the bench can read them live.
+only the end of each phase and every nanosecond is charged somewhere. What is timed is handed a clock: a
+PhaseClock when something will read it (`python -m bench --profile`), NO_CLOCK, whose laps do nothing, otherwise.
+A worker whose environment names a folder in PHASES_DIR_VARIABLE keeps its totals in a small shared file there,
+so the bench can read them live.
 """
 
 import os
@@ -57,11 +58,21 @@ def read_shared(folder: Path) -> dict:
     return dict(zip(PHASES, totals / 1e9))
 
 
-def share_if_asked(name: str) -> None:
-    """Share this process's clock if its environment names a folder for it (the bench's spawned workers)."""
+class NoClock:
+    """The clock of what nobody profiles."""
+
+    def lap(self, phase: str) -> None:
+        pass
+
+
+NO_CLOCK = NoClock()
+
+
+def worker_clock(name: str):
+    """A worker's clock: shared in the folder its environment names (the bench's spawned workers), else NO_CLOCK."""
     folder = os.environ.get(PHASES_DIR_VARIABLE)
-    if folder:
-        clock.share(Path(folder), name)
-
-
-clock = PhaseClock()  # this process's: the hot path's modules lap it
+    if not folder:
+        return NO_CLOCK
+    clock = PhaseClock()
+    clock.share(Path(folder), name)
+    return clock

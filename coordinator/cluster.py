@@ -52,9 +52,11 @@ class Traffic:
 class Cluster:
     """Workers registered on a bound ROUTER, and scatter/gather rounds over them."""
 
-    def __init__(self, transport, scheduler: Scheduler, welcome: Callable):
-        """`transport`: a coordinator.transport.RouterTransport, or anything with its methods."""
+    def __init__(self, transport, scheduler: Scheduler, welcome: Callable, clock=phases.NO_CLOCK):
+        """`transport`: a coordinator.transport.RouterTransport, or anything with its methods; `clock`: a
+        phases.PhaseClock that times encoding, sending, waiting, decoding and the scheduler's checks."""
         self.transport = transport
+        self.clock = clock
         self.scheduler = scheduler
         self.welcome = welcome  # slot (-1 for a standby) -> the Welcome a newly admitted worker gets
         self.next_tick = 0.0
@@ -163,7 +165,7 @@ class Cluster:
             if now >= self.next_tick:
                 handled = self._drain()
                 self._tick(time.monotonic())
-                phases.clock.lap("check")
+                self.clock.lap("check")
                 if handled:
                     return True
             if now >= deadline:
@@ -189,7 +191,7 @@ class Cluster:
 
     def _receive(self, timeout_ms: int) -> Incoming | None:
         incoming = self.transport.receive(timeout_ms)
-        phases.clock.lap("wait")
+        self.clock.lap("wait")
         return incoming
 
     def _handle_frame(self, incoming: Incoming) -> None:
@@ -202,9 +204,9 @@ class Cluster:
                 event = Arrived(peer, protocol.decode(memoryview(frames[0])), time.monotonic(), incoming.key)
             except protocol.ProtocolError as error:
                 event = Garbled(peer, str(error))
-        phases.clock.lap("decode")
+        self.clock.lap("decode")
         self._carry_out(self.scheduler.handle(event))
-        phases.clock.lap("check")
+        self.clock.lap("check")
 
     def _carry_out(self, actions: list) -> None:
         frames = {}  # id(message) -> its frame: a message for several workers is encoded once
@@ -230,9 +232,9 @@ class Cluster:
         self._send_frame(peer, protocol.encode(message))
 
     def _send_frame(self, peer: bytes, frame: bytes) -> None:
-        phases.clock.lap("encode")
+        self.clock.lap("encode")
         if self.transport.send(peer, frame):
-            phases.clock.lap("send")
+            self.clock.lap("send")
             self.traffic.count(self._known(peer), sent=len(frame))
         else:  # a peer whose queue is full is as unreachable as one whose connection is gone
             self._carry_out(self.scheduler.handle(Unreachable(peer)))

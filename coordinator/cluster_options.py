@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from common import keys, model, settings
+from common import keys, model, phases, settings
 from common.data import SPLITS, Dataset
 from common.exposure import ExposurePlan
 from common.protocol import Welcome
@@ -65,18 +65,18 @@ class ClusterOptions:
 
     @contextmanager
     def products(self, config: TrainingConfig, data: Dataset, records: RunDirectory, start: Checkpoint | None,
-                 watch: RunWatch):
+                 watch: RunWatch, clock=phases.NO_CLOCK):
         """ClusterProducts over the admitted (or spawned) workers; a checkpoint's plan and secret shuffles continue
         where it left off. `watch` follows the workers for the status, and says where the run is for the records."""
         plan, permutation_seed, former_slots = self._plan(config, data, records, start)
         scheduler = Scheduler(self.workers, settings.PROTOCOL_VERSION, np.dtype(config.dtype), self.heartbeat_timeout,
                               self.replicas, former_slots, wire_dtype=model.wire_dtype(config.wire, config.dtype))
-        with self._allow_list(), self._cluster(config, data, scheduler) as cluster, self._spawned(cluster, records), \
+        with self._allow_list(), self._cluster(config, data, scheduler, clock) as cluster, self._spawned(cluster, records), \
                 self._status(watch):
             try:
                 log.info("waiting for %d workers on %s", self.workers, cluster.endpoint)
                 cluster.admit_workers(self.wait_timeout)
-                products = self._backend(config, data, cluster, plan, permutation_seed, records, watch)
+                products = self._backend(config, data, cluster, plan, permutation_seed, records, watch, clock)
                 if start is not None:
                     products.restore(BackendState(start.permutations, start.plan))
                 watch.workers = lambda: worker_statuses(scheduler, products.state().plan, cluster.traffic)
@@ -106,11 +106,11 @@ class ClusterOptions:
         return nullcontext() if self.curve_keys is None else keys.allow_list(self.curve_keys, zmq.Context.instance())
 
     @contextmanager
-    def _cluster(self, config: TrainingConfig, data: Dataset, scheduler: Scheduler):
+    def _cluster(self, config: TrainingConfig, data: Dataset, scheduler: Scheduler, clock):
         transport = RouterTransport(self.bind, _largest_reply_bytes(config, data.train_images.shape[1]),
                                     curve_keys=self.curve_keys)
         cluster = Cluster(transport, scheduler,
-                          welcome=lambda slot: Welcome(slot, config.dtype, config.input_divisor, config.wire))
+                          welcome=lambda slot: Welcome(slot, config.dtype, config.input_divisor, config.wire), clock=clock)
         try:
             yield cluster
         finally:
@@ -146,7 +146,7 @@ class ClusterOptions:
             if status_server:
                 status_server.close()
 
-    def _backend(self, config, data, cluster, plan, permutation_seed, records, watch) -> ClusterProducts:
+    def _backend(self, config, data, cluster, plan, permutation_seed, records, watch, clock) -> ClusterProducts:
         images = {split: data.images(split) for split in SPLITS}
         verifier = Verifier(
             self.verify, self.verify_rate, np.random.default_rng(secrets.randbits(128)),
@@ -158,7 +158,7 @@ class ClusterOptions:
             on_exposure=lambda *change: records.append_exposure(*watch.position(), *change),
             on_quarantine=lambda *caught: records.append_quarantine(*watch.position(), *caught),
             on_keys=records.append_keys,
-            rekey_steps=config.rekey_steps,
+            rekey_steps=config.rekey_steps, clock=clock,
         )
 
 

@@ -81,6 +81,7 @@ class ClusterProducts:
     def __init__(
         self, cluster, plan: ExposurePlan, images: dict, permutation_seed: int, rebalance: bool, verifier: Verifier,
         wire: str, on_exposure: Callable, on_quarantine: Callable, on_keys: Callable, rekey_steps: int | None,
+        clock=phases.NO_CLOCK,
     ):
         self.cluster = cluster
         self.plan = plan
@@ -92,6 +93,7 @@ class ClusterProducts:
         self.on_quarantine = on_quarantine  # (Worker, slot, request kind, Evidence)
         self.on_keys = on_keys  # (round number, {layer: the permutation its columns travel under}): the audit's truth
         self.rekey_steps = rekey_steps  # steps between re-keys of kept rows: 1 sends the rows every step; None: epochs
+        self.clock = clock  # times the rounds' phases here: math, building, checking, un-shuffling (common.phases)
         self.kept = None  # the KeptPeriod under way, if any
         self.later_operands = {}  # layer -> (activations, weights) of its last forward
         self.later_permutations = {}  # layer -> the output permutation of its last LaterForward round
@@ -169,12 +171,12 @@ class ClusterProducts:
             products.append(Placed("gradient", weights.dtype, lambda slot: self.plan.columns(slot)))
         if rows is not None:
             products.append(Summed("partial", weights.dtype))
-        phases.clock.lap("math")  # the trainer's own, since the last round
+        self.clock.lap("math")  # the trainer's own, since the last round
         answered = self._round(Round(build, products))
         shuffle = answered.built.made
         gradient = None if error is None else unpermuted(answered.results["gradient"], shuffle)
         product = None if rows is None else unpermuted(answered.results["partial"], shuffle)
-        phases.clock.lap("unshuffle")
+        self.clock.lap("unshuffle")
         return gradient, product
 
     def _kept_round(self, split, rows, step) -> np.ndarray | None:
@@ -191,14 +193,14 @@ class ClusterProducts:
             requests = {slot: (_for_slot(shared, period.rows_for(slot)), expected) for slot in self.plan.slots}
             return Built(requests, {1: period.permutation}, made=logged)
 
-        phases.clock.lap("math")
+        self.clock.lap("math")
         dtype = self.kept.start.dtype
         answered = self._round(Round(build, [] if rows is None else [Summed("partial", dtype)],
                                      tracking=lambda built: self.kept.tracking_after(built.made)))
         period = self.kept
         period.advance(answered.built.made, answered.tracking)
         product = None if rows is None else unpermuted(answered.results["partial"], period.permutation)
-        phases.clock.lap("unshuffle")
+        self.clock.lap("unshuffle")
         return product
 
     def _new_period(self, weights: np.ndarray) -> KeptPeriod:
@@ -231,20 +233,20 @@ class ClusterProducts:
     def later_forward(self, layer, activations, weights) -> np.ndarray:
         """A later layer's product, from each slot's units of the layer's input; the first later layer's starts a
         new forward pass, after which no earlier pass's kept operands are needed again."""
-        phases.clock.lap("math")
+        self.clock.lap("math")
         if layer == self.plan.later_layers[0]:
             self.awaiting_backward.clear()
         self.later_operands[layer] = (activations, weights)
         answered = self._round(self._later_forward_round(layer, [Summed("partial", weights.dtype)]))
         self.awaiting_backward.add(layer)
         product = unpermuted(answered.results["partial"], self.later_permutations[layer])
-        phases.clock.lap("unshuffle")
+        self.clock.lap("unshuffle")
         return product
 
     def later_backward(self, layer, error) -> tuple:
         """A later layer's weight gradient and the error carried back to its inputs, from the operands the workers
         kept at its forward."""
-        phases.clock.lap("math")
+        self.clock.lap("math")
         batch, outputs = error.shape
 
         def build() -> Built:
@@ -263,7 +265,7 @@ class ClusterProducts:
                                              Placed("error", error.dtype, units, 1)]))
         self.awaiting_backward.discard(layer)
         gradient = unpermuted(answered.results["gradient"], self.later_permutations[layer])
-        phases.clock.lap("unshuffle")
+        self.clock.lap("unshuffle")
         return gradient, answered.results["error"]
 
     def epoch_ended(self) -> None:
@@ -344,20 +346,20 @@ class ClusterProducts:
         self.shards.deliver(self.cluster, self.plan)
         built = round_.build()
         sampled = {slot: self.verifier.chosen(request) for slot, (request, _) in built.requests.items()}  # slot order
-        phases.clock.lap("build")
+        self.clock.lap("build")
         self.cluster.send_round(built.requests)
         self.on_keys(self.cluster.round_number, built.keys)
         tracking = None if round_.tracking is None else round_.tracking(built)
-        phases.clock.lap("check")
+        self.clock.lap("check")
         gatherers = [spec.gatherer(self.plan.slots) for spec in round_.products]
 
         def take(slot, answers):
             trusted = self._trusted_answer(slot, built.requests[slot][0], answers, sampled[slot], tracking)
-            phases.clock.lap("check")
+            self.clock.lap("check")
             if trusted is not None:
                 for gatherer in gatherers:
                     gatherer.add(slot, trusted)
-                phases.clock.lap("unshuffle")
+                self.clock.lap("unshuffle")
 
         self.cluster.gather(take)
         return Answered({spec.name: gatherer.result() for spec, gatherer in zip(round_.products, gatherers)},

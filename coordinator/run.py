@@ -5,7 +5,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import model
+from common import model, phases
 from common.data import SPLITS, Dataset
 from coordinator.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from coordinator.checkpoint import Checkpoint, CheckpointError, Checkpointer, has_checkpoints, stop_between_steps
@@ -85,12 +85,13 @@ def watch_from(config: TrainingConfig, data: Dataset, progress: Progress, listen
 
 @contextmanager
 def products_backend(config: TrainingConfig, data: Dataset, cluster: ClusterOptions | None, records: RunDirectory,
-                     start: Checkpoint | None = None, watch: RunWatch | None = None):
+                     start: Checkpoint | None = None, watch: RunWatch | None = None, clock=phases.NO_CLOCK):
     """LocalProducts, or ClusterProducts over the workers `cluster` asks for; `start` is the checkpoint a resumed
-    run continues from, `watch` follows the run for the status and the records."""
+    run continues from, `watch` follows the run for the status and the records, `clock` (a phases.PhaseClock)
+    times the rounds."""
     watch = watch or watch_from(config, data, Progress(), [])
     if cluster is None:
         yield LocalProducts({split: model.inputs(data.images(split), config.dtype, config.input_divisor) for split in SPLITS})
         return
-    with cluster.products(config, data, records, start, watch) as products:
+    with cluster.products(config, data, records, start, watch, clock) as products:
         yield products

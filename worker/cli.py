@@ -103,16 +103,19 @@ def _sigterm_leaves():
 
 
 def _work(context, connect: str, name: str, curve, make_state, give_up_after: float | None, recorder) -> None:
+    from common.phases import worker_clock
     from worker.connection import CoordinatorLink, GaveUp, Rejected
     from worker.serve import serve
 
+    clock = worker_clock(name)
     try:
-        link = CoordinatorLink(connect, name, context, curve=curve, give_up_after=give_up_after, recorder=recorder)
+        link = CoordinatorLink(connect, name, context, curve=curve, give_up_after=give_up_after, recorder=recorder,
+                               clock=clock)
     except zmq.ZMQError as error:
         raise InputError(f"cannot connect to {connect}: {error}") from None
     try:
         with _sigterm_leaves():
-            reason = serve(link, make_state=make_state)
+            reason = serve(link, make_state=make_state, clock=clock)
     except Rejected as error:
         link.close()
         raise UserError(f"the coordinator refused this worker: {error}") from None

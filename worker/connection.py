@@ -25,11 +25,12 @@ class CoordinatorLink:
 
     def __init__(
         self, address: str, name: str, context: zmq.Context | None = None, curve: tuple | None = None,
-        give_up_after: float | None = None, recorder=None,
+        give_up_after: float | None = None, recorder=None, clock=phases.NO_CLOCK,
     ):
         """`curve`: (this worker's key pair file, the coordinator's public key file) to encrypt and authenticate;
         `give_up_after`: seconds without a word from the coordinator after which `receive` raises GaveUp (None: never);
-        `recorder`: a common.recording.Recorder that gets every frame but heartbeats, both ways (`worker --record`).
+        `recorder`: a common.recording.Recorder that gets every frame but heartbeats, both ways (`worker --record`);
+        `clock`: a phases.PhaseClock that times waiting, decoding, encoding and sending.
         """
         self.address = address
         self.name = name
@@ -37,6 +38,7 @@ class CoordinatorLink:
         self.curve = curve
         self.give_up_after = give_up_after
         self.recorder = recorder
+        self.clock = clock
         self.socket = self.poller = None
         self.welcomed = False
         self.backoff = settings.RECONNECT_BACKOFF[0]
@@ -53,7 +55,7 @@ class CoordinatorLink:
             if self.welcomed:
                 next_duty = min(next_duty, self.heartbeat_at)
             if self.poller.poll(max(0.0, next_duty - time.monotonic()) * 1000):
-                phases.clock.lap("wait")
+                self.clock.lap("wait")
                 message = self._read()
                 if message is not None:
                     return message
@@ -65,9 +67,9 @@ class CoordinatorLink:
 
     def send(self, message) -> None:
         frame = protocol.encode(message)
-        phases.clock.lap("encode")
+        self.clock.lap("encode")
         self.socket.send(frame)
-        phases.clock.lap("send")
+        self.clock.lap("send")
         if self.recorder is not None and not isinstance(message, Heartbeat):
             self.recorder.record("sent", frame)
         self.heartbeat_at = time.monotonic() + settings.HEARTBEAT_INTERVAL  # any message is a sign of life
@@ -88,7 +90,7 @@ class CoordinatorLink:
             log.warning("ignored a bad frame from the coordinator: %s", error)
             return None
         finally:
-            phases.clock.lap("decode")
+            self.clock.lap("decode")
         if self.recorder is not None and not isinstance(message, Heartbeat):
             self.recorder.record("received", frame.buffer)
         if isinstance(message, Reject):

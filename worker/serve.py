@@ -10,9 +10,8 @@ from worker.connection import CoordinatorLink
 log = logging.getLogger("worker")
 
 
-def serve(link: CoordinatorLink, make_state=WorkerState) -> str:
-    """Work for the coordinator until it says stop; returns its reason."""
-    phases.share_if_asked(link.name)
+def serve(link: CoordinatorLink, make_state=WorkerState, clock=phases.NO_CLOCK) -> str:
+    """Work for the coordinator until it says stop; returns its reason. `clock` times the computing."""
     state = None
     while True:
         message = link.receive()
@@ -25,7 +24,7 @@ def serve(link: CoordinatorLink, make_state=WorkerState) -> str:
             log.warning("ignored a %s that came before the welcome", type(message).__name__)
         else:
             answer = _answer(state, message)
-            phases.clock.lap("compute")
+            clock.lap("compute")
             link.send(answer)
 
 
