@@ -3,16 +3,18 @@
 import dataclasses
 import enum
 import errno
+import functools
+import inspect
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from common import cli, model, settings
+from common import cli, settings
 from common.cli import tcp_port_checked
 from common.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError, UserError
 from coordinator.checkpoint import Interrupted
-from coordinator.config import PRESETS, hidden_layers
+from coordinator.config import PRESETS, SETTING_OPTIONS
 from coordinator.files import remove_temporaries
 from coordinator.rundir import LOG_FILE, default_run_dir, discard_if_unstarted, logging_into, restore_model
 from coordinator.verify import Verify
@@ -46,48 +48,39 @@ def _option(envvar: str, help: str, **kwargs):
     return typer.Option(envvar=f"SCATTERPROP_{envvar}", help=help, **kwargs)
 
 
+SettingOverrides = dict  # TrainingConfig field -> the value its option gave, for the options given
+
+
+def _with_setting_options(command):
+    """The command with one option per training setting (coordinator.config.SETTING_OPTIONS) where its `overrides`
+    parameter stands; it gets the settings given, as TrainingConfig field -> value, in `overrides`."""
+    own = inspect.signature(command)
+    settings = [
+        inspect.Parameter(option.option, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
+            option.option_type | None, _option(option.option.upper(), option.help,
+                                               show_default=option.shown_default() or False)])
+        for option in SETTING_OPTIONS
+    ]
+    parameters = []
+    for name, parameter in own.parameters.items():
+        parameters += settings if name == "overrides" else [parameter]
+
+    @functools.wraps(command)
+    def with_settings(**given):
+        values = {option: given.pop(option.option) for option in SETTING_OPTIONS}
+        overrides = {option.field: option.field_value(value) for option, value in values.items() if value is not None}
+        return command(overrides=overrides, **given)
+
+    with_settings.__signature__ = own.replace(parameters=parameters)
+    with_settings.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+    return with_settings
+
+
 @app.command()
+@_with_setting_options
 def train(
     preset: Annotated[str, _option("PRESET", f"Starting settings: {', '.join(PRESETS)}.")] = "default",
-    epochs: Annotated[int | None, _option("EPOCHS", "Passes over the training images.")] = None,
-    batch_size: Annotated[int | None, _option("BATCH_SIZE", "Images per gradient step.")] = None,
-    lr: Annotated[float | None, _option("LR", "Learning rate.")] = None,
-    seed: Annotated[int | None, _option(
-        "SEED", "Seed of the initial weights, dropout masks, batch order and exposure plan.")] = None,
-    hidden: Annotated[str | None, _option(
-        "HIDDEN", "Units of each hidden layer, first layer first: 128 (784-128-10), or a comma list such as 256,128."
-    )] = None,
-    activation: Annotated[str | None, _option("ACTIVATION", "Hidden units' function: sigmoid, relu or tanh.")] = None,
-    output: Annotated[str | None, _option("OUTPUT", "Output layer's function: sigmoid, softmax or linear.")] = None,
-    loss: Annotated[str | None, _option(
-        "LOSS", "mse (any output), bce (binary cross-entropy, sigmoid output) or ce (cross-entropy, softmax output)."
-    )] = None,
-    dropout: Annotated[float | None, _option(
-        "DROPOUT", "Probability that a hidden unit is dropped in a training step (inverted: kept ones scaled up)."
-    )] = None,
-    init: Annotated[str | None, _option(
-        "INIT", "Initial weights: scaled (randn / sqrt(fan-in)), uniform, normal, or legacy (the seed notebook's)."
-    )] = None,
-    uniform_limit: Annotated[float | None, _option(
-        "UNIFORM_LIMIT", f"--init uniform draws in [-limit, limit) (default {model.UNIFORM_LIMIT}).")] = None,
-    normal_std: Annotated[float | None, _option(
-        "NORMAL_STD", f"--init normal draws with this standard deviation (default {model.NORMAL_STD}).")] = None,
-    dtype: Annotated[str | None, _option("DTYPE", "float32 or float64.")] = None,
-    wire: Annotated[str | None, _option("WIRE", "How errors and partial products cross the network: exact (the "
-                                       "run's dtype), or for a float32 run float16 or bfloat16 (half the bytes).")] = None,
-    rekey: Annotated[str | None, _option("REKEY", "How long workers keep their first-layer rows and step them "
-                                         "themselves: every-step (the rows travel every step), every-epoch, or N "
-                                         "steps (default 50; see Kept rows in the README).")] = None,
-    label_privacy: Annotated[float | None, _option(
-        "LABEL_PRIVACY", "eps: train on labels replaced once by randomized response, so that each is eps-label-DP "
-        "(see What each worker sees in the README).")] = None,
-    label_privacy_stages: Annotated[int | None, _option(
-        "LABEL_PRIVACY_STAGES", "1: randomized response; 2: a half first, then the rest by RR with the model as "
-        "prior (LP-2ST).")] = None,
-    scale: Annotated[bool | None, _option("SCALE", "Scale pixels to [0, 1] (--no-scale keeps 0-255).")] = None,
-    data: Annotated[Path | None, _option("DATA", "Folder of MNIST-format IDX files (default: embedded MNIST).")] = None,
-    train_limit: Annotated[int | None, _option("TRAIN_LIMIT", "Use only the first N training images.")] = None,
-    test_limit: Annotated[int | None, _option("TEST_LIMIT", "Use only the first N test images.")] = None,
+    overrides: SettingOverrides = None,  # one option per coordinator.config.SETTING_OPTIONS: see _with_setting_options
     run_dir: Annotated[Path | None, _option("RUN_DIR", "Where to write the run (default runs/<timestamp>).")] = None,
     local: Annotated[bool, _option("LOCAL", "Train in this process, without workers.")] = False,
     workers: Annotated[
@@ -125,11 +118,6 @@ def train(
                              "the coordinator (one round per step instead of 1 + 2 per later layer; see Speed in the "
                              "README).")
     ] = LaterLayers.workers,
-    report_every: Annotated[int | None, _option("REPORT_EVERY", "Print every N epochs.")] = None,
-    checkpoint_epochs: Annotated[int | None, _option("CHECKPOINT_EPOCHS", "Checkpoint after every N epochs.")] = None,
-    checkpoint_every: Annotated[
-        int | None, _option("CHECKPOINT_EVERY", "Checkpoint every N steps within an epoch too (0: never).")
-    ] = None,
     resume: Annotated[
         Path | None, _option("RESUME", "Continue this run directory from its last checkpoint, with its settings.")
     ] = None,
@@ -150,15 +138,6 @@ def train(
     from coordinator.cluster_options import ClusterOptions
     from coordinator.spawn import spawn_endpoint
 
-    overrides = dict(
-        epochs=epochs, batch_size=batch_size, learning_rate=lr, seed=seed,
-        hidden=None if hidden is None else hidden_layers(hidden), activation=activation, output=output, loss=loss,
-        dropout=dropout, init=init, uniform_limit=uniform_limit, normal_std=normal_std, dtype=dtype, wire=wire,
-        rekey=rekey, data=None if data is None else str(data), train_limit=train_limit, test_limit=test_limit,
-        input_divisor=None if scale is None else (255.0 if scale else 1.0), report_every=report_every,
-        checkpoint_epochs=checkpoint_epochs, checkpoint_every=checkpoint_every, label_privacy=label_privacy,
-        label_privacy_stages=label_privacy_stages,
-    )
     config, start, run_dir = _what_to_train(preset, overrides, resume, resume_if_exists, run_dir)
     if start is not None:
         remove_temporaries(run_dir)  # what writes cut short by a kill left behind
@@ -190,7 +169,7 @@ def _what_to_train(preset: str, overrides: dict, resume: Path | None, resume_if_
         raise InputError("--resume-if-exists continues the run in --run-dir; give --run-dir and no --resume")
     config = PRESETS[preset].config.with_overrides(**overrides)
     if resume is not None:
-        if any(value is not None for value in overrides.values()) or preset != "default" or run_dir:
+        if overrides or preset != "default" or run_dir:
             raise InputError("--resume continues the run with its own settings and directory; give neither with it")
         return *resume_point(resume), resume
     if resume_if_exists and has_checkpoints(run_dir):

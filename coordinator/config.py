@@ -2,6 +2,8 @@
 
 import dataclasses
 import math
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +136,93 @@ def hidden_layers(text: str) -> tuple:
     if not all(part.strip().isdigit() for part in parts):
         raise InputError(f"--hidden {text!r} is not a comma list of unit counts, such as 128 or 256,128")
     return tuple(int(part) for part in parts)
+
+
+@dataclass(frozen=True)
+class SettingOption:
+    """A training setting as `coordinator train` takes it: the TrainingConfig field it sets, the option's help, and
+    the longer account docs/TRAINING.md gives. Typer's option, its SCATTERPROP_ variable, the CLI reference and
+    that table all come from here (coordinator.cli, tests/cli_reference.py)."""
+
+    field: str
+    help: str
+    detail: str = ""  # docs/TRAINING.md's words, where there is more to say than the help
+    name: str | None = None  # the option's name, where it is not the field's (--lr)
+    takes: type | None = None  # what the option takes, where it is not the field's type
+    to_field: Callable | None = None  # the option's value -> the field's, where they differ
+    default_text: str | None = None  # how the default reads, where the field's value would not say it
+
+    @property
+    def option(self) -> str:
+        return self.name or self.field
+
+    def shown_default(self) -> str:
+        """The default preset's value, as a user would write it ("" where there is none)."""
+        if self.default_text is not None:
+            return self.default_text
+        value = getattr(TrainingConfig(), self.field)
+        if value is None:
+            return ""
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    def field_value(self, value):
+        return value if self.to_field is None else self.to_field(value)
+
+    @property
+    def option_type(self) -> type:
+        """What the option takes: its own type, else the field's without None."""
+        if self.takes is not None:
+            return self.takes
+        field_type = {field.name: field.type for field in dataclasses.fields(TrainingConfig)}[self.field]
+        return next((member for member in typing.get_args(field_type) if member is not type(None)), field_type)
+
+
+SETTING_OPTIONS = (
+    SettingOption("epochs", "Passes over the training images."),
+    SettingOption("batch_size", "Images per gradient step.", "Batches over 4096 rows are sent in chunks whose "
+                  "gradients are summed (with kept rows they are refused: see `--rekey`)."),
+    SettingOption("learning_rate", "Learning rate.", "Of plain gradient descent, without momentum.", name="lr"),
+    SettingOption("seed", "Seed of the initial weights, dropout masks, batch order and exposure plan."),
+    SettingOption("hidden", "Units of each hidden layer, first layer first: 128 (784-128-10), or a comma list such "
+                  "as 256,128.", "Up to 16 hidden layers of up to 4096 units; see \"Networks\" below.", takes=str,
+                  to_field=hidden_layers),
+    SettingOption("activation", "Hidden units' function: sigmoid, relu or tanh."),
+    SettingOption("output", "Output layer's function: sigmoid, softmax or linear."),
+    SettingOption("loss", "mse (any output), bce (binary cross-entropy, sigmoid output) or ce (cross-entropy, "
+                  "softmax output).", "The mse cost is sum((a2 - y)^2) / 2m. Softmax needs several outputs, so "
+                  "not `--preset xor`. At lr 3, MSE (the earlier default) reached 74% after the first epoch and "
+                  "97.9% after 20; BCE at lr 0.5 reaches 94% and 98.1%, at lr 1 95% and 97.7%."),
+    SettingOption("dropout", "Probability that a hidden unit is dropped in a training step (inverted: kept ones "
+                  "scaled up).", "Kept units are multiplied by 1/(1-P), so nothing changes at evaluation, which "
+                  "drops nothing."),
+    SettingOption("init", "Initial weights: scaled (randn / sqrt(fan-in)), uniform, normal, or legacy (the seed "
+                  "notebook's).", "Legacy is randn * 0.01 from numpy's global generator, for `--preset seed` and "
+                  "`xor`; biases start at 0."),
+    SettingOption("uniform_limit", "--init uniform draws in [-limit, limit)."),
+    SettingOption("normal_std", "--init normal draws with this standard deviation."),
+    SettingOption("dtype", "float32 or float64."),
+    SettingOption("wire", "How errors and partial products cross the network: exact (the run's dtype), or for a "
+                  "float32 run float16 or bfloat16 (half the bytes).", "Workers still compute in float32, and the "
+                  "weights and gradients stay float32; see \"Narrower numbers on the wire\" below."),
+    SettingOption("rekey", "How long workers keep their first-layer rows and step them themselves: every-step (the "
+                  "rows travel every step), every-epoch, or N steps (see Kept rows in docs/TRAINING.md).",
+                  "Between re-keys a step sends only d1 and the row numbers and gets back only the z1 partial; see "
+                  "\"Kept rows\" below."),
+    SettingOption("label_privacy", "eps: train on labels replaced once by randomized response, so that each is "
+                  "eps-label-DP (see What each worker sees in the README).", default_text="off"),
+    SettingOption("label_privacy_stages", "1: randomized response; 2: a half first, then the rest by RR with the "
+                  "model as prior (LP-2ST)."),
+    SettingOption("input_divisor", "Scale pixels to [0, 1] (--no-scale keeps 0-255).", name="scale", takes=bool,
+                  to_field=lambda scale: 255.0 if scale else 1.0, default_text="scale"),
+    SettingOption("data", "Folder of MNIST-format IDX files (default: embedded MNIST).", "Raw or gzipped "
+                  "(Fashion-MNIST works too).", takes=Path, to_field=str,
+                  default_text="embedded MNIST"),
+    SettingOption("train_limit", "Use only the first N training images.", default_text="all"),
+    SettingOption("test_limit", "Use only the first N test images.", default_text="all"),
+    SettingOption("report_every", "Print every N epochs."),
+    SettingOption("checkpoint_epochs", "Checkpoint after every N epochs."),
+    SettingOption("checkpoint_every", "Checkpoint every N steps within an epoch too (0: never)."),
+)
 
 
 @dataclass(frozen=True)

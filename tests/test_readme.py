@@ -1,9 +1,10 @@
-"""The README and docs/ stay true: the CLI reference matches the typer apps, every link resolves, the README is short."""
+"""The README and docs/ stay true: the CLI reference and the settings table match the code, every link resolves, the
+README is short."""
 
 import re
 from pathlib import Path
 
-from tests.cli_reference import CLI_DOC, commands, with_reference
+from tests.cli_reference import CLI_DOC, TRAINING_DOC, commands, with_reference, with_settings_table
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -18,6 +19,11 @@ CITED_DOC = re.compile(r"`(docs/[\w./-]+)`")  # a file of docs/ named in backtic
 def test_cli_reference_is_current():
     text = CLI_DOC.read_text()
     assert text == with_reference(text), "run `python -m tests.cli_reference` and commit docs/CLI.md"
+
+
+def test_training_settings_table_is_current():
+    text = TRAINING_DOC.read_text()
+    assert text == with_settings_table(text), "run `python -m tests.cli_reference` and commit docs/TRAINING.md"
 
 
 def test_every_option_and_variable_is_in_the_cli_reference():
