@@ -10,7 +10,6 @@ COPY pyproject.toml README.md ./
 COPY common common
 COPY coordinator coordinator
 COPY worker worker
-COPY bench bench
 # A plain (not editable) install: the embedded MNIST goes into site-packages with the code; the plot
 # extra lets `coordinator report` draw inside the container.
 RUN pip install ".[plot]" \

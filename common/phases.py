@@ -2,7 +2,7 @@
 
 The clock works in laps: `lap(PHASE)` charges the time since the previous lap to PHASE, so the code marks
 only the end of each phase and every nanosecond is charged somewhere. What is timed is handed a clock: a
-PhaseClock when something will read it (`python -m bench --profile`), NO_CLOCK, whose laps do nothing, otherwise.
+PhaseClock when something will read it (`coordinator bench --profile`), NO_CLOCK, whose laps do nothing, otherwise.
 A worker whose environment names a folder in PHASES_DIR_VARIABLE keeps its totals in a small shared file there,
 so the bench can read them live.
 """

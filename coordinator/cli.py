@@ -13,6 +13,7 @@ import typer
 from common import cli, settings
 from common.cli import tcp_port_checked
 from common.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError, UserError
+from coordinator.bench.cli import main as bench_main
 from coordinator.checkpoint import Interrupted
 from coordinator.config import PRESETS, SETTING_OPTIONS
 from coordinator.files import remove_temporaries
@@ -362,3 +363,6 @@ def report(
     written = write_report(run_dir, out or run_dir / "report")
     for path in written:
         typer.echo(str(path))
+
+
+app.command("bench")(bench_main)  # its options, read also from SCATTERPROP_BENCH_*, are the bench's own

@@ -1,4 +1,4 @@
-"""`python -m bench` on a tiny configuration: it runs, and its JSON holds every key with sane values; the least
+"""`coordinator bench` on a tiny configuration: it runs, and its JSON holds every key with sane values; the least
 traffic per round, and the echo workers that move it."""
 
 import json
@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from bench import echo
-from bench.session import training_session
+from coordinator.bench import echo
+from coordinator.bench.session import training_session
 from common import settings
 from coordinator.config import TrainingConfig
-from bench.traffic import ROW_NUMBER_BYTES, minimum_step_bytes, round_bytes
+from coordinator.bench.traffic import ROW_NUMBER_BYTES, minimum_step_bytes, round_bytes
 from tests.conftest import LOOPBACK_ANY_PORT, run_cli
 
 KEYS = {"mode", "workers", "batch_size", "epoch_seconds", "ratio_to_floor", "cpu_ms_per_step", "cpu_ratio_to_floor",
@@ -26,7 +26,7 @@ ECHO_TIMEOUT = 60.0  # seconds; echo workers that take longer to start or answer
 @pytest.mark.slow
 def test_bench_writes_json_for_floor_cluster_and_transport(tmp_path):
     out = tmp_path / "results.json"
-    done = run_cli("bench", "--workers", "2", "--batch-sizes", "64", "--epochs", "1", "--repeats", "1",
+    done = run_cli("coordinator", "bench", "--workers", "2", "--batch-sizes", "64", "--epochs", "1", "--repeats", "1",
                    "--train-limit", "640", "--later-layers", "workers,coordinator", "--verify", "off,all", "--profile",
                    "--rekey", "every-step", "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -66,7 +66,7 @@ def test_bench_with_kept_rows_moves_the_least_the_design_allows(tmp_path):
     """With --rekey, W1's rows travel once a re-key instead of every step: the minimum counts that, and the
     measured traffic (re-keys included, once an epoch or every 5 of its 10 steps) stays within 5% of it."""
     out = tmp_path / "results.json"
-    done = run_cli("bench", "--workers", "2", "--batch-sizes", "64", "--repeats", "1", "--train-limit", "640",
+    done = run_cli("coordinator", "bench", "--workers", "2", "--batch-sizes", "64", "--repeats", "1", "--train-limit", "640",
                    "--later-layers", "coordinator", "--verify", "off", "--rekey", "every-epoch,5", "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
@@ -82,7 +82,7 @@ def test_bench_with_kept_rows_moves_the_least_the_design_allows(tmp_path):
 @pytest.mark.slow
 def test_bench_without_transport(tmp_path):
     out = tmp_path / "results.json"
-    done = run_cli("bench", "--workers", "1", "--batch-sizes", "64", "--repeats", "1", "--train-limit", "128",
+    done = run_cli("coordinator", "bench", "--workers", "1", "--batch-sizes", "64", "--repeats", "1", "--train-limit", "128",
                    "--no-transport", "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [row["mode"] for row in json.loads(out.read_text())] == ["local", "cluster"]
@@ -135,7 +135,7 @@ def test_echo_workers_answer_with_the_asked_size_and_leave():
 
 
 def test_the_coordinator_fit_is_a_line_through_its_busy_time_per_step():
-    from bench.cli import coordinator_fits
+    from coordinator.bench.cli import coordinator_fits
 
     def row(workers, busy):
         phases = {"math": busy / 2, "build": busy / 2, "wait": 100.0}
@@ -148,7 +148,7 @@ def test_the_coordinator_fit_is_a_line_through_its_busy_time_per_step():
 
 
 def test_the_cpu_time_of_child_processes_is_counted():
-    from bench.session import _children_cpu_seconds
+    from coordinator.bench.session import _children_cpu_seconds
 
     before = _children_cpu_seconds()
     busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.3\n"
@@ -163,7 +163,7 @@ def test_the_cpu_time_of_child_processes_is_counted():
 
 
 def test_the_time_to_accuracy_table_has_a_pair_of_columns_per_target():
-    from bench.cli import markdown
+    from coordinator.bench.cli import markdown
 
     reached = [{"target": 0.97, "seconds": 2.54, "epochs": 4}, {"target": 0.975, "seconds": None, "epochs": None}]
     table = markdown([{"measure": "accuracy", "mode": "local", "workers": 0, "reached": reached}]).splitlines()

@@ -71,7 +71,8 @@ def test_image_holds_every_package():
     packages = tomllib.loads((COMPOSE_FILE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     copied = {line.split()[1] for line in (COMPOSE_FILE.parent / "Dockerfile").read_text().splitlines()
               if line.startswith("COPY ")}
-    assert set(packages) <= copied, f"the Dockerfile does not COPY {set(packages) - copied}"
+    top_level = {package.split(".")[0] for package in packages}  # a subpackage comes with its parent's folder
+    assert top_level <= copied, f"the Dockerfile does not COPY {top_level - copied}"
 
 
 def test_image_can_draw_the_report():

@@ -1,4 +1,4 @@
-"""`python -m bench.links`: its pure parts (rates, epoch lines, the summary), and one short run behind a slow link."""
+"""`python -m coordinator.bench.links`: its pure parts (rates, epoch lines, the summary), and one short run behind a slow link."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from bench.links import EpochSample, app, epoch_sample, markdown, median_row, rates_of, summary
+from coordinator.bench.links import EpochSample, app, epoch_sample, markdown, median_row, rates_of, summary
 from common.errors import InputError
 from tests.conftest import run_cli
 
@@ -51,7 +51,7 @@ def test_a_short_run_behind_a_slow_link(tmp_path):
         pytest.skip("namespaces and tc need root and iproute2")
     out = tmp_path / "links.json"
     namespaces_before = _namespaces()
-    done = run_cli("bench.links", "--rates", "20mbit", "--workers", "2", "--batch-sizes", "100", "--epochs", "2",
+    done = run_cli("coordinator.bench.links", "--rates", "20mbit", "--workers", "2", "--batch-sizes", "100", "--epochs", "2",
                    "--train-limit", "1000", "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
     [row] = json.loads(out.read_text())

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from bench.hosts import Hosts, ip
+from coordinator.bench.hosts import Hosts, ip
 from tests.conftest import PROCESS_TIMEOUT, compose_services, lines_of, wait_for_line
 
 pytestmark = pytest.mark.slow  # every test here starts real processes

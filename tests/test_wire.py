@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.traffic import minimum_step_bytes
+from coordinator.bench.traffic import minimum_step_bytes
 from common import model
 from common.protocol import LaterForward, Result, Shard, decode, encode
 from coordinator.config import TrainingConfig

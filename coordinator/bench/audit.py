@@ -1,4 +1,4 @@
-"""`python -m bench.audit`: what one worker learns in each mode, measured by `coordinator audit`, and what recording
+"""`python -m coordinator.bench.audit`: what one worker learns in each mode, measured by `coordinator audit`, and what recording
 costs a worker per request.
 
 Each mode is a real run: a coordinator and 7 worker processes on a Unix socket, the last of them (G) recording;
@@ -206,4 +206,4 @@ def markdown(rows: list) -> str:
 
 
 if __name__ == "__main__":
-    run(app, "bench.audit")
+    run(app, "coordinator.bench.audit")

@@ -1,4 +1,4 @@
-"""`python -m bench`: epoch time, traffic and memory of the cluster against the one-process floor."""
+"""`coordinator bench`: epoch time, traffic and memory of the cluster against the one-process floor."""
 
 import json
 from pathlib import Path
@@ -7,7 +7,6 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from bench.compare import MIB, accuracy_rows, speed_rows
 from common.data import DataError
 from coordinator.config import TrainingConfig, hidden_layers
 from common.phases import COORDINATOR_PHASES, WORKER_PHASES
@@ -16,6 +15,7 @@ from coordinator.verify import VERIFY_MODES
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 ACCURACY_TARGETS = (0.97, 0.975, 0.98)
+MIB = 1024 * 1024
 
 
 def _option(envvar: str, help: str, **kwargs):
@@ -100,6 +100,8 @@ def main(
     problems = base.problems()
     if problems:
         raise typer.BadParameter("; ".join(problems))
+    from coordinator.bench.compare import accuracy_rows, speed_rows  # here: `coordinator --help` need not load it
+
     try:
         data = base.load_data()
         rows, sizes = len(data.train_labels), base.layer_sizes(data)

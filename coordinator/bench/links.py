@@ -1,4 +1,4 @@
-"""`python -m bench.links`: the cluster behind a real, bandwidth-limited link.
+"""`python -m coordinator.bench.links`: the cluster behind a real, bandwidth-limited link.
 
 Each run builds a coordinator host and N worker hosts out of network namespaces on one bridge (addresses only
 inside them, 10.78.0.0/24), limits the coordinator's link with a token bucket filter both ways (netem, and so
@@ -30,8 +30,8 @@ from typing import Annotated
 
 import typer
 
-from bench.cli import _numbers
-from bench.hosts import Hosts
+from coordinator.bench.cli import _numbers
+from coordinator.bench.hosts import Hosts
 from common.cli import run
 from common.errors import EXIT_INTERRUPTED, InputError, UserError
 from coordinator.spawn import worker_names
@@ -218,7 +218,7 @@ def main(
 ):
     """Train behind a shaped coordinator link at each rate; write JSON, print Markdown."""
     if os.geteuid() != 0:
-        raise InputError("bench.links builds network namespaces and shapes links: run it as root")
+        raise InputError("coordinator.bench.links builds network namespaces and shapes links: run it as root")
     chosen_rates = rates_of(rates)
     sizes = _numbers(batch_sizes)
     _interrupt_on_sigterm()
@@ -251,4 +251,4 @@ def _measured_rows(rates, sizes, settings, workers, epochs, repeats, train_limit
 
 
 if __name__ == "__main__":
-    run(app, "bench.links")
+    run(app, "coordinator.bench.links")

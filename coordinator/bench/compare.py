@@ -4,18 +4,17 @@ import statistics
 
 import numpy as np
 
-from bench.session import EpochMeasure, PeakMemory, Session, training_session, transport_session
-from bench.traffic import epoch_batches, minimum_epoch_bytes
+from coordinator.bench.session import EpochMeasure, PeakMemory, Session, training_session, transport_session
+from coordinator.bench.traffic import epoch_batches, minimum_epoch_bytes
 from coordinator.config import TrainingConfig
 
-MIB = 1024 * 1024
 
 
 def speed_rows(config: TrainingConfig, clusters: list, repeats: int, epochs: int, rows: int, sizes: tuple,
                floor_threads: int | None, transport: bool) -> list:
     """One local row and one row per (workers, later layers here, verify mode, spawn transport, rekey) in `clusters`,
     for the batch size in `config`; with `transport`, after the first cluster row of each (workers, later layers here,
-    rows kept or not) its bare transport row (the same messages through echo workers, see bench.echo)."""
+    rows kept or not) its bare transport row (the same messages through echo workers, see coordinator.bench.echo)."""
     floor = training_session(config, 0, blas_threads=floor_threads)
     itemsize, steps = np.dtype(config.dtype).itemsize, len(epoch_batches(rows, config.batch_size))
     floor_measures, measured_rows, echoed = [], [], set()

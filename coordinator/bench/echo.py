@@ -4,7 +4,7 @@ that drives them with a cluster step's rounds. No msgpack, no numpy, no compute:
 A request is one frame that opens with HEADER bytes, the size of the wanted reply (little-endian), padded to
 the request's size; a reply is one frame of that many zero bytes. An empty frame is READY from a worker, STOP to one.
 
-`python -m bench.echo ADDRESS` runs one echo worker.
+`python -m coordinator.bench.echo ADDRESS` runs one echo worker.
 """
 
 import functools
@@ -48,7 +48,7 @@ class EchoRouter:
         self.socket.bind(bind)
         address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.processes = [
-            subprocess.Popen([sys.executable, "-m", "bench.echo", address], preexec_fn=child_of_coordinator,
+            subprocess.Popen([sys.executable, "-m", "coordinator.bench.echo", address], preexec_fn=child_of_coordinator,
                              stdin=subprocess.DEVNULL)
             for _ in range(workers)
         ]

@@ -1,10 +1,10 @@
-"""`python -m bench.label_privacy`: test accuracy under label privacy, eps by stages, in one process.
+"""`python -m coordinator.bench.label_privacy`: test accuracy under label privacy, eps by stages, in one process.
 
 Each cell is a `coordinator train --local` run with the defaults and `--label-privacy EPS --label-privacy-stages
 S`; the table gives its test accuracy after the last epoch, the share of its training labels that are the
 true ones (all of them, then the first stage's, which plain randomized response drew), and the bound: the
 probability that randomized response keeps a label. The attacks on these labels are measured by `coordinator
-audit` (see `python -m bench.audit --label-privacy`).
+audit` (see `python -m coordinator.bench.audit --label-privacy`).
 """
 
 import json
@@ -89,4 +89,4 @@ def markdown(rows: list) -> str:
 
 
 if __name__ == "__main__":
-    run(app, "bench.label_privacy")
+    run(app, "coordinator.bench.label_privacy")

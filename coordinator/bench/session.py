@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import echo
-from bench.traffic import epoch_batches, round_bytes
+from coordinator.bench import echo
+from coordinator.bench.traffic import epoch_batches, round_bytes
 from common import model, phases
 from coordinator import run
 from coordinator.cluster_options import ClusterOptions
@@ -95,7 +95,7 @@ def training_session(
 
 def transport_session(rows: int, batch_size: int, sizes: tuple, workers: int, itemsize: int,
                       later_layers_here: bool, rows_travel: bool = True) -> Session:
-    """Only the messages a cluster's epoch's steps move, with their sizes, through echo workers (see bench.echo);
+    """Only the messages a cluster's epoch's steps move, with their sizes, through echo workers (see coordinator.bench.echo);
     with `rows_travel` False, those of kept rows between re-keys."""
     arguments = (rows, batch_size, sizes, workers, itemsize, later_layers_here, rows_travel)
     return Session(f"transport, {workers} workers", _echoed_epochs, arguments)
