@@ -8,20 +8,20 @@ products come from common/model.py, the same functions the coordinator's one-pro
 """
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import zmq
 
-from common import model, protocol, settings, sockets
-from common.errors import UserError
-from coordinator.shards import chunk_rows
+from common import model, protocol, settings
 from common.protocol import (
     Failure, FirstLayer, Heartbeat, KeptFirstLayer, Register, RegisterAgain, Reject, Result, ReturnRows, LaterBackward,
     LaterForward, Shard, Stop, Welcome,
 )
+from coordinator.shards import chunk_rows
+from coordinator.transport import RouterTransport
 
 ANSWER_TIMEOUT = 5.0  # seconds to wait for an answer: the operands are tiny, so nearly all of this is slack
 IDLE_SECONDS = 2.5  # the heartbeat check's idle spell: five of the worker's heartbeat intervals
@@ -33,10 +33,7 @@ COLUMNS, HIDDEN, UNITS, OUTPUTS = 6, 5, 4, 3  # k, H, j, O of the known operands
 LATER_LAYERS = {2: (UNITS, HIDDEN), 3: (HIDDEN - 2, OUTPUTS)}  # layer -> (units j of its input, its outputs)
 SPLIT_ROWS = {"train": 10, "test": 7}
 CHUNK_ROWS = 4  # rows per shard chunk: several chunks per split
-
-
-class ConformanceError(UserError):
-    """The checks cannot start (the address cannot be bound); the text is one line for the user."""
+ANY_SIZE = -1  # ZMQ_MAXMSGSIZE's "no limit": a frame too large is the worker's defect to report, not to cut
 
 
 @dataclass(frozen=True)
@@ -50,19 +47,19 @@ class Check:
 
 
 class Probe:
-    """A coordinator's ROUTER for one worker: numbered requests, its answers, and heartbeats while waiting."""
+    """A coordinator's socket (coordinator.transport) for one worker: numbered requests, its answers, and heartbeats
+    while waiting."""
 
-    def __init__(self, bind: str, context: zmq.Context | None = None):
-        self.socket = (context or zmq.Context.instance()).socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.endpoint = sockets.bind(self.socket, bind, ConformanceError)
+    def __init__(self, bind: str, context=None):
+        self.transport = RouterTransport(bind, ANY_SIZE, context)
+        self.endpoint = self.transport.endpoint
         self.peer = None  # the worker's identity, once it registered
         self.heartbeating = True  # we stop heartbeating after our stop, as a coordinator would
         self.next_heartbeat = 0.0
         self.next_request = 1
 
     def close(self) -> None:
-        self.socket.close()
+        self.transport.close()
 
     def wait_for_registration(self, timeout: float):
         """The first Register from any peer, or None; its sender becomes the worker under test."""
@@ -75,7 +72,7 @@ class Probe:
         return None
 
     def send(self, message) -> None:
-        self.socket.send_multipart([self.peer, protocol.encode(message)])
+        self.transport.send(self.peer, protocol.encode(message))  # a worker gone is found by the wait for its answer
 
     def request(self, message):
         """Send a request under a fresh number; the worker's answer to it (Result, Failure, or a ProtocolError),
@@ -103,15 +100,16 @@ class Probe:
             wake = min(deadline, self.next_heartbeat) if self.peer is not None and self.heartbeating else deadline
             if now >= deadline:
                 return None
-            if not self.socket.poll(max(0.0, wake - now) * 1000):
+            incoming = self.transport.receive(math.ceil(max(0.0, wake - now) * 1000))
+            if incoming is None:
                 continue
-            peer, *frames = self.socket.recv_multipart()
+            peer, frames = incoming.peer, incoming.frames
             if not any_peer and peer != self.peer:
                 continue  # another program knocking: not the worker under test
             try:
                 if len(frames) != 1:
                     raise protocol.ProtocolError(f"{len(frames)} frames instead of 1")
-                return peer, protocol.decode(frames[0])
+                return peer, protocol.decode(memoryview(frames[0]))
             except protocol.ProtocolError as error:
                 return peer, error
 

@@ -1,7 +1,8 @@
 """The coordinator's socket: one bound ROUTER that moves whole frames to and from workers, and nothing else.
 
-coordinator.cluster drives it; anything with the same four methods can stand in for it (the round-recovery tests
-run the real cluster, scheduler and worker state over one in memory).
+coordinator.cluster drives it, and the conformance probe talks to one worker through it; anything with the same
+methods can stand in for it (the round-recovery tests run the real cluster, scheduler and worker state over one in
+memory). The bench's echo router alone keeps a bare pyzmq socket: it measures the floor this is compared with.
 """
 
 from dataclasses import dataclass

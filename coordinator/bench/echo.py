@@ -35,7 +35,8 @@ def _shares(average: float, parts: int) -> list:
 
 
 class EchoRouter:
-    """A bound ROUTER with `workers` local echo processes connected, each with its own context and DEALER."""
+    """A bound ROUTER with `workers` local echo processes connected, each with its own context and DEALER: bare
+    pyzmq on purpose, not coordinator.transport, since it is the floor the cluster's transport is measured against."""
 
     def __init__(self, bind: str, workers: int, timeout: float):
         """`bind`: a loopback endpoint; `timeout`: seconds of silence (at start-up or in a round) after which the
