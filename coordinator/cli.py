@@ -115,10 +115,10 @@ def train(
         Path | None, _option("CURVE_KEYS", "A `coordinator keygen` folder: encrypt, and admit only its workers.")
     ] = None,
     later_layers: Annotated[
-        LaterLayers, _option("LATER_LAYERS", "Who computes the products of the layers after the first: workers, or "
-                             "the coordinator (one round per step instead of 1 + 2 per later layer; see Speed in the "
-                             "README).")
-    ] = LaterLayers.workers,
+        LaterLayers | None, _option("LATER_LAYERS", "Who computes the products of the layers after the first: the "
+                                    "coordinator (one round a step, and workers never see a1, W2 or d2), or the workers "
+                                    "(1 + 2 rounds per later layer). Default: the preset's, coordinator; seed: workers.")
+    ] = None,
     resume: Annotated[
         Path | None, _option("RESUME", "Continue this run directory from its last checkpoint, with its settings.")
     ] = None,
@@ -152,7 +152,8 @@ def train(
         bind or (spawn_endpoint(run_dir) if spawn else OPEN_BIND), spawn or workers or PRESETS[preset].workers,
         spawn is not None, wait_timeout, heartbeat_timeout=heartbeat_timeout,
         rebalance=rebalance is Rebalance.epoch, verify=verify.value, verify_rate=verify_rate, replicas=replicas,
-        curve_keys=curve_keys, status_bind=status_bind, later_layers_here=later_layers is LaterLayers.coordinator,
+        curve_keys=curve_keys, status_bind=status_bind,
+        later_layers_here=(later_layers or LaterLayers(PRESETS[preset].later_layers)) is LaterLayers.coordinator,
     )
     problems = config.problems() or (cluster.problems(config) if cluster else [])
     if problems:

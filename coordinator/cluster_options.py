@@ -46,7 +46,7 @@ class ClusterOptions:
     replicas: int = 1  # workers computing each slot's products, compared with each other
     curve_keys: Path | None = None  # a `coordinator keygen` folder: encrypt, and admit only its workers
     status_bind: str | None = None  # where to serve the read-only status (see coordinator.status); None: nowhere
-    later_layers_here: bool = False  # the coordinator computes the later layers: 1 round a step, not 1 + 2 per layer
+    later_layers_here: bool = True  # the coordinator computes the later layers: 1 round a step, not 1 + 2 per layer
 
     @property
     def slots(self) -> int:

@@ -229,6 +229,7 @@ SETTING_OPTIONS = (
 class Preset:
     config: TrainingConfig
     workers: int = 7  # the default cluster's nodes A to G; used when the command line gives no count
+    later_layers: str = "coordinator"  # who computes the layers after the first, unless --later-layers says
 
 
 PRESETS = {
@@ -237,7 +238,7 @@ PRESETS = {
     "seed": Preset(TrainingConfig(
         input_divisor=1.0, batch_size=60_000, learning_rate=0.05, loss="mse", dtype="float64", init="legacy", seed=402,
         rekey="every-step",  # a full batch is many chunks, whose gradients are summed before the step
-    )),
+    ), later_layers="workers"),  # the seed's design: every product on the workers
     # The seed's 2-3-1 XOR network; its lr 10 went with a cost divided by 2, ours divides by the 4 rows.
     # Its two input columns go to two workers, as in the seed.
     "xor": Preset(TrainingConfig(

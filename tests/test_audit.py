@@ -145,7 +145,8 @@ def test_columns_are_followed_across_keys_by_the_weights_the_worker_holds():
 
 # --- real runs ----------------------------------------------------------------------------------------------------
 
-SMALL_RUN = ("--train-limit", "3000", "--test-limit", "1000", "--epochs", "2", "--quiet")
+# later layers on the workers, so that every error a worker can be sent is attacked; a test's own option overrides it
+SMALL_RUN = ("--later-layers", "workers", "--train-limit", "3000", "--test-limit", "1000", "--epochs", "2", "--quiet")
 
 
 def recorded_run(tmp_path, *args, workers=3, recorders=1, worker_args=()):

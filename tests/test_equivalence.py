@@ -53,7 +53,7 @@ def test_each_network_matches_local(train_run, local_models, network, workers):
     """The workers that compute the later layers get the activations already masked by the coordinator."""
     settings = (*TINY_RUN, *NETWORKS[network])
     local_model, local_history = _local(train_run, local_models, settings)
-    _, run_dir = train_run("--spawn", workers, "--bind", LOOPBACK_ANY_PORT, *settings)
+    _, run_dir = train_run("--spawn", workers, "--bind", LOOPBACK_ANY_PORT, "--later-layers", "workers", *settings)
     _assert_same_run(run_dir, local_model, local_history)
 
 
@@ -74,9 +74,10 @@ def _assert_same_run(run_dir, local_model: dict, local_history: str) -> None:
         assert ours["cost"] == pytest.approx(theirs["cost"], rel=1e-9)
 
 
-def test_later_layers_on_the_coordinator_matches_local(train_run, local_models):
+def test_later_layers_on_the_workers_matches_local(train_run, local_models):
+    """The seed's design, every product on the workers (the default is the later layers on the coordinator)."""
     local_model, _ = _local(train_run, local_models, SMALL_RUN)
-    _, run_dir = train_run("--spawn", 2, "--bind", LOOPBACK_ANY_PORT, "--later-layers", "coordinator", *SMALL_RUN)
+    _, run_dir = train_run("--spawn", 2, "--bind", LOOPBACK_ANY_PORT, "--later-layers", "workers", *SMALL_RUN)
     assert max_difference(load_model(run_dir), local_model) < TOLERANCE
 
 

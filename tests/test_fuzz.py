@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow  # every test here starts real processes
 
 FRAMES = 10_000
 FRAMES_PER_ANSWER = 8  # the fuzzing worker answers 3 rounds x 200 steps x 3 epochs after the first: 1800 > 10,000 / 8
-RUN = ("--dtype", "float64", "--train-limit", "2000", "--test-limit", "200", "--batch-size", "10", "--epochs", "4",
-       "--seed", "9")
+RUN = ("--later-layers", "workers", "--dtype", "float64", "--train-limit", "2000", "--test-limit", "200", "--batch-size",
+       "10", "--epochs", "4", "--seed", "9")
 
 
 def _hostile_frames(rng: random.Random, marker: str):

@@ -21,9 +21,9 @@ RUN = ("--dtype", "float64", "--train-limit", "3000", "--test-limit", "300", "--
 WATCHED = ("--status-bind", LOOPBACK_ANY_PORT)  # so a test can wait for a step of the run
 # Two hidden layers with dropout: 5 compute requests a step (first layer; forward of layers 2 and 3; backward of
 # layers 3 and 2), 100 steps an epoch.
-DEEP_RUN = ("--dtype", "float64", "--train-limit", "1000", "--test-limit", "100", "--batch-size", "10", "--epochs", "2",
-            "--seed", "5", "--hidden", "24,16", "--activation", "relu", "--output", "softmax", "--loss", "ce",
-            "--dropout", "0.3")
+DEEP_RUN = ("--later-layers", "workers", "--dtype", "float64", "--train-limit", "1000", "--test-limit", "100",
+            "--batch-size", "10", "--epochs", "2", "--seed", "5", "--hidden", "24,16", "--activation", "relu",
+            "--output", "softmax", "--loss", "ce", "--dropout", "0.3")
 
 
 @pytest.fixture

@@ -68,8 +68,9 @@ def test_one_wrong_element_fails():
 
 # --- real processes: a lying worker among honest ones ---------------------------------------------
 
-RUN = ("--dtype", "float64", "--train-limit", "600", "--test-limit", "200", "--batch-size", "10", "--epochs", "2",
-       "--seed", "11")
+# the later layers on the workers, so that liars lie about every kind of product
+RUN = ("--later-layers", "workers", "--dtype", "float64", "--train-limit", "600", "--test-limit", "200", "--batch-size",
+       "10", "--epochs", "2", "--seed", "11")
 FIRST_BAD_ANSWER = {"skew": 1, "permute": 1, "zeros": 1, "flip": 7, "stale": 4}
 
 

@@ -31,7 +31,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 MODES = {  # name -> `coordinator train` options
     "default": (),
-    "later-layers-here": ("--later-layers", "coordinator"),
+    "later-layers-workers": ("--later-layers", "workers"),
     "every-step": ("--rekey", "every-step"),
     "dropout": ("--dropout", "0.5"),
     "deep": ("--hidden", "256,128"),

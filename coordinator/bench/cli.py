@@ -44,9 +44,9 @@ def main(
     dtype: Annotated[str, _option("DTYPE", "float32 or float64.")] = "float32",
     train_limit: Annotated[int | None, _option("TRAIN_LIMIT", "Use only the first N training images.", min=1)] = None,
     later_layers: Annotated[
-        str, _option("LATER_LAYERS", "Who computes the cluster's layers after the first, comma-separated: workers, "
-                     "coordinator.")
-    ] = "workers",
+        str, _option("LATER_LAYERS", "Who computes the cluster's layers after the first, comma-separated: coordinator "
+                     "(the product's default), workers.")
+    ] = "coordinator",
     verify: Annotated[
         str, _option("VERIFY", "The cluster's Freivalds checks, comma-separated: off, sample, all.")
     ] = "sample",

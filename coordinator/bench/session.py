@@ -84,7 +84,7 @@ class Session:
 
 
 def training_session(
-    config: TrainingConfig, workers: int, later_layers_here: bool = False, blas_threads=None, verify: str = "sample",
+    config: TrainingConfig, workers: int, later_layers_here: bool = True, blas_threads=None, verify: str = "sample",
     spawn_transport: str = "ipc",
 ) -> Session:
     """A trainer: local when `workers` is 0, else a cluster of that many spawned workers, reached over a Unix
