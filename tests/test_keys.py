@@ -85,15 +85,16 @@ def test_curve_options_go_together(key_folder):
 def test_a_quarantined_key_stays_out_under_another_name(tmp_path, key_folder):
     harness = Harness(tmp_path)
     try:
+        # far more epochs than the test lasts, so that the disguised worker finds the run still going however fast
         harness.start_coordinator("--workers", 2, "--curve-keys", key_folder, "--verify", "all", "--rebalance", "never",
-                                  "--train-limit", "2000", "--test-limit", "100", "--epochs", "3", "--batch-size", "10")
+                                  "--train-limit", "2000", "--test-limit", "100", "--epochs", "1000", "--batch-size", "10")
         harness.start_worker("A", *_curve(key_folder, key_folder, "A"))
         liar = harness.start_worker("B", *_curve(key_folder, key_folder, "B"), fault="zeros")
         assert liar.wait(60) == 0  # it was told to stop
         disguised = harness.start_worker("innocent", *_curve(key_folder, key_folder, "B"))
         assert disguised.wait(60) == 1
         assert "is quarantined" in harness.log(disguised)
-        assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
+        assert harness.coordinator.poll() is None, harness.log(harness.coordinator)[-3000:]  # the run goes on with A
     finally:
         harness.close()
 
