@@ -169,3 +169,13 @@ def test_the_time_to_accuracy_table_has_a_pair_of_columns_per_target():
     table = markdown([{"measure": "accuracy", "mode": "local", "workers": 0, "reached": reached}]).splitlines()
     assert table[-3] == "| mode | workers | s to 97.0% | epochs to 97.0% | s to 97.5% | epochs to 97.5% |"
     assert table[-1] == "| local | 0 | 2.5 | 4 | - | - |" and table[-2].count("|") == table[-1].count("|")
+
+
+@pytest.mark.slow
+def test_the_soak_reads_every_process_and_stops_the_run():
+    done = run_cli("coordinator.bench.soak", "--seconds", "6", "--interval", "1", "--workers", "2",
+                   "--options", "--train-limit 600 --test-limit 100", timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    readings = [line for line in done.stdout.splitlines() if " s  coordinator " in line]
+    assert len(readings) >= 3 and len(readings[-1].split("workers")[1].split()) == 2, done.stdout  # both workers
+    assert "the coordinator grew" in done.stdout.splitlines()[-1]
