@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from common.model import Params
+from tests import engine
 
 LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"
 PROCESS_TIMEOUT = 300  # seconds; a run that takes longer is a hang, not a slow machine
@@ -110,3 +111,22 @@ def wait_for_line(lines: queue.Queue, text: str, deadline: float) -> list:
         if text in line:
             break
     return seen
+
+
+@pytest.fixture(scope="session")
+def docker_environment():
+    """A private engine (tests/engine.py) with python:3.11-slim stood in for and the project's image built, once for
+    every test that runs containers; skipped where none can start, except with CI=true, where that fails."""
+    reason = engine.why_no_engine()
+    if reason:
+        print(f"no Docker engine: {reason}")
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the engine tests, but {reason}")
+        pytest.skip(reason)
+    with engine.private_engine() as environment:
+        started = time.monotonic()
+        engine.import_standin_python(environment)
+        engine.checked(environment, "docker", "build", "--network", "host", "-t", "scatterprop",
+                       str(COMPOSE_FILE.parent))
+        print(f"stand-in and image ready in {time.monotonic() - started:.0f} s")
+        yield environment
