@@ -2,6 +2,7 @@
 
 import os
 import queue
+import shlex
 import subprocess
 import sys
 import threading
@@ -10,9 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 
 from common.model import Params
+from coordinator.cli import app as coordinator_app
 from tests import engine
+from worker.cli import app as worker_app
 
 LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"
 PROCESS_TIMEOUT = 300  # seconds; a run that takes longer is a hang, not a slow machine
@@ -74,6 +78,7 @@ def train_run(tmp_path):
     return run
 
 
+APPS = {"coordinator": coordinator_app, "worker": worker_app}
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
 
 
@@ -82,6 +87,26 @@ def compose_services() -> dict:
     import yaml  # a test extra
 
     return yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+
+
+def parsed_service(service: dict, monkeypatch) -> tuple:
+    """(program, subcommand, option values) as the CLI parses a service's command and environment (a compose or
+    stack file's service, or a Kubernetes container put in that shape)."""
+    program, *args = shlex.split(service["command"])
+    command = typer.main.get_command(APPS[program])
+    subcommand = None
+    if hasattr(command, "commands"):
+        subcommand, *args = args
+        command = command.commands[subcommand]
+    environment = {name: str(value) for name, value in service.get("environment", {}).items()}
+    envvars = {param.envvar for param in command.params if param.envvar}
+    assert set(environment) <= envvars, f"not read by {program} {subcommand or ''}: {set(environment) - envvars}"
+    for name in envvars:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    context = command.make_context(program, list(args))  # refuses an unknown option or a bad value
+    return program, subcommand, context.params
 
 
 def lines_of(stream) -> queue.Queue:
