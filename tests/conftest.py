@@ -155,3 +155,9 @@ def docker_environment():
                        str(COMPOSE_FILE.parent))
         print(f"stand-in and image ready in {time.monotonic() - started:.0f} s")
         yield environment
+
+
+def pytest_collection_modifyitems(items):
+    """The tests on the private engine run last and one after another: it starts once for them all, and what it
+    sets on the machine (forwarding through the firewall dropped, bridged packets filtered) holds for no other test."""
+    items.sort(key=lambda item: "docker_environment" in item.fixturenames)
