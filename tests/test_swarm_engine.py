@@ -106,6 +106,8 @@ def test_scaled_up_then_down_then_its_coordinator_killed_the_run_ends_as_one_pro
     log = container_log(swarm, second)
     assert int(_state(swarm, first, "ExitCode")) == SIGKILLED and code == 0, (code, log[-3000:])
     assert "waiting for 5 workers" in log and "Traceback" not in log, log[-3000:]
+    resumed = [int(line.split()[1].split("/")[0]) for line in log.splitlines() if line.startswith("epoch ")]
+    assert resumed == list(range(killed_in["epoch"], EPOCHS + 1)), log[-3000:]  # from the checkpoint, not afresh
     print("\n".join(line for line in container_log(swarm, first).splitlines() + log.splitlines()
                     if line.startswith("epoch") or "reassigning" in line or "rebalanced" in line))
     checked(swarm, "docker", "cp", f"{second}:/runs/swarm", str(tmp_path / "swarm"))
