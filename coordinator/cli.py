@@ -148,6 +148,9 @@ def train(
             typer.echo(f"wrote {run_dir / 'model.npz'} again from checkpoint {start.number:06d}: it was missing or "
                        "not the final checkpoint's")
         return
+    if resume_if_exists and start is not None and start.plan is not None and not spawn:
+        # An orchestrator restarts the same command after the cluster was scaled: the run's plan says how many.
+        workers = len(start.plan.slots) * replicas
     cluster = None if local else ClusterOptions(
         bind or (spawn_endpoint(run_dir) if spawn else OPEN_BIND), spawn or workers or PRESETS[preset].workers,
         spawn is not None, wait_timeout, heartbeat_timeout=heartbeat_timeout,

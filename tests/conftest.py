@@ -2,6 +2,7 @@
 
 import os
 import queue
+import shlex
 import subprocess
 import sys
 import threading
@@ -10,8 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 
 from common.model import Params
+from coordinator.cli import app as coordinator_app
+from tests import engine
+from worker.cli import app as worker_app
 
 LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"
 PROCESS_TIMEOUT = 300  # seconds; a run that takes longer is a hang, not a slow machine
@@ -73,6 +78,7 @@ def train_run(tmp_path):
     return run
 
 
+APPS = {"coordinator": coordinator_app, "worker": worker_app}
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
 
 
@@ -81,6 +87,26 @@ def compose_services() -> dict:
     import yaml  # a test extra
 
     return yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+
+
+def parsed_service(service: dict, monkeypatch) -> tuple:
+    """(program, subcommand, option values) as the CLI parses a service's command and environment (a compose or
+    stack file's service, or a Kubernetes container put in that shape)."""
+    program, *args = shlex.split(service["command"])
+    command = typer.main.get_command(APPS[program])
+    subcommand = None
+    if hasattr(command, "commands"):
+        subcommand, *args = args
+        command = command.commands[subcommand]
+    environment = {name: str(value) for name, value in service.get("environment", {}).items()}
+    envvars = {param.envvar for param in command.params if param.envvar}
+    assert set(environment) <= envvars, f"not read by {program} {subcommand or ''}: {set(environment) - envvars}"
+    for name in envvars:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    context = command.make_context(program, list(args))  # refuses an unknown option or a bad value
+    return program, subcommand, context.params
 
 
 def lines_of(stream) -> queue.Queue:
@@ -110,3 +136,28 @@ def wait_for_line(lines: queue.Queue, text: str, deadline: float) -> list:
         if text in line:
             break
     return seen
+
+
+@pytest.fixture(scope="session")
+def docker_environment():
+    """A private engine (tests/engine.py) with python:3.11-slim stood in for and the project's image built, once for
+    every test that runs containers; skipped where none can start, except with CI=true, where that fails."""
+    reason = engine.why_no_engine()
+    if reason:
+        print(f"no Docker engine: {reason}")
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the engine tests, but {reason}")
+        pytest.skip(reason)
+    with engine.private_engine() as environment:
+        started = time.monotonic()
+        engine.import_standin_python(environment)
+        engine.checked(environment, "docker", "build", "--network", "host", "-t", "scatterprop",
+                       str(COMPOSE_FILE.parent))
+        print(f"stand-in and image ready in {time.monotonic() - started:.0f} s")
+        yield environment
+
+
+def pytest_collection_modifyitems(items):
+    """The tests on the private engine run last and one after another: it starts once for them all, and what it
+    sets on the machine (forwarding through the firewall dropped, bridged packets filtered) holds for no other test."""
+    items.sort(key=lambda item: "docker_environment" in item.fixturenames)

@@ -28,6 +28,7 @@ BUILTIN_CHAINS = {"filter": ("INPUT", "FORWARD", "OUTPUT"), "nat": ("PREROUTING"
 FENCE = [("DOCKER-USER", "-s", POOL, "!", "-d", POOL, "-j", "DROP"),
          ("INPUT", "-s", POOL, "!", "-d", POOL, "-j", "DROP")]
 START_TIMEOUT = 30  # seconds for a daemon's socket to answer
+STEP_TIMEOUT = 300  # seconds for any one docker command or wait: longer is a hang
 
 
 def missing_packages() -> list:
@@ -49,7 +50,7 @@ def why_no_engine() -> str | None:
 def private_engine():
     """Start containerd and dockerd on their own; yields the environment for docker and docker-compose."""
     root = Path(tempfile.mkdtemp(prefix="sp-engine-", dir="/tmp"))  # short: unix socket paths are limited
-    with _machine_restored():
+    with machine_restored():
         processes = []
         try:
             containerd_socket = root / "containerd.sock"
@@ -108,7 +109,7 @@ def _wait_for_docker(environment: dict, process: subprocess.Popen, log: Path) ->
 
 
 @contextmanager
-def _machine_restored():
+def machine_restored():
     """Put the firewall and the kernel settings back as they were, whatever happens inside."""
     firewall = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
     settings = {path: path.read_text() for path in SYSCTLS if path.exists()}
@@ -182,3 +183,26 @@ def _trust_this_machines_registry(system: Path) -> None:
         subprocess.run(["chroot", str(system), "update-ca-certificates"], check=True, capture_output=True)
     if Path("/etc/pip.conf").exists():  # here: which bundle of authorities pip should trust
         shutil.copy("/etc/pip.conf", system / "etc/pip.conf")
+
+
+def checked(environment: dict, *command) -> str:
+    """Run a docker or docker-compose command on the engine; its output, or a failed assertion with its errors."""
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=STEP_TIMEOUT)
+    assert done.returncode == 0, f"{' '.join(map(str, command))}: {done.stderr[-3000:]}"
+    return done.stdout
+
+
+def container_log(environment: dict, container: str) -> str:
+    done = subprocess.run(["docker", "logs", container], env=environment, capture_output=True, text=True,
+                          timeout=STEP_TIMEOUT)
+    return done.stdout + done.stderr
+
+
+def wait_for_log(environment: dict, container: str, text: str, count: int = 1) -> str:
+    """The container's log once `text` is in it `count` times; fails if the container stops first."""
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while (log := container_log(environment, container)).count(text) < count:
+        state = checked(environment, "docker", "inspect", "--format", "{{.State.Running}}", container).strip()
+        assert state == "true" and time.monotonic() < deadline, log[-3000:]
+        time.sleep(0.2)
+    return log

@@ -304,3 +304,15 @@ def test_resume_if_exists_starts_continues_and_knows_a_finished_run(tmp_path):
     changed = _trained(run_dir, "--batch-size", "10")
     assert_one_line_error(changed, 1, "holds a run with other settings (batch_size 32, not 10)")
     assert_one_line_error(run_cli("coordinator", "train", "--local", "--resume-if-exists"), 2, "give --run-dir")
+
+
+@pytest.mark.slow
+def test_resume_if_exists_waits_for_as_many_workers_as_the_plan_has_slots(tmp_path):
+    """An orchestrator starts the same command again after the cluster was scaled: the run's plan says how many."""
+    run_dir = tmp_path / "run"
+    on_five = run_cli("coordinator", "train", "--spawn", "5", "--run-dir", run_dir, *SMALL_LOCAL)
+    assert on_five.returncode == 0, on_five.stderr[-2000:]
+    (run_dir / "checkpoints" / "000002.json").unlink()  # as if killed during epoch 2
+    again = run_cli("coordinator", "train", "--workers", "7", "--bind", LOOPBACK_ANY_PORT, "--wait-timeout", "1",
+                    "--run-dir", run_dir, "--resume-if-exists", *SMALL_LOCAL)
+    assert_one_line_error(again, 1, "only 0 of 5 workers registered")

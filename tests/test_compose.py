@@ -1,37 +1,13 @@
 """docker-compose.yml against the CLIs it runs: valid for docker-compose, and every option it uses exists."""
 
-import shlex
 import shutil
 import subprocess
 
 import pytest
-import typer
 
-from coordinator.cli import app as coordinator_app
-from tests.conftest import COMPOSE_FILE, compose_services
-from worker.cli import app as worker_app
+from tests.conftest import COMPOSE_FILE, compose_services, parsed_service
 
-APPS = {"coordinator": coordinator_app, "worker": worker_app}
 WORKER_SERVICES = [f"worker-{letter}" for letter in "abcdefg"]
-
-
-def _parsed(service: dict, monkeypatch) -> tuple:
-    """(program, subcommand, option values) as the CLI parses the service's command and environment."""
-    program, *args = shlex.split(service["command"])
-    command = typer.main.get_command(APPS[program])
-    subcommand = None
-    if hasattr(command, "commands"):
-        subcommand, *args = args
-        command = command.commands[subcommand]
-    environment = {name: str(value) for name, value in service.get("environment", {}).items()}
-    envvars = {param.envvar for param in command.params if param.envvar}
-    assert set(environment) <= envvars, f"not read by {program} {subcommand or ''}: {set(environment) - envvars}"
-    for name in envvars:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
-    context = command.make_context(program, list(args))  # refuses an unknown option or a bad value
-    return program, subcommand, context.params
 
 
 def test_docker_compose_accepts_the_file():
@@ -45,7 +21,7 @@ def test_docker_compose_accepts_the_file():
 def test_one_coordinator_for_seven_workers(monkeypatch):
     services = compose_services()
     assert sorted(services) == ["coordinator", *WORKER_SERVICES]
-    program, subcommand, options = _parsed(services["coordinator"], monkeypatch)
+    program, subcommand, options = parsed_service(services["coordinator"], monkeypatch)
     assert (program, subcommand, options["workers"], options["spawn"]) == ("coordinator", "train", 7, None)
     assert options["bind"].endswith(":5555") and options["run_dir"] is not None
     assert options["resume_if_exists"], "a second `up` would refuse the run in the volume"
@@ -53,7 +29,7 @@ def test_one_coordinator_for_seven_workers(monkeypatch):
     assert sorted(services["coordinator"]["depends_on"]) == WORKER_SERVICES
     names = set()
     for name in WORKER_SERVICES:
-        program, _, options = _parsed(services[name], monkeypatch)
+        program, _, options = parsed_service(services[name], monkeypatch)
         assert (program, options["connect"]) == ("worker", "tcp://coordinator:5555")
         assert options["give_up_after"] is not None, "an `up` whose coordinator is gone would never return"
         assert services[name]["restart"] == "no", "a worker that gave up would be started again and again"
@@ -63,7 +39,7 @@ def test_one_coordinator_for_seven_workers(monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(compose_services()))
 def test_service_uses_only_options_its_cli_accepts(name, monkeypatch):
-    _parsed(compose_services()[name], monkeypatch)
+    parsed_service(compose_services()[name], monkeypatch)
 
 
 def test_image_holds_every_package():

@@ -1,10 +1,10 @@
-"""docker-compose.yml for real: the image built, seven workers, one killed, a graceful stop and a second `up`.
+"""docker-compose.yml for real: seven workers, one killed, a graceful stop and a second `up`.
 
-Runs on a private Docker engine (tests/engine.py). Skipped where none can start; with CI=true that fails instead.
+Runs on the private Docker engine of conftest's `docker_environment` (tests/engine.py). Skipped where none can
+start; with CI=true that fails instead.
 """
 
 import json
-import os
 import socket
 import subprocess
 import time
@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import COMPOSE_FILE
-from tests.engine import BRIDGE_ADDRESS, POOL, import_standin_python, private_engine, why_no_engine
+from tests.engine import BRIDGE_ADDRESS, POOL, STEP_TIMEOUT, checked, container_log, wait_for_log
 
 pytestmark = pytest.mark.slow
 
-ROOT = COMPOSE_FILE.parent
 PROJECT = "scatterprop-test"
 EPOCHS = 3
 # 12,000 images in batches of 32: an epoch of 375 steps takes a few seconds on seven containers, long
@@ -25,27 +24,9 @@ EPOCHS = 3
 SHORT_RUN = {"SCATTERPROP_EPOCHS": str(EPOCHS), "SCATTERPROP_TRAIN_LIMIT": "12000", "SCATTERPROP_TEST_LIMIT": "1000",
              "SCATTERPROP_WAIT_TIMEOUT": "120"}
 WORKERS = [f"worker-{letter}" for letter in "abcdefg"]
-STEP_TIMEOUT = 300  # seconds for any one docker command or wait: longer is a hang
 GRACEFUL_STOP = 8.0  # seconds a `docker-compose stop` may take; Docker's own timeout is 10, then SIGKILL
 SIGKILLED = 137
 POOL_PREFIX = POOL.split(".0.0/")[0] + "."  # "10.213."
-
-
-@pytest.fixture(scope="module")
-def docker_environment():
-    """A private engine with python:3.11-slim stood in for and the project's image built once."""
-    reason = why_no_engine()
-    if reason:
-        print(f"no Docker engine: {reason}")
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the compose test, but {reason}")
-        pytest.skip(reason)
-    with private_engine() as environment:
-        started = time.monotonic()
-        import_standin_python(environment)
-        _run(environment, "docker", "build", "--network", "host", "-t", "scatterprop", str(ROOT))
-        print(f"stand-in and image ready in {time.monotonic() - started:.0f} s")
-        yield environment
 
 
 @pytest.fixture
@@ -56,7 +37,7 @@ def compose(docker_environment, tmp_path):
     command = ["docker-compose", "-p", PROJECT, "-f", str(COMPOSE_FILE), "-f", str(override)]
 
     def run(*args) -> str:
-        return _run(docker_environment, *command, *args)
+        return checked(docker_environment, *command, *args)
 
     try:
         yield run
@@ -90,14 +71,14 @@ def test_seven_workers_one_killed_the_run_finishes_and_reports(compose, docker_e
     started = time.monotonic()
     compose("up", "-d", "--no-build")
     coordinator = _container(docker_environment, "coordinator")
-    _wait_for_log(docker_environment, coordinator, f"epoch 1/{EPOCHS}")
-    _run(docker_environment, "docker", "kill", _container(docker_environment, "worker-c"))
-    _run(docker_environment, "docker", "wait", *_containers(docker_environment).values())
+    wait_for_log(docker_environment, coordinator, f"epoch 1/{EPOCHS}")
+    checked(docker_environment, "docker", "kill", _container(docker_environment, "worker-c"))
+    checked(docker_environment, "docker", "wait", *_containers(docker_environment).values())
     print(f"up to the end, one worker killed: {time.monotonic() - started:.1f} s")
     codes = _exit_codes(docker_environment)
     assert codes == {"coordinator": 0, "worker-c": SIGKILLED, **{name: 0 for name in WORKERS if name != "worker-c"}}, (
-        codes, _log(docker_environment, coordinator)[-3000:])
-    log = _log(docker_environment, coordinator)
+        codes, container_log(docker_environment, coordinator)[-3000:])
+    log = container_log(docker_environment, coordinator)
     assert "Traceback" not in log, log[-3000:]
     print("\n".join(line for line in log.splitlines() if line.startswith("epoch") or "worker C" in line))
     report = compose("run", "--rm", "--no-deps", "coordinator", "coordinator", "report", "/runs/compose")
@@ -110,35 +91,29 @@ def test_seven_workers_one_killed_the_run_finishes_and_reports(compose, docker_e
 def test_stop_is_graceful_and_up_again_continues_the_run(compose, docker_environment, tmp_path):
     compose("up", "-d", "--no-build")
     coordinator = _container(docker_environment, "coordinator")
-    _wait_for_log(docker_environment, coordinator, f"epoch 1/{EPOCHS}")
+    wait_for_log(docker_environment, coordinator, f"epoch 1/{EPOCHS}")
     started = time.monotonic()
     compose("stop")
     stop_seconds = time.monotonic() - started
     print(f"docker-compose stop: {stop_seconds:.1f} s")
     codes = _exit_codes(docker_environment)
-    log = _log(docker_environment, coordinator)
+    log = container_log(docker_environment, coordinator)
     assert stop_seconds < GRACEFUL_STOP and SIGKILLED not in codes.values(), (stop_seconds, codes, log[-3000:])
     assert codes == {"coordinator": 143, **{name: 0 for name in WORKERS}}, (codes, log[-3000:])
     assert "interrupted: stopped at checkpoint" in log, log[-3000:]
     started = time.monotonic()
     compose("up", "-d", "--no-build")
-    _run(docker_environment, "docker", "wait", *_containers(docker_environment).values())
+    checked(docker_environment, "docker", "wait", *_containers(docker_environment).values())
     print(f"second up to the end: {time.monotonic() - started:.1f} s")
     codes = _exit_codes(docker_environment)
-    log = _log(docker_environment, coordinator)
+    log = container_log(docker_environment, coordinator)
     assert codes == {"coordinator": 0, **{name: 0 for name in WORKERS}}, (codes, log[-3000:])
     assert _epochs(_copied_run(docker_environment, compose, tmp_path)) == list(range(1, EPOCHS + 1))
 
 
-def _run(environment: dict, *command) -> str:
-    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=STEP_TIMEOUT)
-    assert done.returncode == 0, f"{' '.join(command)}: {done.stderr[-3000:]}"
-    return done.stdout
-
-
 def _containers(environment: dict) -> dict:
     """Service name -> container id, for the project's containers, running or not."""
-    listed = _run(environment, "docker", "ps", "-a", "--filter", f"label=com.docker.compose.project={PROJECT}",
+    listed = checked(environment, "docker", "ps", "-a", "--filter", f"label=com.docker.compose.project={PROJECT}",
                   "--format", '{{.Label "com.docker.compose.service"}} {{.ID}}')
     return dict(line.split() for line in listed.splitlines())
 
@@ -149,28 +124,14 @@ def _container(environment: dict, service: str) -> str:
 
 def _exit_codes(environment: dict) -> dict:
     containers = _containers(environment)
-    codes = _run(environment, "docker", "inspect", "--format", "{{.State.ExitCode}}", *containers.values()).split()
+    codes = checked(environment, "docker", "inspect", "--format", "{{.State.ExitCode}}", *containers.values()).split()
     return dict(zip(containers, map(int, codes)))
-
-
-def _log(environment: dict, container: str) -> str:
-    done = subprocess.run(["docker", "logs", container], env=environment, capture_output=True, text=True,
-                          timeout=STEP_TIMEOUT)
-    return done.stdout + done.stderr
-
-
-def _wait_for_log(environment: dict, container: str, text: str) -> None:
-    deadline = time.monotonic() + STEP_TIMEOUT
-    while text not in _log(environment, container):
-        state = _run(environment, "docker", "inspect", "--format", "{{.State.Running}}", container).strip()
-        assert state == "true" and time.monotonic() < deadline, _log(environment, container)[-3000:]
-        time.sleep(0.2)
 
 
 def _copied_run(environment: dict, compose, folder: Path) -> Path:
     """The run in the volume, copied out as the README says."""
     coordinator = compose("ps", "-aq", "coordinator").strip()
-    _run(environment, "docker", "cp", f"{coordinator}:/runs/compose", str(folder / "compose"))
+    checked(environment, "docker", "cp", f"{coordinator}:/runs/compose", str(folder / "compose"))
     return folder / "compose"
 
 
