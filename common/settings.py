@@ -51,6 +51,12 @@ FAREWELL_LINGER = 0.5
 """Seconds a leaving worker waits for its Deregister to go out: a loopback or LAN send takes milliseconds, and
 a Ctrl-C should not hang on a coordinator that is gone (then the heartbeat timeout tells it instead)."""
 
+CLAIM_GRACE = 0.5
+"""Seconds after a registration under a connected worker's name during which that worker's messages do not
+refute the claim: after a stall of ours, frames its old connection sent before it gave up are read after the
+new connection's registration, all within milliseconds; a live worker heartbeats every 0.5 s, so it still
+refutes a claim within about a second."""
+
 RECONNECT_BACKOFF = (0.5, 8.0)
 """Seconds a worker waits before registering again: the first wait, doubling up to the second."""
 
