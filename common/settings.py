@@ -57,6 +57,11 @@ refute the claim: after a stall of ours, frames its old connection sent before i
 new connection's registration, all within milliseconds; a live worker heartbeats every 0.5 s, so it still
 refutes a claim within about a second."""
 
+REJOIN_WAIT = 30.0
+"""Seconds the coordinator waits for lost workers to register again when it has lost every one, before it gives
+up: a stall of ours longer than the heartbeat timeout makes every worker give up on its connection at once,
+and each registers again within a backoff (8 s at the most) once we listen again."""
+
 RECONNECT_BACKOFF = (0.5, 8.0)
 """Seconds a worker waits before registering again: the first wait, doubling up to the second."""
 

@@ -139,7 +139,7 @@ class Scheduler:
     dtype: np.dtype
     heartbeat_timeout: float = settings.HEARTBEAT_TIMEOUT
     replicas: int = 1
-    former_slots: dict = field(default_factory=dict)  # name -> the slot it held before a resume
+    former_slots: dict = field(default_factory=dict)  # name -> the slot it held before a resume, or before it was lost
     key_names: dict = field(default_factory=dict)  # CURVE public key (z85) -> the one name it may register as
     workers: dict = field(default_factory=dict)  # peer -> Worker
     departed: dict = field(default_factory=dict)  # peer -> Worker dropped after answering, for the records
@@ -189,6 +189,14 @@ class Scheduler:
 
     def peers_of(self, slot: int) -> list:
         return [peer for peer, worker in self.workers.items() if worker.slot == slot]
+
+    def former_slot(self, peer: bytes) -> int | None:
+        """The slot an admitted worker held before it was lost (or before a resume), if any."""
+        return self.former_slots.get(self.workers[peer].name)
+
+    def standby_for(self, slot: int) -> bytes | None:
+        """A standby that held this slot before it was lost, back under its name: it should get the slot again."""
+        return next((peer for peer in self.standbys if self.former_slot(peer) == slot), None)
 
     def assign(self, peer: bytes, slot: int) -> None:
         self.workers[peer].slot = slot
@@ -418,6 +426,8 @@ class Scheduler:
             self.open_slots.insert(0, worker.slot)
         elif worker.slot is not None and not self.peers_of(worker.slot):  # its replicas carry on otherwise
             self.lost[worker.slot] = reason
+        if worker.slot is not None and self.started:  # if it registers again, it should get the slot back
+            self.former_slots[worker.name] = worker.slot
         return [Disconnect(peer, reason)]
 
 

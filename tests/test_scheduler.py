@@ -311,3 +311,16 @@ def test_a_worker_that_left_can_still_be_quarantined():
     assert scheduler.quarantine(liar, "lied") == []
     actions = scheduler.handle(Arrived(b"back", Register(liar.name, 1)))
     assert isinstance(actions[0].message, Reject)
+
+
+def test_a_lost_worker_that_registers_again_later_is_the_standby_for_its_slot():
+    """A partition longer than the heartbeat timeout: the worker is dropped, and comes back as a standby."""
+    scheduler = _scheduler_with(3)
+    scheduler.handle(Arrived(b"\x00", Heartbeat(), at=3.0))
+    scheduler.handle(Arrived(b"\x02", Heartbeat(), at=3.0))
+    scheduler.handle(Tick(3.5))  # w1 silent
+    assert scheduler.take_lost() == {1: "worker w1 silent for 3.5 s"}
+    scheduler.handle(Arrived(b"newcomer", Register("newcomer", 1), at=4.0))
+    assert scheduler.handle(Arrived(b"w1 again", Register("w1", 1), at=40.0)) == [Admit(b"w1 again", None, "w1")]
+    assert scheduler.standby_for(1) == b"w1 again" and scheduler.former_slot(b"w1 again") == 1
+    assert scheduler.standby_for(0) is None and scheduler.former_slot(b"newcomer") is None
