@@ -429,10 +429,18 @@ class ClusterProducts:
             except ValueError:
                 raise ClusterError(f"every worker is lost ({reason}), and none registered again within "
                                    f"{settings.REJOIN_WAIT:g} s") from None
-            self.spread[slot] = self.plan
+            self.spread[slot] = self._with_spread_given_back()
             self._change_plan(plan, f"took over columns of a lost worker ({reason})")
         if self.kept is not None:  # rows of a lost worker, or of moved columns, are gone: rebuild all, re-key all
             self.kept = self._new_period(self.kept.replayed())
+
+    def _with_spread_given_back(self) -> ExposurePlan:
+        """The plan with every spread slot's columns and units back with it: what each slot owns of its own (a slot
+        lost after it took over another's columns gets back only its own)."""
+        plan = self.plan
+        for slot, former in self.spread.items():
+            plan = plan.given_back(slot, former)
+        return plan
 
     def _change_plan(self, plan: ExposurePlan, reason: str) -> None:
         """Adopt a new plan; the workers of every slot whose columns or units changed must be sent them again."""
