@@ -12,9 +12,9 @@ or else its columns and units are spread over the survivors, who get the extra c
 if the lost worker registers again (after a partition heals, say), it gets back at the next epoch's start
 exactly the columns and units it had, so that its view does not widen either. When every worker is lost at
 once (a stall of ours, a cut of the coordinator's link) there is nobody to spread over: the coordinator
-waits for them to register again, each into its own slot. Then every later layer whose backward round is still to come is sent its forward operands again (the
-workers' kept ones follow the old plan), and the round is sent again. The math does not depend on who
-computed what.
+waits for them to register again, each into its own slot. Then every later layer whose backward round is
+still to come is sent its forward operands again (the workers' kept ones follow the old plan), and the
+round is sent again. The math does not depend on who computed what.
 
 Recovery only changes the plan and who holds which slot; before every round, each worker that lacks its
 slot's current columns is sent them, in chunks (see coordinator.shards). So a peer may vanish at any moment,
