@@ -136,8 +136,9 @@ def test_a_key_registers_only_under_its_own_name(tmp_path, key_folder):
         taker = harness.start_worker("A", *_curve(key_folder, key_folder, "B"))
         assert taker.wait(60) == 1
         assert "its key is allowed as worker B, not as A" in harness.log(taker)
-        harness.start_worker("B", *_curve(key_folder, key_folder, "B"))
+        harness.start_worker(None, *_curve(key_folder, key_folder, "B"))  # named after its key file
         assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
+        assert "worker B joined" in harness.log(harness.coordinator)
         assert max_difference(load_model(harness.run_dir), undisturbed) < 1e-6
         assert "registered again" not in harness.log(harness.coordinator)
     finally:
