@@ -5,7 +5,8 @@ force as plain arrays (never a pickle), and 000007.json, the rest: the progress 
 history so far, the config, the secret permutations' generator state, `arrays_sha256` (the .npz file's
 SHA-256), `prev` (the previous checkpoint's `sha256`, null for the first) and `sha256`, the hash of this
 metadata without that field. The .json must be exactly the text `metadata_text` writes: JSON parses some
-changed bytes to the same values (`1e-05` and `1E-05`), and a checkpoint with any byte changed is broken.
+changed bytes to the same values (the 17th digit of 0.12500277279543626 changed by one reads as the same
+float; 1e-05 and 1E-05), and a checkpoint with any byte changed is broken.
 Each file is written under a temporary name and renamed, the .json last, so a checkpoint exists once
 its .json does and a crash mid-write leaves only a stray .npz behind.
 
