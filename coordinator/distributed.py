@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common import model, phases
+from common import model, phases, settings
 from common.exposure import ExposurePlan, permuted, unpermuted
 from common.model import from_wire, to_wire
 from common.protocol import FirstLayer, KeptFirstLayer, LaterBackward, LaterForward, ReturnRows
