@@ -57,6 +57,11 @@ refute the claim: after a stall of ours, frames its old connection sent before i
 new connection's registration, all within milliseconds; a live worker heartbeats every 0.5 s, so it still
 refutes a claim within about a second."""
 
+LOSS_SETTLE = 0.5
+"""Seconds the coordinator keeps serving its socket after losing a worker before it moves the lost columns: after
+a stall of ours, every worker is found gone within a heartbeat interval, and spreading a slot over workers that are
+about to be found gone too would send (and record as seen) columns that none of them should get."""
+
 REJOIN_WAIT = 30.0
 """Seconds the coordinator waits for lost workers to register again when it has lost every one, before it gives
 up: a stall of ours longer than the heartbeat timeout makes every worker give up on its connection at once,

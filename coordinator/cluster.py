@@ -135,6 +135,10 @@ class Cluster:
     def peers_of(self, slot: int) -> list:
         return self.scheduler.peers_of(slot)
 
+    def take_lost(self) -> dict:
+        """Slots lost since the last WorkerLost (slot -> why), taken: the caller recovers them."""
+        return self.scheduler.take_lost()
+
     def standby_for(self, slot: int) -> bytes | None:
         return self.scheduler.standby_for(slot)
 

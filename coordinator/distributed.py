@@ -279,9 +279,7 @@ class ClusterProducts:
         rekey = self.kept is not None and (self.rekey_steps is None or self._standbys_join())
         weights = self._collected() if rekey else None
         self._restore_replicas()
-        for peer, slot in self._returning():
-            self.cluster.assign(peer, slot)
-            self._change_plan(self.plan.given_back(slot, self.spread.pop(slot)), "got its own columns back")
+        self._give_back()
         if self.rebalance:
             for peer in self.cluster.standbys:
                 new_slot, self.next_slot = self.next_slot, self.next_slot + 1
@@ -302,6 +300,12 @@ class ClusterProducts:
         """Whether epoch_ended will give a standby a slot."""
         missing_replica = any(len(self.cluster.peers_of(slot)) < self.cluster.replicas for slot in self.plan.slots)
         return bool(self.cluster.standbys) and (self.rebalance or missing_replica or bool(self._returning()))
+
+    def _give_back(self) -> None:
+        """Each standby whose slot was spread over the others when it was lost takes back exactly its columns."""
+        for peer, slot in self._returning():
+            self.cluster.assign(peer, slot)
+            self._change_plan(self.plan.given_back(slot, self.spread.pop(slot)), "got its own columns back")
 
     def _returning(self) -> list:
         """(peer, slot) of each standby that held a slot whose columns were spread when it was lost."""
@@ -407,10 +411,13 @@ class ClusterProducts:
         """Reassign lost slots: to the worker that held one if it is back, else to a standby, else over the others
         (with nobody left, after waiting for the lost to register again); no messages here: the next attempt's shard
         transfers carry out the change."""
+        self.cluster.idle(settings.LOSS_SETTLE)  # losses that come together (a stall of ours) are handled together
+        lost = {**lost, **self.cluster.take_lost()}
         orphaned = {slot: reason for slot, reason in lost.items() if not self.cluster.peers_of(slot)}
         if orphaned and not any(self.cluster.peers_of(slot) for slot in self.plan.slots):
             log.warning("every worker is lost; waiting up to %g s for them to register again", settings.REJOIN_WAIT)
-            self.cluster.wait_for_return(list(orphaned), settings.REJOIN_WAIT)
+            self.cluster.wait_for_return([*orphaned, *self.spread], settings.REJOIN_WAIT)
+            self._give_back()  # first, so that a slot that had taken over another's columns is its own again
         for slot, reason in list(orphaned.items()):
             returned = self.cluster.standby_for(slot)
             if returned is not None:

