@@ -108,6 +108,13 @@ class ExposurePlan:
         """The plan after a new slot takes a fair share from the slots that hold most."""
         return self._remade(lambda owners: with_share_for(owners, new_slot, self.slots, rng))
 
+    def given_back(self, slot: int, former: "ExposurePlan") -> "ExposurePlan":
+        """The plan after a slot takes back, from whoever holds them now, the columns and units it owned in `former`."""
+        return ExposurePlan(
+            np.where(former.column_owners == slot, slot, self.column_owners),
+            tuple(np.where(before == slot, slot, now) for before, now in zip(former.unit_owners, self.unit_owners)),
+        )
+
     def changed_slots(self, other: "ExposurePlan") -> list:
         """Slots of `other` whose columns or units of any layer differ from this plan's."""
         return [

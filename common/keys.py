@@ -7,7 +7,8 @@ A key folder made by `coordinator keygen DIR`:
     DIR/allowed/<name>.key          each worker's public key: the coordinator's allow-list
     DIR/workers/<name>.key_secret   each worker's key pair: give it to that worker only
 
-To admit another worker, put its public key file into DIR/allowed before the coordinator starts.
+To admit another worker, put its public key file into DIR/allowed before the coordinator starts. A key
+file's name is the worker's name: the coordinator admits the key under that name only.
 """
 
 import logging
@@ -88,6 +89,15 @@ def allow_list(folder: Path, context: zmq.Context):
         yield authenticator
     finally:
         authenticator.stop()
+
+
+def allowed_names(folder: Path) -> dict:
+    """Each allowed worker's public key (z85, as the socket reports it) -> the name of its key file."""
+    names = {}
+    for path in sorted((Path(folder) / ALLOWED).glob("*.key")):
+        public, _ = _load(path)
+        names[public.decode()] = path.stem
+    return names
 
 
 class AllowedKeys:

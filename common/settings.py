@@ -51,6 +51,22 @@ FAREWELL_LINGER = 0.5
 """Seconds a leaving worker waits for its Deregister to go out: a loopback or LAN send takes milliseconds, and
 a Ctrl-C should not hang on a coordinator that is gone (then the heartbeat timeout tells it instead)."""
 
+CLAIM_GRACE = 0.5
+"""Seconds after a registration under a connected worker's name during which that worker's messages do not
+refute the claim: after a stall of ours, frames its old connection sent before it gave up are read after the
+new connection's registration, all within milliseconds; a live worker heartbeats every 0.5 s, so it still
+refutes a claim within about a second."""
+
+LOSS_SETTLE = 0.5
+"""Seconds the coordinator keeps serving its socket after losing a worker before it moves the lost columns: after
+a stall of ours, every worker is found gone within a heartbeat interval, and spreading a slot over workers that are
+about to be found gone too would send (and record as seen) columns that none of them should get."""
+
+REJOIN_WAIT = 30.0
+"""Seconds the coordinator waits for lost workers to register again when it has lost every one, before it gives
+up: a stall of ours longer than the heartbeat timeout makes every worker give up on its connection at once,
+and each registers again within a backoff (8 s at the most) once we listen again."""
+
 RECONNECT_BACKOFF = (0.5, 8.0)
 """Seconds a worker waits before registering again: the first wait, doubling up to the second."""
 

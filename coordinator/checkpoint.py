@@ -4,7 +4,9 @@ Checkpoint n is two files in RUN_DIR/checkpoints: 000007.npz, the parameters and
 force as plain arrays (never a pickle), and 000007.json, the rest: the progress within the epoch, the
 history so far, the config, the secret permutations' generator state, `arrays_sha256` (the .npz file's
 SHA-256), `prev` (the previous checkpoint's `sha256`, null for the first) and `sha256`, the hash of this
-metadata without that field.
+metadata without that field. The .json must be exactly the text `metadata_text` writes: JSON parses some
+changed bytes to the same values (the 17th digit of 0.12500277279543626 changed by one reads as the same
+float; 1e-05 and 1E-05), and a checkpoint with any byte changed is broken.
 Each file is written under a temporary name and renamed, the .json last, so a checkpoint exists once
 its .json does and a crash mid-write leaves only a stray .npz behind.
 
@@ -76,6 +78,11 @@ def metadata_sha256(metadata: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
+def metadata_text(metadata: dict) -> str:
+    """A checkpoint's .json, the one way it is written."""
+    return json.dumps(metadata, indent=1) + "\n"
+
+
 def save(folder: Path, checkpoint: Checkpoint, prev: str | None) -> str:
     """Write a checkpoint as link `checkpoint.number` after the one whose hash is `prev`; returns its hash."""
     folder.mkdir(exist_ok=True)
@@ -91,7 +98,7 @@ def save(folder: Path, checkpoint: Checkpoint, prev: str | None) -> str:
         "masks": checkpoint.masks, "arrays_sha256": file_sha256(arrays_path), "prev": prev,
     }
     metadata["sha256"] = metadata_sha256(metadata)
-    text = json.dumps(metadata, indent=1) + "\n"
+    text = metadata_text(metadata)
     write_atomically(arrays_path.with_suffix(".json"), lambda file: file.write(text.encode()))
     return metadata["sha256"]
 
@@ -101,35 +108,35 @@ def read_chain(folder: Path) -> tuple:
     paths = sorted(folder.glob("[0-9]*.json"), key=lambda path: int(path.stem) if path.stem.isdigit() else -1)
     links, prev = [], None
     for expected_number, path in enumerate(paths, start=1):
-        problem = _link_problem(path, expected_number, prev)
+        metadata, problem = _read_link(path, expected_number, prev)
         if problem:
             return links, f"checkpoint {path.stem} is broken: {problem}"
-        metadata = json.loads(path.read_text())
         links.append(metadata)
         prev = metadata["sha256"]
     return links, None
 
 
-def _link_problem(path: Path, number: int, prev: str | None) -> str:
-    """Why a link does not belong at this place in the chain, or ''."""
+def _read_link(path: Path, number: int, prev: str | None) -> tuple:
+    """(a link's metadata, why it does not belong at this place in the chain or '')."""
     if path.stem != f"{number:06d}":
-        return f"expected checkpoint {number:06d} here (one is missing)"
+        return None, f"expected checkpoint {number:06d} here (one is missing)"
     try:
-        metadata = json.loads(path.read_text())
+        text = path.read_bytes()
+        metadata = json.loads(text)
     except (OSError, ValueError) as error:
-        return f"cannot read its metadata ({error})"
+        return None, f"cannot read its metadata ({error})"
     if not isinstance(metadata, dict) or not set(FIELDS) - ADDED_FIELDS <= set(metadata) <= set(FIELDS):
-        return "its metadata does not have the checkpoint fields"
-    if metadata["sha256"] != metadata_sha256(metadata):
-        return "its metadata was changed"
+        return None, "its metadata does not have the checkpoint fields"
+    if metadata["sha256"] != metadata_sha256(metadata) or text != metadata_text(metadata).encode():
+        return None, "its metadata was changed"
     if metadata["checkpoint"] != number:
-        return f"it says it is checkpoint {metadata['checkpoint']}"
+        return None, f"it says it is checkpoint {metadata['checkpoint']}"
     if metadata["prev"] != prev:
-        return "it does not follow the checkpoint before it"
+        return None, "it does not follow the checkpoint before it"
     arrays_path = path.with_suffix(".npz")
     if not arrays_path.exists() or file_sha256(arrays_path) != metadata["arrays_sha256"]:
-        return f"{arrays_path.name} is missing or was changed"
-    return ""
+        return None, f"{arrays_path.name} is missing or was changed"
+    return metadata, ""
 
 
 def latest(folder: Path) -> Checkpoint:

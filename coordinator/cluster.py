@@ -135,6 +135,22 @@ class Cluster:
     def peers_of(self, slot: int) -> list:
         return self.scheduler.peers_of(slot)
 
+    def take_lost(self) -> dict:
+        """Slots lost since the last WorkerLost (slot -> why), taken: the caller recovers them."""
+        return self.scheduler.take_lost()
+
+    def standby_for(self, slot: int) -> bytes | None:
+        return self.scheduler.standby_for(slot)
+
+    def former_slot(self, peer: bytes) -> int | None:
+        return self.scheduler.former_slot(peer)
+
+    def wait_for_return(self, slots: list, timeout: float) -> None:
+        """Keep serving the socket until the workers that held these slots are back as standbys, or for `timeout`."""
+        deadline = time.monotonic() + timeout
+        while any(self.standby_for(slot) is None for slot in slots) and self._pump(deadline):
+            pass
+
     def name_of(self, peer: bytes) -> str:
         return self.scheduler.workers[peer].name
 

@@ -69,8 +69,10 @@ class ClusterOptions:
         """ClusterProducts over the admitted (or spawned) workers; a checkpoint's plan and secret shuffles continue
         where it left off. `watch` follows the workers for the status, and says where the run is for the records."""
         plan, permutation_seed, former_slots = self._plan(config, data, records, start)
+        key_names = {} if self.curve_keys is None else keys.allowed_names(self.curve_keys)
         scheduler = Scheduler(self.workers, settings.PROTOCOL_VERSION, np.dtype(config.dtype), self.heartbeat_timeout,
-                              self.replicas, former_slots, wire_dtype=model.wire_dtype(config.wire, config.dtype))
+                              self.replicas, former_slots, key_names,
+                              wire_dtype=model.wire_dtype(config.wire, config.dtype))
         with self._allow_list(), self._cluster(config, data, scheduler, clock) as cluster, self._spawned(cluster, records), \
                 self._status(watch):
             try:

@@ -9,9 +9,12 @@ each slot's answer as soon as it is in (coordinator.gathering), and un-shuffles 
 
 When a worker is lost mid-round, its slot goes to a standby if one waits (which widens nobody's view),
 or else its columns and units are spread over the survivors, who get the extra columns of the images;
-then every later layer whose backward round is still to come is sent its forward operands again (the
-workers' kept ones follow the old plan), and the round is sent again. The math does not depend on who
-computed what.
+if the lost worker registers again (after a partition heals, say), it gets back at the next epoch's start
+exactly the columns and units it had, so that its view does not widen either. When every worker is lost at
+once (a stall of ours, a cut of the coordinator's link) there is nobody to spread over: the coordinator
+waits for them to register again, each into its own slot. Then every later layer whose backward round is
+still to come is sent its forward operands again (the workers' kept ones follow the old plan), and the
+round is sent again. The math does not depend on who computed what.
 
 Recovery only changes the plan and who holds which slot; before every round, each worker that lacks its
 slot's current columns is sent them, in chunks (see coordinator.shards). So a peer may vanish at any moment,
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common import model, phases
+from common import model, phases, settings
 from common.exposure import ExposurePlan, permuted, unpermuted
 from common.model import from_wire, to_wire
 from common.protocol import FirstLayer, KeptFirstLayer, LaterBackward, LaterForward, ReturnRows
@@ -102,6 +105,7 @@ class ClusterProducts:
         self.next_slot = max(plan.slots) + 1
         self.shards = ShardDelivery(images, self._exposed)
         self.reasons = {slot: "initial plan" for slot in plan.slots}  # why a slot's columns last moved
+        self.spread = {}  # slot -> the plan before its columns and units were spread over the others: to give back
 
     def forward(self, weights, split, rows) -> np.ndarray:
         """The first layer's product for some rows of a split; with `--rekey`, with the kept rows."""
@@ -275,6 +279,7 @@ class ClusterProducts:
         rekey = self.kept is not None and (self.rekey_steps is None or self._standbys_join())
         weights = self._collected() if rekey else None
         self._restore_replicas()
+        self._give_back()
         if self.rebalance:
             for peer in self.cluster.standbys:
                 new_slot, self.next_slot = self.next_slot, self.next_slot + 1
@@ -294,7 +299,18 @@ class ClusterProducts:
     def _standbys_join(self) -> bool:
         """Whether epoch_ended will give a standby a slot."""
         missing_replica = any(len(self.cluster.peers_of(slot)) < self.cluster.replicas for slot in self.plan.slots)
-        return bool(self.cluster.standbys) and (self.rebalance or missing_replica)
+        return bool(self.cluster.standbys) and (self.rebalance or missing_replica or bool(self._returning()))
+
+    def _give_back(self) -> None:
+        """Each standby whose slot was spread over the others when it was lost takes back exactly its columns."""
+        for peer, slot in self._returning():
+            self.cluster.assign(peer, slot)
+            self._change_plan(self.plan.given_back(slot, self.spread.pop(slot)), "got its own columns back")
+
+    def _returning(self) -> list:
+        """(peer, slot) of each standby that held a slot whose columns were spread when it was lost."""
+        return [(peer, self.cluster.former_slot(peer)) for peer in self.cluster.standbys
+                if self.cluster.former_slot(peer) in self.spread]
 
     def _restore_replicas(self) -> None:
         for slot in self.plan.slots:
@@ -392,10 +408,23 @@ class ClusterProducts:
         self.on_quarantine(worker, slot, type(request).__name__, evidence)
 
     def _recover(self, lost: dict) -> None:
-        """Reassign lost slots; no messages here: the next attempt's shard transfers carry out the change."""
-        for slot, reason in lost.items():
-            if self.cluster.peers_of(slot):  # its worker registered again: it only needs its shards
-                continue
+        """Reassign lost slots: to the worker that held one if it is back, else to a standby, else over the others
+        (with nobody left, after waiting for the lost to register again); no messages here: the next attempt's shard
+        transfers carry out the change."""
+        self.cluster.idle(settings.LOSS_SETTLE)  # losses that come together (a stall of ours) are handled together
+        lost = {**lost, **self.cluster.take_lost()}
+        orphaned = {slot: reason for slot, reason in lost.items() if not self.cluster.peers_of(slot)}
+        if orphaned and not any(self.cluster.peers_of(slot) for slot in self.plan.slots):
+            log.warning("every worker is lost; waiting up to %g s for them to register again", settings.REJOIN_WAIT)
+            self.cluster.wait_for_return([*orphaned, *self.spread], settings.REJOIN_WAIT)
+            self._give_back()  # first, so that a slot that had taken over another's columns is its own again
+        for slot, reason in list(orphaned.items()):
+            returned = self.cluster.standby_for(slot)
+            if returned is not None:
+                self.cluster.assign(returned, slot)
+                self.reasons[slot] = f"registered again into its own slot ({reason})"
+                del orphaned[slot]
+        for slot, reason in orphaned.items():
             log.warning("%s; reassigning slot %d", reason, slot)
             standbys = self.cluster.standbys
             if standbys:
@@ -405,10 +434,20 @@ class ClusterProducts:
             try:
                 plan = self.plan.without(slot, self.permutations)
             except ValueError:
-                raise ClusterError(f"every worker is lost ({reason})") from None
+                raise ClusterError(f"every worker is lost ({reason}), and none registered again within "
+                                   f"{settings.REJOIN_WAIT:g} s") from None
+            self.spread[slot] = self._with_spread_given_back()
             self._change_plan(plan, f"took over columns of a lost worker ({reason})")
         if self.kept is not None:  # rows of a lost worker, or of moved columns, are gone: rebuild all, re-key all
             self.kept = self._new_period(self.kept.replayed())
+
+    def _with_spread_given_back(self) -> ExposurePlan:
+        """The plan with every spread slot's columns and units back with it: what each slot owns of its own (a slot
+        lost after it took over another's columns gets back only its own)."""
+        plan = self.plan
+        for slot, former in self.spread.items():
+            plan = plan.given_back(slot, former)
+        return plan
 
     def _change_plan(self, plan: ExposurePlan, reason: str) -> None:
         """Adopt a new plan; the workers of every slot whose columns or units changed must be sent them again."""

@@ -8,6 +8,12 @@ a valid answer; its slot is then reported in `lost` for the caller to reassign. 
 registers again under its own name (it heard nothing from us for a while) keeps its slot on the new
 connection; its slot is reported in `lost` too, so that the round, and whatever the worker kept from
 earlier rounds, is sent again.
+
+A name is no proof of who registers. With CURVE a worker's key is bound to the name of its allow-list
+file, so a registration under its name is that worker. Without CURVE a registration under the name of a
+worker on another connection is a `Claim` that waits: it takes over once the old connection is dropped
+(a restarted worker's falls silent or cannot be reached), and is refused if the old connection shows
+life first. Either comes within the heartbeat timeout.
 """
 
 import dataclasses
@@ -107,6 +113,15 @@ class Worker:
     left: str | None = None  # why it was dropped, once it was
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A registration under the name of a worker on another connection, waiting for that connection to end."""
+
+    peer: bytes
+    name: str
+    since: float
+
+
 @dataclass
 class Outstanding:
     slot: int
@@ -124,7 +139,8 @@ class Scheduler:
     dtype: np.dtype
     heartbeat_timeout: float = settings.HEARTBEAT_TIMEOUT
     replicas: int = 1
-    former_slots: dict = field(default_factory=dict)  # name -> the slot it held before a resume
+    former_slots: dict = field(default_factory=dict)  # name -> the slot it held before a resume, or before it was lost
+    key_names: dict = field(default_factory=dict)  # CURVE public key (z85) -> the one name it may register as
     workers: dict = field(default_factory=dict)  # peer -> Worker
     departed: dict = field(default_factory=dict)  # peer -> Worker dropped after answering, for the records
     outstanding: dict = field(default_factory=dict)  # peer -> its Outstanding request of the current round
@@ -144,6 +160,8 @@ class Scheduler:
         self.replaced = set()  # old connections of workers that registered again
         self.answer_times = {}  # slot -> its recent answers' round trips, in seconds, which set its deadline
         self.told_to_register = set()  # strangers already told to register again, so each is told once
+        self.claims = {}  # name -> the Claim waiting for that name's connection to end
+        self.clock = 0.0  # the latest time an event carried, for events that carry none
         self.event_handlers = {
             Tick: lambda event: self._tick(event.now),
             Unreachable: self._unreachable,
@@ -172,6 +190,14 @@ class Scheduler:
     def peers_of(self, slot: int) -> list:
         return [peer for peer, worker in self.workers.items() if worker.slot == slot]
 
+    def former_slot(self, peer: bytes) -> int | None:
+        """The slot an admitted worker held before it was lost (or before a resume), if any."""
+        return self.former_slots.get(self.workers[peer].name)
+
+    def standby_for(self, slot: int) -> bytes | None:
+        """A standby that held this slot before it was lost, back under its name: it should get the slot again."""
+        return next((peer for peer in self.standbys if self.former_slot(peer) == slot), None)
+
     def assign(self, peer: bytes, slot: int) -> None:
         self.workers[peer].slot = slot
 
@@ -183,8 +209,10 @@ class Scheduler:
         """Drop a worker caught computing wrongly, if it has not left already, and refuse its name and key for
         the rest of the run."""
         self.banned |= {worker.name, worker.key} - {None}
+        claim = self.claims.pop(worker.name, None)
+        refused = [] if claim is None else self._refuse(claim.peer, f"{worker.name} is quarantined")
         peer = self.peer_of(worker)
-        return [] if peer is None else self._drop(peer, f"is quarantined: {reason}")
+        return refused + ([] if peer is None else self._drop(peer, f"is quarantined: {reason}"))
 
     def take_lost(self) -> dict:
         lost, self.lost = self.lost, {}
@@ -226,17 +254,23 @@ class Scheduler:
 
     def _arrived(self, event: Arrived) -> list:
         message = event.message
+        self.clock = max(self.clock, event.at)
         if isinstance(message, Register):  # the one message a peer may send before it is admitted
             return self._register(event.peer, message, event.at, event.key)
         if event.peer not in self.workers:
             return self._stranger(event.peer, f"sent {type(message).__name__} without registering")
-        self.workers[event.peer].last_seen = event.at
-        return self.message_handlers.get(type(message), self._unexpected)(event.peer, message, event.at)
+        worker = self.workers[event.peer]
+        worker.last_seen = event.at
+        refused = self._refuse_claim_on(worker, event.at)
+        return refused + self.message_handlers.get(type(message), self._unexpected)(event.peer, message, event.at)
 
     def _unreachable(self, event: Unreachable) -> list:
-        """A failed send drops a worker; to a peer already dropped (a second send of the same batch) it says nothing,
-        as no frame of the peer's was refused."""
-        return self._drop(event.peer, "cannot be reached") if event.peer in self.workers else []
+        """A failed send drops a worker, or withdraws a claim; to a peer already dropped (a second send of the same
+        batch) it says nothing, as no frame of the peer's was refused."""
+        if event.peer in self.workers:
+            return self._drop(event.peer, "cannot be reached")
+        self.claims = {name: claim for name, claim in self.claims.items() if claim.peer != event.peer}
+        return []
 
     def _failure(self, peer: bytes, message: Failure, at: float) -> list:
         if message.request < self.round_number:
@@ -247,34 +281,53 @@ class Scheduler:
         return self._drop(peer, f"sent a {type(message).__name__}, which workers do not send")
 
     def _register(self, peer: bytes, message: Register, now: float, key: str | None) -> list:
-        if peer in self.workers:
-            return []  # a repeated registration that crossed our welcome
-        if message.version != self.version:
-            return self._refuse(peer, f"protocol version {message.version} is not the coordinator's {self.version}")
-        if message.name in self.banned or key in self.banned:
-            return self._refuse(peer, f"{message.name} is quarantined")
-        same_name = next((held for held, worker in self.workers.items() if worker.name == message.name), None)
-        if same_name is not None and self.workers[same_name].key != key:
-            return self._refuse(peer, f"a worker named {message.name} with another key is already admitted")
-        if same_name is not None:
-            return self._replace(same_name, peer, now)
+        if peer in self.workers or any(claim.peer == peer for claim in self.claims.values()):
+            return []  # a repeated registration that crossed our welcome, or that waits as a claim
+        problem = self._registration_problem(message, key)
+        if problem:
+            return self._refuse(peer, problem)
+        holder = next((held for held, worker in self.workers.items() if worker.name == message.name), None)
+        if holder is not None and key is not None:  # its key is bound to the name: the same worker, for certain
+            return self._replace(self.workers.pop(holder), holder, peer)
+        if holder is not None:
+            self.claims[message.name] = Claim(peer, message.name, now)
+            return []
         if len(self.standbys) >= settings.MAX_STANDBY_WORKERS:
             return self._refuse(peer, "no room for more workers")
         slot = self._open_slot_for(message.name)
         self.workers[peer] = Worker(message.name, slot, last_seen=now, key=key)
         return [Admit(peer, slot, message.name)]
 
-    def _replace(self, old: bytes, peer: bytes, now: float) -> list:
+    def _registration_problem(self, message: Register, key: str | None) -> str:
+        """Why a registration is refused whoever holds its name, or ''."""
+        if message.version != self.version:
+            return f"protocol version {message.version} is not the coordinator's {self.version}"
+        if message.name in self.banned or key in self.banned:
+            return f"{message.name} is quarantined"
+        if key is not None and self.key_names.get(key) != message.name:
+            return f"its key is allowed as worker {self.key_names.get(key)}, not as {message.name}"
+        if message.name in self.claims:
+            return f"another registration as {message.name} is waiting for that worker's connection to end"
+        return ""
+
+    def _replace(self, worker: Worker, old: bytes, peer: bytes) -> list:
         """The same worker on a new connection: it keeps its slot and its record, and starts afresh (new shards,
         and any request it had outstanding is sent again)."""
-        worker = self.workers.pop(old)
-        worker.last_seen = now
+        worker.last_seen = self.clock
         self.workers[peer] = worker
         _remember(self.replaced, old)
         self.outstanding.pop(old, None)
         if self.started and worker.slot is not None:  # its round, and the operands it kept, went with the old one
             self.lost[worker.slot] = f"worker {worker.name} registered again"
         return [Admit(peer, worker.slot, worker.name, again=True)]
+
+    def _refuse_claim_on(self, worker: Worker, now: float) -> list:
+        """A message from a worker whose name is claimed, past the claim's grace, shows it lives: the claim is refused."""
+        claim = self.claims.get(worker.name)
+        if claim is None or now - claim.since <= settings.CLAIM_GRACE:
+            return []
+        del self.claims[worker.name]
+        return self._refuse(claim.peer, f"worker {worker.name} is connected, and alive, on another connection")
 
     def _refuse(self, peer: bytes, reason: str) -> list:
         return [Send(peer, Reject(reason)), Refused(peer, f"refused a registration: {reason}")]
@@ -301,11 +354,12 @@ class Scheduler:
         return slot
 
     def _tick(self, now: float) -> list:
+        self.clock = max(self.clock, now)
         actions = []
         if now - self.last_heartbeat >= settings.HEARTBEAT_INTERVAL:
             self.last_heartbeat = now
             heartbeat = Heartbeat()  # one message for all: the transport encodes it once
-            actions += [Send(peer, heartbeat) for peer in self.workers]
+            actions += [Send(peer, heartbeat) for peer in [*self.workers, *(c.peer for c in self.claims.values())]]
         for peer, worker in list(self.workers.items()):
             if now - worker.last_seen > self.heartbeat_timeout:
                 actions += self._drop(peer, f"silent for {now - worker.last_seen:.1f} s")
@@ -361,14 +415,19 @@ class Scheduler:
         if worker is None:
             return [Refused(peer, reason)]
         reason = f"worker {worker.name} {reason}"
+        self.outstanding.pop(peer, None)
+        claim = self.claims.pop(worker.name, None)
+        if claim is not None:  # the registration waited for this connection to end: it is the worker now
+            return [Disconnect(peer, reason), *self._replace(worker, peer, claim.peer)]
         worker.left = reason
         if worker.answered:  # peers that never computed anything, hostile ones included, leave no record
             self.departed[peer] = worker
-        self.outstanding.pop(peer, None)
         if worker.slot is not None and not self.started:
             self.open_slots.insert(0, worker.slot)
         elif worker.slot is not None and not self.peers_of(worker.slot):  # its replicas carry on otherwise
             self.lost[worker.slot] = reason
+        if worker.slot is not None and self.started:  # if it registers again, it should get the slot back
+            self.former_slots[worker.name] = worker.slot
         return [Disconnect(peer, reason)]
 
 

@@ -62,11 +62,12 @@ class Harness:
 
         wait_for(done, timeout, f"step {step} of epoch {epoch}")
 
-    def start_worker(self, name: str, *args, fault: str | None = None) -> subprocess.Popen:
-        """A worker process; with `fault`, one of tests.faulty_worker's, which answers wrongly or dies on purpose."""
+    def start_worker(self, name: str | None, *args, fault: str | None = None) -> subprocess.Popen:
+        """A worker process (named as the worker names itself when `name` is None); with `fault`, one of
+        tests.faulty_worker's, which answers wrongly or dies on purpose."""
         program = "worker" if fault is None else "tests.faulty_worker"
-        return self._start(program, *(() if fault is None else (fault,)), "--connect", self.address, "--name", name,
-                           *args)
+        named = () if name is None else ("--name", name)
+        return self._start(program, *(() if fault is None else (fault,)), "--connect", self.address, *named, *args)
 
     def epochs_done(self) -> int:
         history = self.run_dir / "history.jsonl"

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
+from common.exposure import ExposurePlan
 from common.protocol import (
     FirstLayer, KeptFirstLayer, LaterBackward, LaterForward, ReturnRows, Shard, Stop, Welcome,
 )
@@ -255,3 +256,17 @@ def test_kept_rows_arrive_freshly_shuffled_once_a_re_key_and_the_errors_follow_t
         assert next(periods, None) is None  # every period's rows were sent
     first, second = shuffles.values()
     assert first == second and len(set(first)) == len(first) >= 2  # shared by the round, fresh each period
+
+
+def test_a_slot_given_back_owns_again_exactly_what_it_owned():
+    """A worker lost and back: its columns and units come back to it from whoever took them, nothing else moves."""
+    rng = np.random.default_rng(0)
+    before = ExposurePlan.random(20, (9, 6), 3, seed=1)
+    spread = before.without(1, rng).with_slot(3, rng)  # lost, then a late worker took a share
+    back = spread.given_back(1, before)
+    for owners_before, owners_spread, owners_back in zip(
+        (before.column_owners, *before.unit_owners), (spread.column_owners, *spread.unit_owners),
+        (back.column_owners, *back.unit_owners),
+    ):
+        assert np.array_equal(owners_back == 1, owners_before == 1)
+        assert np.array_equal(owners_back[owners_before != 1], owners_spread[owners_before != 1])

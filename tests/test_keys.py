@@ -8,8 +8,8 @@ import zmq.auth
 
 from common import keys
 from common.protocol import Register, encode
-from tests.cluster_harness import Harness
-from tests.conftest import LOOPBACK_ANY_PORT, run_cli
+from tests.cluster_harness import Harness, one_process_model
+from tests.conftest import LOOPBACK_ANY_PORT, load_model, max_difference, run_cli
 
 SMALL_RUN = ("--train-limit", "300", "--test-limit", "100", "--epochs", "1")
 
@@ -117,3 +117,30 @@ def test_a_worker_whose_key_is_refused_says_so_when_it_gives_up(tmp_path, key_fo
         f"error: no answer from {address}: the coordinator is not running there, or it refused this worker's key; "
         "gave up after 1 s"
     )
+
+
+@pytest.mark.slow
+def test_a_key_registers_only_under_its_own_name(tmp_path, key_folder):
+    """Issue 25, item 3, with CURVE: A's key cannot join as B, nor B's key take A's name from the live A."""
+    run = (*SMALL_RUN, "--dtype", "float64", "--seed", "4")
+    (tmp_path / "local").mkdir()
+    undisturbed = one_process_model(tmp_path / "local", *run)
+    harness = Harness(tmp_path)
+    try:
+        harness.start_coordinator("--workers", 2, "--curve-keys", key_folder, *run)
+        as_another = harness.start_worker("B", *_curve(key_folder, key_folder, "A"))
+        assert as_another.wait(60) == 1
+        assert harness.log(as_another).strip().splitlines()[-1] == (
+            "error: the coordinator refused this worker: its key is allowed as worker A, not as B")
+        harness.start_worker("A", *_curve(key_folder, key_folder, "A"))
+        harness.wait_for_log(harness.coordinator, "worker A joined")
+        taker = harness.start_worker("A", *_curve(key_folder, key_folder, "B"))
+        assert taker.wait(60) == 1
+        assert "its key is allowed as worker B, not as A" in harness.log(taker)
+        harness.start_worker(None, *_curve(key_folder, key_folder, "B"))  # named after its key file
+        assert harness.finish() == 0, harness.log(harness.coordinator)[-3000:]
+        assert "worker B joined" in harness.log(harness.coordinator)
+        assert max_difference(load_model(harness.run_dir), undisturbed) < 1e-6
+        assert "registered again" not in harness.log(harness.coordinator)
+    finally:
+        harness.close()

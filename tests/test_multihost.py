@@ -1,6 +1,7 @@
 """Eight hosts made of Linux network namespaces on one bridge: a coordinator and seven workers, each worker
 started as docker-compose.yml starts it. Needs root and `ip`; CI runs it as root."""
 
+import json
 import os
 import re
 import shlex
@@ -11,13 +12,18 @@ import time
 import pytest
 
 from coordinator.bench.hosts import Hosts, ip
-from tests.conftest import PROCESS_TIMEOUT, compose_services, lines_of, wait_for_line
+from tests.cluster_harness import one_process_model
+from tests.conftest import PROCESS_TIMEOUT, compose_services, lines_of, load_model, max_difference, wait_for_line
 
 pytestmark = pytest.mark.slow  # every test here starts real processes
 
 SUBNET = "10.77.0"  # only ever assigned inside the test's own namespaces
 COORDINATOR_ADDRESS = f"{SUBNET}.1"
 WORKER_SERVICES = [f"worker-{letter}" for letter in "abcdefg"]
+# float64 and seeded, to compare with the one-process run; about 2 s an epoch, so a cut after the first epoch and
+# the rejoin after it land well before the end.
+PARTITIONED_RUN = ("--train-limit", 6000, "--test-limit", 500, "--epochs", 25, "--batch-size", 20, "--dtype", "float64",
+                   "--seed", 5)
 
 
 @pytest.fixture
@@ -109,3 +115,60 @@ def test_a_slow_link_loses_no_worker_while_the_shards_go_out(cluster, tmp_path):
     for service in WORKER_SERVICES:  # started before the coordinator, a worker may register twice before its welcome
         log = (tmp_path / f"{service}.log").read_text()
         assert "registered as" in log and "registering again" not in log.split("registered as", 1)[1], log
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory) -> dict:
+    return one_process_model(tmp_path_factory.mktemp("local"), *PARTITIONED_RUN)
+
+
+def _partitioned(cluster, host: int, seconds: float) -> str:
+    """Train PARTITIONED_RUN, cutting host `host` off (0 is the coordinator's) for `seconds` after the first epoch;
+    the coordinator's log once it succeeded."""
+    train, _, hosts = cluster
+    if shutil.which("iptables") is None:
+        pytest.skip("the `iptables` command is not installed")
+    coordinator = train(*PARTITIONED_RUN)
+    seen = wait_for_line(lines_of(coordinator.stdout), "epoch 1/25", time.monotonic() + PROCESS_TIMEOUT)
+    assert seen and coordinator.poll() is None, _finish(coordinator, 0)
+    hosts.cut_off(host)
+    time.sleep(seconds)
+    hosts.heal(host)
+    errors = _finish(coordinator, PROCESS_TIMEOUT)
+    assert coordinator.returncode == 0, errors
+    return errors
+
+
+def _exposure(run_dir) -> dict:
+    """worker name -> the reasons of its exposure records and the distinct sets of columns in them."""
+    workers = {}
+    for line in (run_dir / "exposure.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        reasons, columns = workers.setdefault(record["worker"], ([], []))
+        reasons.append(record["reason"])
+        if set(record["columns"]) not in columns:
+            columns.append(set(record["columns"]))
+    return workers
+
+
+def test_a_worker_cut_off_by_its_firewall_rejoins_into_its_own_columns(cluster, tmp_path, undisturbed):
+    """Issue 25, item 4: every packet in and out of worker C's host dropped for 15 s (it is dropped as silent, and
+    registers again and again meanwhile); after the heal it rejoins, and gets back exactly the columns it had."""
+    errors = _partitioned(cluster, WORKER_SERVICES.index("worker-c") + 1, 15)
+    assert "dropped worker C silent" in errors and "worker C joined as a standby" in errors, errors
+    assert max_difference(load_model(tmp_path / "run"), undisturbed) < 1e-6
+    reasons, columns = _exposure(tmp_path / "run")["C"]
+    assert reasons == ["initial plan", "got its own columns back"] and len(columns) == 1
+
+
+def test_every_worker_rejoins_after_the_coordinators_link_is_cut(cluster, tmp_path, undisturbed):
+    """The coordinator's host cut off for 10 s: every worker is dropped, and nobody is left to take the columns
+    over; the coordinator waits for them to register again (on main: 'every worker is lost')."""
+    errors = _partitioned(cluster, 0, 10)
+    assert "every worker is lost; waiting" in errors, errors
+    assert max_difference(load_model(tmp_path / "run"), undisturbed) < 1e-6
+    workers = _exposure(tmp_path / "run")
+    assert sorted(workers) == list("ABCDEFG")
+    for name, (reasons, columns) in workers.items():  # the columns each ends with are the ones it began with
+        assert reasons[-1].startswith(("registered again into its own slot", "got its own columns back")), reasons
+        assert columns[-1] == columns[0], name

@@ -219,3 +219,60 @@ def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _columns_seen(harness: Harness) -> dict:
+    """worker name -> every distinct set of input columns it was sent, in the order they came."""
+    seen = {}
+    for record in harness.exposure_records():
+        columns = seen.setdefault(record["worker"], [])
+        if set(record["columns"]) not in columns:
+            columns.append(set(record["columns"]))
+    return seen
+
+
+def test_a_registration_under_a_live_workers_name_is_refused(harness, undisturbed):
+    """Issue 25, item 3: without CURVE, a second `worker --name B` must not evict the live B."""
+    _start_cluster(harness, 3, *WATCHED)
+    harness.wait_for_step(1, 50)
+    impostor = harness.start_worker("B")
+    assert impostor.wait(30) == 1
+    last_line = harness.log(impostor).strip().splitlines()[-1]
+    assert last_line == "error: the coordinator refused this worker: worker B is connected, and alive, on another connection"
+    log = _completes_like_undisturbed(harness, undisturbed)
+    assert "dropped worker" not in log and "registered again" not in log
+    assert {name: len(columns) for name, columns in _columns_seen(harness).items()} == {"A": 1, "B": 1, "C": 1}
+
+
+LONGER_RUN = (*RUN[:RUN.index("--epochs")], "--epochs", "8", "--seed", "5")  # room for an epoch after a rejoin
+
+
+def test_a_worker_cut_off_past_the_timeout_comes_back_to_its_own_columns(harness, tmp_path_factory):
+    """Issue 25, item 4, on loopback: B stops for 6 s, is dropped as silent and its columns go to A and C; once it runs
+    again it registers again, waits as a standby, and at the next epoch gets back exactly the columns it had."""
+    undisturbed = one_process_model(tmp_path_factory.mktemp("longer-local"), *LONGER_RUN)
+    harness.start_coordinator("--workers", 3, *LONGER_RUN, *WATCHED)
+    workers = [harness.start_worker(name) for name in "ABC"]
+    harness.wait_for_step(1, 50)
+    workers[1].send_signal(signal.SIGSTOP)
+    harness.wait_for_log(harness.coordinator, "worker B silent")
+    time.sleep(3)
+    workers[1].send_signal(signal.SIGCONT)
+    log = _completes_like_undisturbed(harness, undisturbed)
+    assert "worker B joined as a standby" in log and "standby B now serves slot" in log
+    seen = _columns_seen(harness)
+    assert len(seen["B"]) == 1, "B was sent columns it did not hold before it was cut off"
+    reasons = [record["reason"] for record in harness.exposure_records() if record["worker"] == "B"]
+    assert reasons == ["initial plan", "got its own columns back"]
+
+
+def test_every_worker_keeps_its_slot_through_a_stall_of_the_coordinator(harness, undisturbed):
+    """A coordinator stopped for 8 s: every worker gives up on its connection and registers again on a new one,
+    and each gets its own slot back (on main, all were found unreachable first and the run ended)."""
+    _start_cluster(harness, 3, *WATCHED)
+    harness.wait_for_step(1, 50)
+    harness.coordinator.send_signal(signal.SIGSTOP)
+    time.sleep(8)
+    harness.coordinator.send_signal(signal.SIGCONT)
+    _completes_like_undisturbed(harness, undisturbed)
+    assert {name: len(columns) for name, columns in _columns_seen(harness).items()} == {"A": 1, "B": 1, "C": 1}

@@ -73,7 +73,8 @@ def test_a_slot_that_answered_quickly_is_given_less_time_than_one_never_heard():
                              at=0.05))
     assert scheduler.deadline(0) == settings.REQUEST_DEADLINE_FLOOR  # 20 x 50 ms is under the floor
     assert scheduler.deadline(1) == settings.REQUEST_DEADLINE  # no answer yet: the whole deadline
-    scheduler.handle(Arrived(b"impostor", Register("w0", 1), at=0.1))  # takes slot 0 over: its record, its history
+    scheduler.handle(Arrived(b"impostor", Register("w0", 1), at=0.1))
+    scheduler.handle(Unreachable(first[0].peer))  # takes slot 0 over as w0's connection ends: its record, its history
     requests = {slot: (LaterBackward(0, 2, np.zeros((2, 3), F32)), Expected({"error": (2, 3)})) for slot in (0, 1)}
     scheduler.start_round(requests, now=1.0)
     for now in np.arange(1.5, 11.5, 1.0):  # alive, but never answering
@@ -205,34 +206,93 @@ def test_a_stranger_is_told_once_to_register_again():
     assert list(scheduler.workers) == [b"\x00"]
 
 
-def test_a_worker_that_registers_again_keeps_its_slot_and_its_round_is_sent_again():
+def _refusal(actions: list) -> str:
+    """The reason of the one Reject among the actions."""
+    [reject] = [action.message for action in actions if isinstance(action, Send) and isinstance(action.message, Reject)]
+    return reject.reason
+
+
+def test_a_worker_that_registers_again_keeps_its_slot_once_its_old_connection_falls_silent():
+    """A restarted worker, or one that gave up on us during a stall: its registration waits for the old connection."""
     scheduler = _scheduler_with(2)
     sends = _round(scheduler)
     worker = scheduler.workers[b"\x01"]
-    actions = scheduler.handle(Arrived(b"new", Register("w1", 1), at=1.0))
-    assert actions == [Admit(b"new", 1, "w1", again=True)]
-    assert scheduler.workers[b"new"] is worker and b"\x01" not in scheduler.workers
+    assert scheduler.handle(Arrived(b"new", Register("w1", 1), at=1.0)) == []  # w1 on \x01 was heard at 0.0
+    scheduler.handle(Arrived(b"\x00", Heartbeat(), at=2.9))
+    assert scheduler.workers[b"\x01"] is worker and set(scheduler.claims) == {"w1"}
+    heartbeats = scheduler.handle(Tick(1.1))
+    assert Send(b"new", Heartbeat()) in heartbeats  # so that it keeps waiting for its welcome
+    actions = [action for action in scheduler.handle(Tick(3.1)) if not isinstance(action, Send)]
+    assert [type(action) for action in actions] == [Disconnect, Admit] and "w1 silent for 3.1 s" in actions[0].reason
+    assert actions[1] == Admit(b"new", 1, "w1", again=True)
+    assert scheduler.workers[b"new"] is worker and worker.left is None and not scheduler.claims
     assert scheduler.take_lost() == {1: "worker w1 registered again"}  # its request went with the old connection
     assert list(scheduler.outstanding) == [sends[0].peer]
+    assert not [a for a in scheduler.handle(Tick(5.0)) if isinstance(a, Disconnect)]  # heard from as it took over
     refused = scheduler.handle(Arrived(b"\x01", Heartbeat()))  # the old connection is refused, not welcomed back
     assert isinstance(refused[0].message, Reject) and b"\x01" not in scheduler.workers
 
 
-def test_a_name_held_under_another_key_is_refused():
-    scheduler = Scheduler(capacity=2, version=1, dtype=F32)
-    scheduler.handle(Arrived(b"a", Register("A", 1), key="KEY"))
-    actions = scheduler.handle(Arrived(b"b", Register("A", 1), key="OTHER"))
-    assert isinstance(actions[0].message, Reject) and "another key" in actions[0].message.reason
+def test_a_claim_takes_over_at_once_when_the_old_connection_cannot_be_reached_or_leaves():
+    scheduler = _scheduler_with(2)
+    scheduler.handle(Arrived(b"new0", Register("w0", 1), at=1.0))
+    scheduler.handle(Arrived(b"new1", Register("w1", 1), at=1.0))
+    assert scheduler.handle(Unreachable(b"\x00"))[1] == Admit(b"new0", 0, "w0", again=True)
+    left = scheduler.handle(Arrived(b"\x01", Deregister("restarting"), at=1.1))
+    assert left[1] == Admit(b"new1", 1, "w1", again=True)
+    assert set(scheduler.workers) == {b"new0", b"new1"}
+
+
+def test_a_claim_on_a_live_worker_is_refused_and_the_worker_keeps_its_slot():
+    """Issue 25, item 3: a peer that registers under a live worker's name must not evict it."""
+    scheduler = _scheduler_with(2)
+    _round(scheduler)
+    scheduler.handle(Arrived(b"impostor", Register("w0", 1), at=1.0))
+    stale = scheduler.handle(Arrived(b"\x00", Heartbeat(), at=1.0 + settings.CLAIM_GRACE))
+    assert stale == [] and "w0" in scheduler.claims  # read with the claim, so perhaps sent before it
+    alive = scheduler.handle(Arrived(b"\x00", Heartbeat(), at=1.6))
+    assert "w0 is connected, and alive, on another connection" in _refusal(alive)
+    assert alive[0].peer == b"impostor" and not scheduler.claims
+    assert scheduler.workers[b"\x00"].slot == 0 and not scheduler.lost and b"\x00" in scheduler.outstanding
+    assert b"impostor" not in [a.peer for a in scheduler.handle(Tick(1.7)) if isinstance(a, Send)]
+
+
+def test_one_claim_waits_per_name_and_a_vanished_claimant_withdraws_it():
+    scheduler = _scheduler_with(1)
+    scheduler.handle(Arrived(b"first", Register("w0", 1), at=1.0))
+    assert scheduler.handle(Arrived(b"first", Register("w0", 1), at=1.1)) == []  # a repeat while it waits
+    assert "waiting" in _refusal(scheduler.handle(Arrived(b"second", Register("w0", 1), at=1.2)))
+    scheduler.handle(Unreachable(b"first"))
+    assert not scheduler.claims and list(scheduler.workers) == [b"\x00"]
+
+
+def test_a_quarantined_workers_claim_is_refused():
+    scheduler = _scheduler_with(1)
+    scheduler.handle(Arrived(b"new", Register("w0", 1), at=1.0))
+    actions = scheduler.quarantine(scheduler.workers[b"\x00"], "lied")
+    assert "quarantined" in _refusal(actions) and not scheduler.workers and 0 in scheduler.lost
+
+
+CURVE_NAMES = {"KEY-A": "A", "KEY-B": "B"}  # what keys.allowed_names reads from an allow-list folder
+
+
+def test_with_curve_a_name_is_bound_to_its_key():
+    scheduler = Scheduler(capacity=2, version=1, dtype=F32, key_names=CURVE_NAMES)
+    assert scheduler.handle(Arrived(b"a", Register("A", 1), key="KEY-A")) == [Admit(b"a", 0, "A")]
+    assert "allowed as worker B, not as A" in _refusal(scheduler.handle(Arrived(b"b", Register("A", 1), key="KEY-B")))
+    assert "allowed as worker B, not as C" in _refusal(scheduler.handle(Arrived(b"c", Register("C", 1), key="KEY-B")))
     assert list(scheduler.workers) == [b"a"]
+    again = scheduler.handle(Arrived(b"a again", Register("A", 1), key="KEY-A"))  # only A holds A's key: no wait
+    assert again == [Admit(b"a again", 0, "A", again=True)] and list(scheduler.workers) == [b"a again"]
 
 
 def test_a_quarantined_workers_name_and_key_are_refused():
-    scheduler = Scheduler(capacity=1, version=1, dtype=F32)
+    scheduler = Scheduler(capacity=1, version=1, dtype=F32, key_names={"KEY": "liar", "NEW": "new"})
     scheduler.handle(Arrived(b"liar", Register("liar", 1), key="KEY"))
     scheduler.quarantine(scheduler.workers[b"liar"], "lied")
-    for peer, name, key in ((b"same name", "liar", "OTHER"), (b"same key", "innocent", "KEY")):
-        actions = scheduler.handle(Arrived(peer, Register(name, 1), key=key))
-        assert isinstance(actions[0].message, Reject) and peer not in scheduler.workers
+    for peer, name, key in ((b"same name", "liar", None), (b"same key", "liar", "KEY")):
+        assert "liar is quarantined" in _refusal(scheduler.handle(Arrived(peer, Register(name, 1), key=key)))
+        assert peer not in scheduler.workers
     assert scheduler.handle(Arrived(b"new", Register("new", 1), key="NEW")) == [Admit(b"new", 0, "new")]
 
 
@@ -251,3 +311,16 @@ def test_a_worker_that_left_can_still_be_quarantined():
     assert scheduler.quarantine(liar, "lied") == []
     actions = scheduler.handle(Arrived(b"back", Register(liar.name, 1)))
     assert isinstance(actions[0].message, Reject)
+
+
+def test_a_lost_worker_that_registers_again_later_is_the_standby_for_its_slot():
+    """A partition longer than the heartbeat timeout: the worker is dropped, and comes back as a standby."""
+    scheduler = _scheduler_with(3)
+    scheduler.handle(Arrived(b"\x00", Heartbeat(), at=3.0))
+    scheduler.handle(Arrived(b"\x02", Heartbeat(), at=3.0))
+    scheduler.handle(Tick(3.5))  # w1 silent
+    assert scheduler.take_lost() == {1: "worker w1 silent for 3.5 s"}
+    scheduler.handle(Arrived(b"newcomer", Register("newcomer", 1), at=4.0))
+    assert scheduler.handle(Arrived(b"w1 again", Register("w1", 1), at=40.0)) == [Admit(b"w1 again", None, "w1")]
+    assert scheduler.standby_for(1) == b"w1 again" and scheduler.former_slot(b"w1 again") == 1
+    assert scheduler.standby_for(0) is None and scheduler.former_slot(b"newcomer") is None

@@ -26,7 +26,9 @@ def main(
         str, typer.Option(envvar="SCATTERPROP_CONNECT", help="The coordinator's ZeroMQ address.")
     ] = "tcp://localhost:5555",
     name: Annotated[
-        str | None, typer.Option(envvar="SCATTERPROP_NAME", help="How the coordinator lists this worker.")
+        str | None, typer.Option(envvar="SCATTERPROP_NAME",
+                                 help="How the coordinator lists this worker (default: the name of its "
+                                 "--curve-secret-key file, the only name that key may register as; else HOST-PID).")
     ] = None,
     threads: Annotated[
         int, typer.Option(envvar="SCATTERPROP_THREADS", min=1, help="BLAS threads for the matrix products.")
@@ -68,7 +70,7 @@ def main(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s", datefmt="%H:%M:%S")
     curve = None if curve_secret_key is None else (curve_secret_key, curve_server_key)
-    name = name or f"{socket.gethostname()}-{os.getpid()}"
+    name = name or _default_name(curve_secret_key)
     recorder = None if record is None else Recorder(
         record, round(record_limit * 1e6), name, connect, on_limit=logging.getLogger("worker").warning
     )
@@ -79,6 +81,13 @@ def main(
         context.destroy(linger=0)
         if recorder is not None:
             recorder.close()
+
+
+def _default_name(curve_secret_key: Path | None) -> str:
+    """The name a CURVE key is allowed under (its file's, as `coordinator keygen` names it), else HOST-PID."""
+    if curve_secret_key is not None:
+        return curve_secret_key.name.removesuffix(".key_secret")
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class Terminated(BaseException):

@@ -1,6 +1,6 @@
 """Hosts made of Linux network namespaces on one bridge, and a token bucket filter on a host's link.
 
-Needs root and iproute2 (`ip`, `tc`). Addresses are assigned only inside the namespaces made here; deleting a
+Needs root and iproute2 (`ip`, `tc`), and iptables to cut a host off. Addresses are assigned only inside the namespaces made here; deleting a
 namespace deletes its veth ends, so `tear_down` leaves nothing behind.
 """
 
@@ -69,6 +69,18 @@ class Hosts:
         for namespace, interface in ((f"{self.prefix}h{index}", f"eth{index}"), (self.switch, f"p{index}")):
             _run("ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", interface, "root", "tbf",
                  "rate", rate, "burst", TBF_BURST, "latency", TBF_LATENCY)
+
+    def cut_off(self, index: int) -> None:
+        """Drop every packet into and out of host `index`: a partition, where nothing is refused and all is lost."""
+        self._every_packet(index, "-A")
+
+    def heal(self, index: int) -> None:
+        """Undo `cut_off`."""
+        self._every_packet(index, "-D")
+
+    def _every_packet(self, index: int, action: str) -> None:
+        for chain in ("INPUT", "OUTPUT"):
+            _run("ip", "netns", "exec", f"{self.prefix}h{index}", "iptables", action, chain, "-j", "DROP")
 
     def link_bytes(self, index: int) -> int:
         """Bytes host `index`'s interface has sent plus received, headers included: what its link carried."""
