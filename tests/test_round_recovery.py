@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 import pytest
 
-from common import model
+from common import model, settings
 from common.data import Dataset
 from common.exposure import ExposurePlan
 from coordinator.config import TrainingConfig
@@ -24,6 +24,12 @@ DESIGNS = {  # name -> (config, later layers on the coordinator)
     "rows kept 2 steps, later layers on workers": (CONFIG.with_overrides(rekey="2"), False),
     "rows kept 2 steps, later layers here": (CONFIG.with_overrides(rekey="2"), True),
 }
+
+
+@pytest.fixture(autouse=True)
+def losses_seen_at_once(monkeypatch):
+    """A loss here is a deregistration already queued, not a silence that others may share: nothing to settle."""
+    monkeypatch.setattr(settings, "LOSS_SETTLE", 0.0)
 
 
 @pytest.fixture(scope="module")
