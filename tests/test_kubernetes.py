@@ -170,3 +170,12 @@ def test_only_workers_reach_the_worker_port(objects):
     (source,) = to_worker_port[0]["from"]
     selected = source["podSelector"]["matchLabels"]
     assert selected and selected.items() <= worker_labels.items()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 26, open: the worker pods share pair A, which the coordinator binds to "
+                                       "the name A (issue 25), so only one of them can be admitted")
+def test_each_worker_registers_under_the_name_its_key_is_bound_to(objects):
+    """The coordinator admits a key only under the name of its allow-list file; a worker must register as that."""
+    environment = {variable["name"]: variable for variable in _container(_one(objects, "Deployment"))["env"]}
+    bound_name = PurePosixPath(environment["SCATTERPROP_CURVE_SECRET_KEY"]["value"]).name.removesuffix(".key_secret")
+    assert environment["SCATTERPROP_NAME"].get("value") == bound_name, environment["SCATTERPROP_NAME"]

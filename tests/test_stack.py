@@ -48,8 +48,9 @@ def test_the_coordinator_reads_a_keygen_folder_from_its_secrets(stack, monkeypat
     coordinator = stack["services"]["coordinator"]
     folder = parsed_service(coordinator, monkeypatch)[2]["curve_keys"]
     expected = {folder / f"{keys.COORDINATOR}.key_secret": f"keys/{keys.COORDINATOR}.key_secret"}
-    expected |= {folder / keys.ALLOWED / f"{name}.key": f"keys/{keys.ALLOWED}/{name}.key"
-                 for name in worker_names(KEYS)}
+    # slot N's public key under the name N, the name the worker of slot N registers as (a key is bound to its name)
+    expected |= {folder / keys.ALLOWED / f"{slot}.key": f"keys/{keys.ALLOWED}/{name}.key"
+                 for slot, name in enumerate(worker_names(KEYS), 1)}
     assert _mounted(coordinator, stack) == expected
 
 

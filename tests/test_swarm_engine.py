@@ -24,12 +24,12 @@ STACK = "scatterprop"
 SWARM_POOL = "10.123.0.0/16"  # overlay networks: apart from the engine's 10.213.0.0/16 and multi-host's 10.77.0.0/24
 NODE_ADDRESS = "127.0.0.1"  # the one node talks to itself only
 KEYS = 9  # worker key pairs, as deploy/README.md makes them: enough for `scale =9`
-EPOCHS = 10
-# Short epochs (188 steps of 32, about 2 s on seven containers), so that standbys soon get columns at an epoch's end,
-# and many of them, so that the run is still going after two scalings and an epoch's checkpoint (each takes a few
-# seconds); in float64, to compare the weights.
+EPOCHS = 20
+# Short epochs (188 steps of 32, about 2 s on seven containers with the later layers on the workers, half that with
+# the default), so that standbys soon get columns at an epoch's end, and many of them, so that the run is still going
+# after two scalings and an epoch's checkpoint (each takes a few seconds); in float64, to compare the weights.
 SHORT_RUN = {"SCATTERPROP_EPOCHS": str(EPOCHS), "SCATTERPROP_TRAIN_LIMIT": "6000", "SCATTERPROP_TEST_LIMIT": "1000",
-             "SCATTERPROP_DTYPE": "float64", "SCATTERPROP_WAIT_TIMEOUT": "120"}
+             "SCATTERPROP_DTYPE": "float64", "SCATTERPROP_WAIT_TIMEOUT": "120", "SCATTERPROP_LATER_LAYERS": "workers"}
 TOLERANCE = 1e-6  # the README's for a resumed run against an uninterrupted one
 SIGKILLED = 137
 
