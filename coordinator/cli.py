@@ -56,7 +56,7 @@ def _with_setting_options(command):
     """The command with one option per training setting (coordinator.config.SETTING_OPTIONS) where its `overrides`
     parameter stands; it gets the settings given, as TrainingConfig field -> value, in `overrides`."""
     own = inspect.signature(command)
-    settings = [
+    setting_parameters = [
         inspect.Parameter(option.option, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
             option.option_type | None, _option(option.option.upper(), option.help,
                                                show_default=option.shown_default() or False)])
@@ -64,7 +64,7 @@ def _with_setting_options(command):
     ]
     parameters = []
     for name, parameter in own.parameters.items():
-        parameters += settings if name == "overrides" else [parameter]
+        parameters += setting_parameters if name == "overrides" else [parameter]
 
     @functools.wraps(command)
     def with_settings(**given):
