@@ -59,6 +59,11 @@ def worker_secret_file(folder: Path, name: str) -> Path:
     return Path(folder) / WORKERS / f"{name}.key_secret"
 
 
+def worker_name(secret_file: Path) -> str:
+    """The name a worker key pair file was made for (`worker_secret_file`'s inverse): the one it may register as."""
+    return Path(secret_file).name.removesuffix(".key_secret")
+
+
 def server_public_file(folder: Path) -> Path:
     return Path(folder) / f"{COORDINATOR}.key"
 

@@ -177,5 +177,5 @@ def test_only_workers_reach_the_worker_port(objects):
 def test_each_worker_registers_under_the_name_its_key_is_bound_to(objects):
     """The coordinator admits a key only under the name of its allow-list file; a worker must register as that."""
     environment = {variable["name"]: variable for variable in _container(_one(objects, "Deployment"))["env"]}
-    bound_name = PurePosixPath(environment["SCATTERPROP_CURVE_SECRET_KEY"]["value"]).name.removesuffix(".key_secret")
+    bound_name = keys.worker_name(PurePosixPath(environment["SCATTERPROP_CURVE_SECRET_KEY"]["value"]))
     assert environment["SCATTERPROP_NAME"].get("value") == bound_name, environment["SCATTERPROP_NAME"]

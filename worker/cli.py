@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 import zmq
 
-from common import cli
+from common import cli, keys
 from common.errors import EXIT_INTERRUPTED, InputError, UserError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -86,7 +86,7 @@ def main(
 def _default_name(curve_secret_key: Path | None) -> str:
     """The name a CURVE key is allowed under (its file's, as `coordinator keygen` names it), else HOST-PID."""
     if curve_secret_key is not None:
-        return curve_secret_key.name.removesuffix(".key_secret")
+        return keys.worker_name(curve_secret_key)
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
