@@ -208,30 +208,34 @@ def _timed_echo_epoch(router: echo.EchoRouter, epoch: list) -> EpochMeasure:
                         worker_cpu_seconds=_children_cpu_seconds() - worker_cpu_started)
 
 
-def _peak_rss_mb(pid: int) -> float:
-    """A process's peak resident memory (VmHWM), in MiB."""
+def memory_mb(pid: int, field: str) -> float:
+    """A memory figure of a process's /proc status, in MiB: VmRSS (resident now) or VmHWM (its peak)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024  # the kernel reports kB
-    raise RuntimeError(f"no VmHWM for process {pid}")
+    raise RuntimeError(f"no {field} for process {pid}")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    return memory_mb(pid, "VmHWM")
 
 
 def _largest_worker_rss_mb() -> float | None:
     """The largest peak resident memory among this process's children (the spawned workers), in MiB."""
-    return max((_peak_rss_mb(pid) for pid in _children()), default=None)
+    return max((_peak_rss_mb(pid) for pid in children(os.getpid())), default=None)
 
 
 def _children_cpu_seconds() -> float:
     """The CPU time so far of this process's children (the spawned or echo workers), every thread's, in seconds:
     each thread's schedstat counts nanoseconds, where /proc/PID/stat counts 10 ms ticks."""
     nanoseconds = 0
-    for pid in _children():
+    for pid in children(os.getpid()):
         for task in Path(f"/proc/{pid}/task").iterdir():
             nanoseconds += int((task / "schedstat").read_text().split()[0])  # time on a CPU (proc(5))
     return nanoseconds / 1e9
 
 
-def _children() -> list:
-    """This process's children's process ids (each of its threads lists those it started)."""
-    tasks = Path(f"/proc/{os.getpid()}/task").iterdir()
-    return [int(pid) for task in tasks for pid in (task / "children").read_text().split()]
+def children(pid: int) -> list:
+    """A process's children's process ids (each of its threads lists those it started)."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return [int(child) for task in tasks for child in (task / "children").read_text().split()]

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from common.cli import run
+from coordinator.bench.session import children, memory_mb
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -23,21 +24,17 @@ SETTLED_AFTER = 60.0  # seconds: what a process holds by then is its working set
 
 
 def rss_mb(pid: int) -> float | None:
-    """A process's resident memory now (VmRSS), in MiB, or None once it is gone."""
+    """A process's resident memory now, in MiB, or None once it is gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024  # the kernel reports kB
-    except OSError:
+        return memory_mb(pid, "VmRSS")
+    except (OSError, RuntimeError):  # gone, or a zombie that holds no memory any more
         return None
-    return None
 
 
-def children(pid: int) -> list:
-    """A process's children (the spawned workers), from every one of its threads."""
+def workers_of(pid: int) -> list:
+    """The coordinator's children (the spawned workers); none once it is gone."""
     try:
-        return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
-                for child in (task / "children").read_text().split()]
+        return sorted(children(pid))
     except OSError:
         return []
 
@@ -67,7 +64,7 @@ def main(
         try:
             while time.monotonic() - started < seconds and coordinator.poll() is None:
                 time.sleep(interval)
-                pids = sorted(children(coordinator.pid))
+                pids = workers_of(coordinator.pid)
                 reading = (time.monotonic() - started, rss_mb(coordinator.pid), [rss_mb(pid) or 0.0 for pid in pids])
                 if reading[1] is None:
                     break
