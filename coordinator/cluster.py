@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
 from common import phases, protocol, settings
 from common.errors import UserError
 from common.protocol import Stop
@@ -292,5 +293,3 @@ class RefusalLog:
 def short_id(peer: bytes) -> str:
     """A peer's ZeroMQ identity as 8 hex digits: enough to tell peers apart in a log."""
     return peer.hex()[:8]
-
-
