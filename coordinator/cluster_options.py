@@ -81,9 +81,9 @@ class ClusterOptions:
                 products = self._backend(config, data, cluster, plan, permutation_seed, records, watch, clock)
                 if start is not None:
                     products.restore(BackendState(start.permutations, start.plan))
-                watch.workers = lambda: worker_statuses(scheduler, products.state().plan, cluster.traffic)
+                watch.workers = lambda: worker_statuses(scheduler, products.plan, cluster.traffic)
                 yield products
-                records.save_workers(worker_statuses(scheduler, products.state().plan, cluster.traffic, departed=True))
+                records.save_workers(worker_statuses(scheduler, products.plan, cluster.traffic, departed=True))
                 cluster.stop("training finished")
             except (Interrupted, KeyboardInterrupt):
                 cluster.stop("the coordinator was interrupted")
